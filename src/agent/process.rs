@@ -1,0 +1,295 @@
+//! The agent's process: spawned without a shell in a process group of its
+//! own, read line by line with a cap, and always killed as a whole group and
+//! reaped.
+//!
+//! The group id is the leader's pid. It stays reserved while the leader is a
+//! zombie, so the group is signalled only before the leader is reaped: exit
+//! is observed with `waitid(WNOWAIT)`, which leaves the zombie in place.
+//! A descendant that calls `setsid` leaves the group and escapes this; the
+//! agent CLI and its tools do not.
+
+use std::ffi::OsString;
+use std::io;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{Id, WaitPidFlag, waitid};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
+
+/// Longest stdout line read into memory; longer lines are skipped whole.
+pub const MAX_LINE: usize = 4 * 1024 * 1024;
+/// Stderr kept for the error message; the rest is read and dropped.
+pub const STDERR_CAP: usize = 64 * 1024;
+/// How long to wait for output still in the pipes once the group is dead
+/// (bounded in case a descendant that escaped the group holds them open).
+pub const DRAIN: Duration = Duration::from_secs(2);
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    pub cwd: PathBuf,
+    /// Written to the agent's stdin, which is then closed.
+    pub stdin: Option<Vec<u8>>,
+}
+
+/// A running agent process group.
+pub struct AgentProcess {
+    child: Child,
+    pgid: Pid,
+    /// The agent's output, line by line.
+    pub stdout: LineReader<ChildStdout>,
+    /// Resolves once the leader has exited (still unreaped).
+    pub exit: ExitWatch,
+    stderr: Option<AbortOnDropHandle<Vec<u8>>>,
+    _stdin: Option<AbortOnDropHandle<()>>,
+}
+
+/// Watches for the leader's exit without reaping it.
+pub struct ExitWatch(Option<JoinHandle<()>>);
+
+impl ExitWatch {
+    /// Resolves once the leader has exited. Cancel-safe.
+    pub async fn wait(&mut self) {
+        if let Some(handle) = &mut self.0 {
+            let _ = handle.await;
+            self.0 = None;
+        }
+    }
+
+    fn seen(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl AgentProcess {
+    pub fn spawn(spec: &Spec) -> io::Result<Self> {
+        let mut command = Command::new(&spec.program);
+        command
+            .args(&spec.args)
+            .current_dir(&spec.cwd)
+            .stdin(if spec.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = command.spawn()?;
+        let pid = child
+            .id()
+            .ok_or_else(|| io::Error::other("the agent exited before it could be watched"))?;
+        let pid = Pid::from_raw(i32::try_from(pid).map_err(io::Error::other)?);
+        let stdout = child.stdout.take().ok_or_else(|| io::Error::other("no stdout pipe"))?;
+        let stderr = child.stderr.take().ok_or_else(|| io::Error::other("no stderr pipe"))?;
+        let stdin = match (child.stdin.take(), spec.stdin.clone()) {
+            (Some(mut pipe), Some(bytes)) => Some(AbortOnDropHandle::new(tokio::spawn(async move {
+                // The agent may exit without reading it all: a broken pipe is its business.
+                let _ = pipe.write_all(&bytes).await;
+                let _ = pipe.shutdown().await;
+            }))),
+            _ => None,
+        };
+        Ok(AgentProcess {
+            child,
+            pgid: pid,
+            stdout: LineReader::new(stdout, MAX_LINE),
+            stderr: Some(AbortOnDropHandle::new(tokio::spawn(read_capped(stderr, STDERR_CAP)))),
+            _stdin: stdin,
+            exit: ExitWatch(Some(tokio::task::spawn_blocking(move || wait_for_exit(pid)))),
+        })
+    }
+
+    /// The process group id, which is also the leader's pid.
+    pub fn pgid(&self) -> i32 {
+        self.pgid.as_raw()
+    }
+
+    /// Kills whatever is left of the group. `grace` > 0 asks politely first
+    /// (SIGTERM to the group) and waits that long for the leader before
+    /// SIGKILL. The leader is not reaped yet, so its group id cannot have been
+    /// reused by another process.
+    pub async fn kill_group(&mut self, grace: Duration) {
+        if !grace.is_zero() && !self.exit.seen() {
+            self.signal(Signal::SIGTERM);
+            let _ = tokio::time::timeout(grace, self.exit.wait()).await;
+        }
+        self.signal(Signal::SIGKILL);
+    }
+
+    /// Reaps the leader (after [`kill_group`](Self::kill_group)) and returns
+    /// its status with the captured stderr.
+    pub async fn reap(mut self) -> Finished {
+        let status = self.child.wait().await;
+        let stderr = match self.stderr.take() {
+            Some(handle) => tokio::time::timeout(DRAIN, handle).await.ok().and_then(Result::ok),
+            None => None,
+        };
+        Finished {
+            status,
+            stderr: stderr.unwrap_or_default(),
+        }
+    }
+
+    fn signal(&self, signal: Signal) {
+        match killpg(self.pgid, signal) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(err) => {
+                tracing::warn!(pgid = self.pgid.as_raw(), %err, ?signal, "could not signal the agent's process group")
+            }
+        }
+    }
+}
+
+/// How the leader ended, and what it said on stderr.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: io::Result<ExitStatus>,
+    pub stderr: Vec<u8>,
+}
+
+/// Blocks until the child has exited, leaving it unreaped.
+fn wait_for_exit(pid: Pid) {
+    loop {
+        match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            // ECHILD: already reaped, which only `reap` does, after this.
+            _ => return,
+        }
+    }
+}
+
+async fn read_capped<R: AsyncRead + Unpin>(mut reader: R, cap: usize) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let mut chunk = vec![0u8; 8192];
+    loop {
+        match reader.read(&mut chunk).await {
+            Ok(0) | Err(_) => return kept,
+            Ok(n) => {
+                let room = cap.saturating_sub(kept.len());
+                kept.extend_from_slice(&chunk[..n.min(room)]);
+            }
+        }
+    }
+}
+
+/// One line of output.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    /// A line without its newline (the last line may have had none).
+    Complete(Vec<u8>),
+    /// A line longer than the cap, skipped without being kept; `len` is its length.
+    TooLong { len: usize },
+}
+
+/// Splits a byte stream into lines without ever holding more than `max`
+/// bytes of one line.
+pub struct LineReader<R> {
+    inner: BufReader<R>,
+    max: usize,
+    line: Vec<u8>,
+    /// Bytes of an over-long line seen so far, while skipping to its end.
+    skipping: Option<usize>,
+}
+
+impl<R: AsyncRead + Unpin> LineReader<R> {
+    pub fn new(reader: R, max: usize) -> Self {
+        LineReader {
+            inner: BufReader::new(reader),
+            max,
+            line: Vec::new(),
+            skipping: None,
+        }
+    }
+
+    /// Cancel-safe: all state lives in `self` between awaits.
+    pub async fn next_line(&mut self) -> io::Result<Option<Line>> {
+        loop {
+            let available = self.inner.fill_buf().await?;
+            if available.is_empty() {
+                return Ok(match self.skipping.take() {
+                    Some(len) => Some(Line::TooLong { len }),
+                    None if self.line.is_empty() => None,
+                    None => Some(Line::Complete(std::mem::take(&mut self.line))),
+                });
+            }
+            let (piece, consumed, ends) = match memchr::memchr(b'\n', available) {
+                Some(i) => (&available[..i], i + 1, true),
+                None => (available, available.len(), false),
+            };
+            let piece_len = piece.len();
+            match self.skipping {
+                Some(len) => self.skipping = Some(len + piece_len),
+                None if self.line.len() + piece_len > self.max => {
+                    self.skipping = Some(self.line.len() + piece_len);
+                    self.line = Vec::new();
+                }
+                None => self.line.extend_from_slice(piece),
+            }
+            self.inner.consume(consumed);
+            if ends {
+                return Ok(Some(match self.skipping.take() {
+                    Some(len) => Line::TooLong { len },
+                    None => Line::Complete(std::mem::take(&mut self.line)),
+                }));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn lines(input: &[u8], max: usize) -> Vec<Line> {
+        let mut reader = LineReader::new(input, max);
+        let mut out = Vec::new();
+        while let Some(line) = reader.next_line().await.unwrap() {
+            out.push(line);
+        }
+        out
+    }
+
+    fn complete(s: &str) -> Line {
+        Line::Complete(s.as_bytes().to_vec())
+    }
+
+    #[tokio::test]
+    async fn splits_lines_and_keeps_an_unterminated_last_line() {
+        assert_eq!(
+            lines(b"a\n\nbc\nd", 10).await,
+            vec![complete("a"), complete(""), complete("bc"), complete("d")]
+        );
+        assert_eq!(lines(b"", 10).await, vec![]);
+    }
+
+    #[tokio::test]
+    async fn skips_an_over_long_line_whole_and_goes_on() {
+        let mut input = b"ok\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 100_000));
+        input.extend_from_slice(b"\nafter\n");
+        assert_eq!(
+            lines(&input, 1000).await,
+            vec![complete("ok"), Line::TooLong { len: 100_000 }, complete("after")]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_over_long_last_line_is_reported_too() {
+        assert_eq!(lines(&[b'y'; 50], 10).await, vec![Line::TooLong { len: 50 }]);
+    }
+
+    #[tokio::test]
+    async fn a_line_exactly_at_the_cap_is_kept() {
+        assert_eq!(lines(b"0123456789\n", 10).await, vec![complete("0123456789")]);
+    }
+}

@@ -1,0 +1,139 @@
+//! The command line: `breakglass [serve] [flags]`.
+//!
+//! Every flag is mirrored by an environment variable (SPEC §9); the flag wins.
+//! `serve` is the default subcommand, so `breakglass --listen …` and
+//! `breakglass serve --listen …` mean the same.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "breakglass",
+    version,
+    about = "Emergency-recovery console for a wedged machine"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Flags of `serve`, accepted without the subcommand too.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the console and its API (the default).
+    Serve(ServeArgs),
+}
+
+/// Flags of `breakglass serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port (the bound address is printed).
+    #[arg(long, env = "BREAKGLASS_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+
+    /// Directory for the server's own state.
+    #[arg(long, env = "BREAKGLASS_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Directory holding one working directory per session [default: <data-dir>/sessions].
+    #[arg(long, env = "BREAKGLASS_SESSIONS_DIR")]
+    pub sessions_dir: Option<PathBuf>,
+
+    /// Name of the agent definition passed to `claude --agent`.
+    #[arg(long, env = "BREAKGLASS_AGENT", default_value = "breakglass")]
+    pub agent: String,
+
+    /// Markdown file with the agent definition [default: the built-in recovery agent].
+    #[arg(long, env = "BREAKGLASS_AGENT_FILE")]
+    pub agent_file: Option<PathBuf>,
+
+    /// Model used when a prompt names none.
+    #[arg(long, env = "BREAKGLASS_MODEL", default_value = "sonnet")]
+    pub model: String,
+
+    /// The agent CLI to run, looked up on PATH unless it contains a slash.
+    #[arg(long, env = "BREAKGLASS_CLAUDE_BIN", default_value = "claude")]
+    pub claude_bin: PathBuf,
+
+    /// A turn running longer than this in all is killed.
+    #[arg(long, env = "BREAKGLASS_TURN_TIMEOUT_SECONDS", default_value_t = 1800)]
+    pub turn_timeout_seconds: u64,
+
+    /// An idle attach stream gets a keepalive comment this often.
+    #[arg(long, env = "BREAKGLASS_SSE_KEEPALIVE_SECONDS", default_value_t = 15)]
+    pub sse_keepalive_seconds: u64,
+
+    /// A client whose connection accepts no bytes for this long is cut off
+    /// (it reconnects with Last-Event-ID and loses nothing).
+    #[arg(long, env = "BREAKGLASS_WRITE_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub write_timeout_seconds: u64,
+
+    /// Turns running at once across all sessions; more wait for a slot.
+    #[arg(long, env = "BREAKGLASS_MAX_CONCURRENT_TURNS", default_value_t = 2)]
+    pub max_concurrent_turns: usize,
+
+    /// Bearer token for scripts and terminals (prefer the environment variable).
+    #[arg(long, env = "API_BEARER_TOKEN", hide_env_values = true)]
+    pub api_bearer_token: Option<String>,
+
+    /// Comma-separated CIDRs of the edge proxies whose user header is believed.
+    #[arg(long, env = "BREAKGLASS_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+
+    /// Header carrying the user name set by a trusted proxy.
+    #[arg(long, env = "BREAKGLASS_TRUSTED_USER_HEADER", default_value = "X-authentik-username")]
+    pub trusted_user_header: String,
+
+    /// Hypervisor address for the power verbs (unset: verbs answer 503).
+    #[arg(long, env = "BREAKGLASS_PVE_HOST")]
+    pub pve_host: Option<String>,
+
+    /// User on the hypervisor whose authorized_keys holds the forced command.
+    #[arg(long, env = "BREAKGLASS_PVE_USER", default_value = "root")]
+    pub pve_user: String,
+
+    /// known_hosts file to check the hypervisor's host key against
+    /// [default: no check, so a re-keyed host stays reachable in an incident].
+    #[arg(long, env = "BREAKGLASS_PVE_KNOWN_HOSTS")]
+    pub pve_known_hosts: Option<PathBuf>,
+
+    /// The ssh client, looked up on PATH unless it contains a slash.
+    #[arg(long, env = "BREAKGLASS_SSH_BIN", default_value = "ssh")]
+    pub ssh_bin: PathBuf,
+
+    /// A power verb taking longer than this is killed.
+    #[arg(long, env = "BREAKGLASS_PVE_VERB_TIMEOUT_SECONDS", default_value_t = 120)]
+    pub pve_verb_timeout_seconds: u64,
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let args = match cli.command {
+        Some(Command::Serve(args)) => args,
+        None => cli.serve,
+    };
+    let config = Config::from_args(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("while starting the async runtime")?;
+    runtime.block_on(crate::server::serve(config))
+}

@@ -1,0 +1,132 @@
+//! The events of a session's log: the UI vocabulary of SPEC §5.
+//!
+//! [`Event`] is the domain type; [`Event::to_json`] is the one place that
+//! gives it its JSON form (the `data:` of an SSE frame, and what storage
+//! keeps). Fields are added over time; clients ignore what they do not know.
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+
+/// Position of an event in its session's log: 0, 1, 2, … with no gaps.
+pub type EventId = u64;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A prompt, logged before the turn starts, with the identity that sent it.
+    User {
+        text: String,
+        by: String,
+    },
+    /// The agent CLI's own session id, from its `system/init` line.
+    Session {
+        session_id: String,
+    },
+    /// Progress that is not the agent's words, such as an API retry.
+    Status {
+        text: String,
+    },
+    Text {
+        text: String,
+    },
+    Tool {
+        name: String,
+        input: Value,
+        tool_use_id: String,
+    },
+    ToolResult {
+        tool_use_id: String,
+        is_error: bool,
+        content: String,
+    },
+    Result(TurnResult),
+    Error {
+        error: String,
+    },
+    Cancelled,
+    /// Always the last event of a turn, however it ended.
+    TurnEnd,
+}
+
+/// The agent's summary of a turn (its `result` line).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TurnResult {
+    pub is_error: bool,
+    pub result: String,
+    pub subtype: Option<String>,
+    pub duration_ms: Option<u64>,
+    pub num_turns: Option<u64>,
+    pub total_cost_usd: Option<f64>,
+}
+
+impl Event {
+    /// The `kind` field, which clients switch on.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::User { .. } => "user",
+            Event::Session { .. } => "session",
+            Event::Status { .. } => "status",
+            Event::Text { .. } => "text",
+            Event::Tool { .. } => "tool",
+            Event::ToolResult { .. } => "tool_result",
+            Event::Result(_) => "result",
+            Event::Error { .. } => "error",
+            Event::Cancelled => "cancelled",
+            Event::TurnEnd => "turn_end",
+        }
+    }
+
+    /// The JSON object of this event with its log position, as clients see it.
+    pub fn to_json(&self, id: EventId) -> Value {
+        let mut fields = match self {
+            Event::User { text, by } => json!({ "text": text, "by": by }),
+            Event::Session { session_id } => json!({ "session_id": session_id }),
+            Event::Status { text } | Event::Text { text } => json!({ "text": text }),
+            Event::Tool {
+                name,
+                input,
+                tool_use_id,
+            } => {
+                json!({ "name": name, "input": input, "tool_use_id": tool_use_id })
+            }
+            Event::ToolResult {
+                tool_use_id,
+                is_error,
+                content,
+            } => {
+                json!({ "tool_use_id": tool_use_id, "is_error": is_error, "content": content })
+            }
+            Event::Result(r) => json!({
+                "is_error": r.is_error,
+                "result": r.result,
+                "subtype": r.subtype,
+                "duration_ms": r.duration_ms,
+                "num_turns": r.num_turns,
+                "total_cost_usd": r.total_cost_usd,
+            }),
+            Event::Error { error } => json!({ "error": error }),
+            Event::Cancelled | Event::TurnEnd => Value::Object(Map::new()),
+        };
+        let obj = fields.as_object_mut().expect("every event encodes as an object");
+        obj.insert("kind".into(), self.kind().into());
+        obj.insert("id".into(), id.into());
+        fields
+    }
+}
+
+/// An event as appended: its id and its JSON, encoded once and shared by
+/// every client it is sent to.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub id: EventId,
+    pub json: Arc<str>,
+}
+
+impl Stored {
+    pub fn new(id: EventId, event: &Event) -> Self {
+        Stored {
+            id,
+            json: event.to_json(id).to_string().into(),
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Who is calling (SPEC §6), and whether a browser request came from this site.
+//!
+//! A bearer token is compared in constant time. A trusted proxy's user header
+//! is believed only from a peer inside `BREAKGLASS_TRUSTED_PROXIES`. With
+//! neither configured, every `/api` request is refused.
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, Method, header};
+use axum::middleware::Next;
+use axum::response::Response;
+use subtle::ConstantTimeEq;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::config::AuthConfig;
+
+/// The caller, as later handlers and logs see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// `bearer`, or the user name the proxy vouched for.
+    pub name: String,
+    pub via: Via,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Bearer,
+    /// Attached by the browser or the proxy on the browser's behalf, so a
+    /// cross-site page could make the browser send it.
+    ProxyHeader,
+}
+
+/// Peer address of the TCP connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// Decides who is calling; `None` when nobody we trust is.
+pub fn authenticate(auth: &AuthConfig, headers: &HeaderMap, peer: IpAddr) -> Result<Identity, ApiError> {
+    if auth.is_closed() {
+        return Err(ApiError::Unauthorized(
+            "authentication is not configured on this server: set API_BEARER_TOKEN or BREAKGLASS_TRUSTED_PROXIES"
+                .into(),
+        ));
+    }
+    if let (Some(expected), Some(given)) = (&auth.bearer_token, bearer(headers))
+        && bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+    {
+        return Ok(Identity {
+            name: "bearer".into(),
+            via: Via::Bearer,
+        });
+    }
+    if is_trusted(auth, peer)
+        && let Some(user) = headers.get(&auth.user_header).and_then(|v| v.to_str().ok())
+    {
+        let user = user.trim();
+        if !user.is_empty() {
+            return Ok(Identity {
+                name: user.chars().take(256).collect(),
+                via: Via::ProxyHeader,
+            });
+        }
+    }
+    Err(ApiError::Unauthorized("not authenticated".into()))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn is_trusted(auth: &AuthConfig, peer: IpAddr) -> bool {
+    let peer = match peer {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    auth.trusted_proxies.iter().any(|net| net.contains(&peer))
+}
+
+/// A state-changing request carried by credentials a browser attaches on its
+/// own must come from this site: `Sec-Fetch-Site` says so, or, where that is
+/// absent, `Origin` names the request's host. Neither header: not a browser.
+pub fn check_same_site(method: &Method, headers: &HeaderMap, identity: &Identity) -> Result<(), ApiError> {
+    if identity.via == Via::Bearer || matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return Ok(());
+    }
+    let refused = || ApiError::Forbidden("cross-site request refused".into());
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return match site.to_str().unwrap_or_default() {
+            "same-origin" | "none" => Ok(()),
+            _ => Err(refused()),
+        };
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, rest)| rest.trim_end_matches('/'));
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    match (origin_host, host) {
+        (Some(o), Some(h)) if o.eq_ignore_ascii_case(h) => Ok(()),
+        _ => Err(refused()),
+    }
+}
+
+/// Middleware on `/api`: authenticate, refuse cross-site writes, and hand
+/// the identity to the handler.
+pub async fn require(
+    State(state): State<AppState>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let identity = authenticate(&state.config.auth, request.headers(), peer.ip())?;
+    check_same_site(request.method(), request.headers(), &identity)?;
+    request.extensions_mut().insert(identity);
+    Ok(next.run(request).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn config(token: Option<&str>, proxies: &[&str]) -> AuthConfig {
+        AuthConfig {
+            bearer_token: token.map(str::to_owned),
+            trusted_proxies: proxies.iter().map(|p| p.parse().unwrap()).collect(),
+            user_header: "x-authentik-username".parse().unwrap(),
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.insert(
+                k.parse::<axum::http::HeaderName>().unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        map
+    }
+
+    const INSIDE: &str = "10.1.2.3";
+    const OUTSIDE: &str = "192.0.2.7";
+
+    #[test]
+    fn nothing_configured_refuses_even_a_token() {
+        let err = authenticate(
+            &config(None, &[]),
+            &headers(&[("authorization", "Bearer x")]),
+            INSIDE.parse().unwrap(),
+        );
+        assert!(matches!(err, Err(ApiError::Unauthorized(m)) if m.contains("API_BEARER_TOKEN")));
+    }
+
+    #[test]
+    fn bearer_must_match_exactly() {
+        let auth = config(Some("s3cret"), &[]);
+        let peer = OUTSIDE.parse().unwrap();
+        assert_eq!(
+            authenticate(&auth, &headers(&[("authorization", "Bearer s3cret")]), peer)
+                .unwrap()
+                .via,
+            Via::Bearer
+        );
+        assert_eq!(
+            authenticate(&auth, &headers(&[("authorization", "bearer s3cret")]), peer)
+                .unwrap()
+                .name,
+            "bearer"
+        );
+        for wrong in ["Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret", "Bearer "] {
+            assert!(
+                authenticate(&auth, &headers(&[("authorization", wrong)]), peer).is_err(),
+                "{wrong}"
+            );
+        }
+    }
+
+    #[test]
+    fn proxy_header_only_from_a_trusted_peer() {
+        let auth = config(None, &["10.0.0.0/8"]);
+        let h = headers(&[("x-authentik-username", "alice")]);
+        assert_eq!(authenticate(&auth, &h, INSIDE.parse().unwrap()).unwrap().name, "alice");
+        assert!(authenticate(&auth, &h, OUTSIDE.parse().unwrap()).is_err());
+        let mapped: IpAddr = "::ffff:10.9.9.9".parse().unwrap();
+        assert_eq!(authenticate(&auth, &h, mapped).unwrap().via, Via::ProxyHeader);
+        assert!(
+            authenticate(
+                &auth,
+                &headers(&[("x-authentik-username", " ")]),
+                INSIDE.parse().unwrap()
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn cross_site_posts_with_ambient_credentials_are_refused() {
+        let proxy = Identity {
+            name: "alice".into(),
+            via: Via::ProxyHeader,
+        };
+        let bearer = Identity {
+            name: "bearer".into(),
+            via: Via::Bearer,
+        };
+        let post = Method::POST;
+        let cases: &[(&[(&str, &str)], bool)] = &[
+            (&[], true),
+            (&[("sec-fetch-site", "same-origin")], true),
+            (&[("sec-fetch-site", "none")], true),
+            (&[("sec-fetch-site", "cross-site")], false),
+            (&[("sec-fetch-site", "same-site")], false),
+            (
+                &[("origin", "https://console.example"), ("host", "console.example")],
+                true,
+            ),
+            (
+                &[("origin", "https://evil.example"), ("host", "console.example")],
+                false,
+            ),
+            (&[("origin", "null"), ("host", "console.example")], false),
+        ];
+        for (pairs, allowed) in cases {
+            let h = headers(pairs);
+            assert_eq!(check_same_site(&post, &h, &proxy).is_ok(), *allowed, "{pairs:?}");
+            assert!(check_same_site(&post, &h, &bearer).is_ok(), "bearer {pairs:?}");
+            assert!(check_same_site(&Method::GET, &h, &proxy).is_ok(), "GET {pairs:?}");
+        }
+    }
+}

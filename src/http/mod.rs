@@ -1,0 +1,93 @@
+//! HTTP: the routes of SPEC §3, authentication, and error mapping.
+//!
+//! [`router`] is a plain function of the shared state, so tests can build
+//! the whole application without a socket.
+
+pub mod auth;
+pub mod error;
+mod power;
+mod sessions;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, Request, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router, middleware};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
+use crate::config::Config;
+use crate::power::Power;
+use crate::session::Sessions;
+use error::ApiError;
+
+/// Largest request body accepted (SPEC §6).
+pub const MAX_BODY: usize = 1024 * 1024;
+/// Longest prompt accepted, in characters (SPEC §6).
+pub const MAX_PROMPT_CHARS: usize = 100_000;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub sessions: Arc<Sessions>,
+    pub power: Arc<Power>,
+    /// Fires when attach streams must end (after turns have drained).
+    pub streams_end: CancellationToken,
+}
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .merge(sessions::router())
+        .merge(power::router())
+        .fallback(api_not_found)
+        .method_not_allowed_fallback(api_method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), auth::require));
+    Router::new()
+        .route("/health", get(health))
+        .route("/", get(index))
+        .nest("/api", api)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request<_>| {
+                    tracing::info_span!("request", method = %request.method(), path = %request.uri().path())
+                })
+                .on_request(())
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
+        .with_state(state)
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok", "service": "breakglass" }))
+}
+
+async fn index() -> Html<&'static str> {
+    Html(concat!(
+        "<!doctype html><meta charset=utf-8><title>breakglass</title>",
+        "<p>breakglass is running. The API is under <code>/api</code>; see <a href=/health>/health</a>.</p>"
+    ))
+}
+
+async fn api_not_found() -> ApiError {
+    ApiError::NotFound("no such API endpoint".into())
+}
+
+async fn api_method_not_allowed(method: Method) -> ApiError {
+    ApiError::MethodNotAllowed(format!("method {method} is not allowed here"))
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        "not found\n",
+    )
+        .into_response()
+}

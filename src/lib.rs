@@ -1,0 +1,30 @@
+//! breakglass: an emergency-recovery console for a wedged machine.
+//!
+//! The modules follow one agent stdout line to a client's screen:
+//!
+//! - [`agent::line`] parses one line of the agent CLI's stream-json output;
+//! - [`agent::translate`] turns it into zero or more [`event::Event`]s (pure);
+//! - [`log`] appends events, assigns their ids, and is the source of truth;
+//! - [`hub`] fans freshly appended events out to attached clients (bounded);
+//! - [`sse`] encodes the attach stream: backlog, `caught-up`, live tail;
+//! - [`http`] holds the routes, authentication and error mapping.
+//!
+//! Beside the pipeline: [`session`] ties a log to at most one running turn,
+//! [`turn`] runs one turn of the agent, [`agent::process`] owns the child
+//! process group, [`power`] is the only place `ssh` is started, [`config`]
+//! validates the command line, [`cli`] dispatches subcommands, [`server`]
+//! wires everything to a listener and [`shutdown`] drains it.
+
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod http;
+pub mod hub;
+pub mod log;
+pub mod power;
+pub mod server;
+pub mod session;
+pub mod shutdown;
+pub mod sse;
+pub mod turn;

@@ -1,0 +1,17 @@
+//! The `breakglass` binary: parse the command line, start logging, dispatch.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = breakglass::cli::Cli::parse();
+    breakglass::cli::init_tracing();
+    match breakglass::cli::dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("breakglass: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

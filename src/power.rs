@@ -1,0 +1,228 @@
+//! The power path (SPEC §7): a closed set of verbs sent to the hypervisor's
+//! forced command over ssh, with no agent in the path.
+//!
+//! This is the only module that starts `ssh`, and it only ever passes a
+//! [`Verb`] from the enum below as the remote command.
+
+use std::fmt;
+use std::process::Stdio;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use thiserror::Error;
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+use tokio::sync::Mutex;
+
+use crate::config::PowerConfig;
+
+/// Output kept from each of ssh's stdout and stderr.
+pub const OUTPUT_CAP: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verb {
+    Status,
+    Forensics,
+    Reset,
+    Stop,
+    Start,
+    Cycle,
+}
+
+impl Verb {
+    pub const ALL: [Verb; 6] = [
+        Verb::Status,
+        Verb::Forensics,
+        Verb::Reset,
+        Verb::Stop,
+        Verb::Start,
+        Verb::Cycle,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Status => "status",
+            Verb::Forensics => "forensics",
+            Verb::Reset => "reset",
+            Verb::Stop => "stop",
+            Verb::Start => "start",
+            Verb::Cycle => "cycle",
+        }
+    }
+
+    /// Changes the VM's state (and so takes forensics first on the host).
+    pub fn is_mutating(self) -> bool {
+        match self {
+            Verb::Status | Verb::Forensics => false,
+            Verb::Reset | Verb::Stop | Verb::Start | Verb::Cycle => true,
+        }
+    }
+}
+
+impl fmt::Display for Verb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Error)]
+#[error("unknown verb {0:?}")]
+pub struct UnknownVerb(pub String);
+
+impl FromStr for Verb {
+    type Err = UnknownVerb;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Verb::ALL
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| UnknownVerb(s.chars().take(64).collect()))
+    }
+}
+
+/// The catalogue as `GET /api/pve/verbs` answers it: names sorted.
+pub fn catalogue() -> (Vec<&'static str>, Vec<&'static str>) {
+    let mut verbs: Vec<_> = Verb::ALL.iter().map(|v| v.as_str()).collect();
+    let mut mutating: Vec<_> = Verb::ALL
+        .iter()
+        .filter(|v| v.is_mutating())
+        .map(|v| v.as_str())
+        .collect();
+    verbs.sort_unstable();
+    mutating.sort_unstable();
+    (verbs, mutating)
+}
+
+/// What a verb did on the host.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerbOutcome {
+    pub verb: &'static str,
+    /// ssh's exit code (255 for ssh's own failures); `null` when killed.
+    pub exit_code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    /// The host's forced command refused the verb.
+    pub rejected: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum PowerError {
+    #[error("no hypervisor is configured: set BREAKGLASS_PVE_HOST")]
+    NotConfigured,
+    #[error("another power verb is running")]
+    Busy,
+    #[error("could not start {program}: {source}")]
+    CannotStart { program: String, source: std::io::Error },
+}
+
+#[derive(Debug)]
+pub struct Power {
+    config: PowerConfig,
+    /// One mutating verb at a time from this server.
+    mutating: Mutex<()>,
+}
+
+impl Power {
+    pub fn new(config: PowerConfig) -> Self {
+        Power {
+            config,
+            mutating: Mutex::new(()),
+        }
+    }
+
+    pub async fn run(&self, verb: Verb) -> Result<VerbOutcome, PowerError> {
+        let host = self.config.host.as_deref().ok_or(PowerError::NotConfigured)?;
+        let _guard = if verb.is_mutating() {
+            Some(self.mutating.try_lock().map_err(|_| PowerError::Busy)?)
+        } else {
+            None
+        };
+        let mut command = Command::new(&self.config.ssh_program);
+        command.args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]);
+        match &self.config.known_hosts {
+            Some(file) => {
+                command.args(["-o", "StrictHostKeyChecking=yes", "-o"]);
+                command.arg(format!("UserKnownHostsFile={}", file.display()));
+            }
+            None => {
+                command.args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]);
+            }
+        }
+        command
+            .args(["-o", "LogLevel=ERROR", "--"])
+            .arg(format!("{}@{}", self.config.user, host))
+            .arg(verb.as_str())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().map_err(|source| PowerError::CannotStart {
+            program: self.config.ssh_program.display().to_string(),
+            source,
+        })?;
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(PowerError::CannotStart {
+                program: self.config.ssh_program.display().to_string(),
+                source: std::io::Error::other("no output pipes"),
+            });
+        };
+        let collect = async {
+            let (out, err) = tokio::join!(read_capped(stdout), read_capped(stderr));
+            let status = child.wait().await;
+            (out, err, status)
+        };
+        let timeout = self.config.timeout;
+        Ok(match tokio::time::timeout(timeout, collect).await {
+            Ok((stdout, stderr, status)) => {
+                let exit_code = status.ok().and_then(|s| s.code());
+                VerbOutcome {
+                    verb: verb.as_str(),
+                    rejected: exit_code == Some(REFUSED),
+                    exit_code,
+                    stdout,
+                    stderr,
+                }
+            }
+            Err(_) => {
+                // Dropping the future dropped the child, and kill_on_drop kills
+                // and reaps it; ssh has no children of its own to leave behind.
+                VerbOutcome {
+                    verb: verb.as_str(),
+                    exit_code: None,
+                    stdout: String::new(),
+                    stderr: timed_out(timeout),
+                    rejected: false,
+                }
+            }
+        })
+    }
+}
+
+/// The forced command's exit code for a command outside the catalogue.
+pub const REFUSED: i32 = 64;
+
+fn timed_out(after: Duration) -> String {
+    format!("timed out after {}s; ssh was killed", after.as_secs())
+}
+
+async fn read_capped(mut reader: impl tokio::io::AsyncRead + Unpin) -> String {
+    let mut kept = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let mut cut = 0usize;
+    loop {
+        match reader.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = OUTPUT_CAP.saturating_sub(kept.len());
+                kept.extend_from_slice(&chunk[..n.min(room)]);
+                cut += n.saturating_sub(room);
+            }
+        }
+    }
+    let mut text = String::from_utf8_lossy(&kept).into_owned();
+    if cut > 0 {
+        text.push_str(&format!("\n… [{cut} more bytes not shown]"));
+    }
+    text
+}

@@ -1,0 +1,134 @@
+//! Wiring: the listener, the application, and the order of a drain.
+//!
+//! On shutdown the server stops accepting connections, stops running turns
+//! (each logs its end and `turn_end`), then ends attach streams, so attached
+//! clients see how their turn ended before the connection closes.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::connect_info::Connected;
+use axum::serve::{IncomingStream, Listener};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_io_timeout::TimeoutStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::http::auth::Peer;
+use crate::http::{AppState, router};
+use crate::power::Power;
+use crate::session::Sessions;
+
+/// `breakglass serve`: bind, say where and how to authenticate, run until a signal.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("while binding {}", config.listen))?;
+    let addr = listener.local_addr().context("while reading the bound address")?;
+    announce(&config, addr);
+    run(listener, config, crate::shutdown::signalled()).await
+}
+
+/// Prints the bound address (tests read it) and how to get in.
+fn announce(config: &Config, addr: SocketAddr) {
+    println!("breakglass listening on http://{addr}");
+    let auth = &config.auth;
+    if auth.bearer_token.is_some() {
+        println!("auth: send 'Authorization: Bearer <API_BEARER_TOKEN>'");
+    }
+    if !auth.trusted_proxies.is_empty() {
+        let nets: Vec<_> = auth.trusted_proxies.iter().map(ToString::to_string).collect();
+        println!("auth: header '{}' believed from {}", auth.user_header, nets.join(", "));
+    }
+    if auth.is_closed() {
+        println!(
+            "auth: none configured; every /api request is refused (set API_BEARER_TOKEN or BREAKGLASS_TRUSTED_PROXIES)"
+        );
+        tracing::warn!("no authentication configured: every /api request will be refused");
+    }
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.sessions_dir)
+        .with_context(|| format!("while creating {}", config.sessions_dir.display()))?;
+    let config = Arc::new(config);
+    let sessions = Arc::new(Sessions::new(&config));
+    let state = AppState {
+        power: Arc::new(Power::new(config.power.clone())),
+        sessions: sessions.clone(),
+        streams_end: CancellationToken::new(),
+        config: config.clone(),
+    };
+    let stop_accepting = CancellationToken::new();
+    let drain = {
+        let (stop_accepting, streams_end) = (stop_accepting.clone(), state.streams_end.clone());
+        async move {
+            shutdown.await;
+            stop_accepting.cancel();
+            sessions.shutdown().await;
+            streams_end.cancel();
+        }
+    };
+    let app = router(state).into_make_service_with_connect_info::<Peer>();
+    let listener = GuardedListener {
+        inner: listener,
+        write_timeout: config.write_timeout,
+    };
+    let serve = axum::serve(listener, app).with_graceful_shutdown(stop_accepting.cancelled_owned());
+    let (served, ()) = tokio::join!(serve.into_future(), drain);
+    served.context("while serving")?;
+    tracing::info!("drained; bye");
+    Ok(())
+}
+
+/// Accepts TCP connections whose writes time out: a client that stops
+/// reading is cut off once the kernel's buffers are full for
+/// `write_timeout`, instead of holding its connection for ever. It
+/// reconnects with Last-Event-ID and loses nothing.
+struct GuardedListener {
+    inner: TcpListener,
+    write_timeout: Duration,
+}
+
+impl Listener for GuardedListener {
+    type Io = Pin<Box<TimeoutStream<TcpStream>>>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    let mut stream = TimeoutStream::new(stream);
+                    stream.set_write_timeout(Some(self.write_timeout));
+                    return (Box::pin(stream), addr);
+                }
+                Err(err) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+impl Connected<IncomingStream<'_, GuardedListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, GuardedListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}

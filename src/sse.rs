@@ -1,0 +1,188 @@
+//! The attach stream (SPEC §4), in the `text/event-stream` format of the
+//! HTML Living Standard (§9.2 Server-sent events).
+//!
+//! Order on one stream: the backlog (every event, or those after
+//! `Last-Event-ID`), one `caught-up` frame, then live events, with a
+//! `: keepalive` comment whenever the stream has been idle for a period.
+//! The stream subscribes before it reads the backlog and skips ids it has
+//! already sent, so an event appended while a client attaches is sent exactly
+//! once. A subscriber that lags behind the hub's ring reads what it missed
+//! from the log instead of failing.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use futures_util::Stream;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::{EventId, Stored};
+use crate::hub::Subscription;
+use crate::log::Log;
+
+/// Events read from the log at a time while replaying.
+const PAGE: usize = 256;
+
+pub const CAUGHT_UP: &str = "event: caught-up\ndata: {}\n\n";
+pub const KEEPALIVE: &str = ": keepalive\n\n";
+
+/// The `Last-Event-ID` request header: a non-negative integer, or absent.
+/// Anything else means a full replay, never an error.
+pub fn parse_last_event_id(value: Option<&[u8]>) -> Option<EventId> {
+    let text = std::str::from_utf8(value?).ok()?.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// One event as an SSE frame. The JSON is a single line (serde_json escapes
+/// newlines inside strings), so one `data:` field carries it.
+pub fn frame(event: &Stored) -> Bytes {
+    Bytes::from(format!("id: {}\ndata: {}\n\n", event.id, event.json))
+}
+
+/// The frames of one attached client, ending when `shutdown` fires or the
+/// log can no longer be read.
+pub fn attach(
+    log: Arc<Log>,
+    last_event_id: Option<EventId>,
+    keepalive: Duration,
+    shutdown: CancellationToken,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    let state = Attach {
+        subscription: log.subscribe(),
+        log,
+        sent: last_event_id,
+        pending: VecDeque::new(),
+        phase: Phase::Backlog,
+        keepalive,
+        shutdown,
+    };
+    futures_util::stream::unfold(state, |mut state| async move {
+        let frame = state.next_frame().await?;
+        Some((Ok(frame), state))
+    })
+}
+
+enum Phase {
+    Backlog,
+    Live,
+}
+
+struct Attach {
+    log: Arc<Log>,
+    subscription: Subscription,
+    /// The highest id this stream has sent (or the client already had).
+    sent: Option<EventId>,
+    pending: VecDeque<Stored>,
+    phase: Phase,
+    keepalive: Duration,
+    shutdown: CancellationToken,
+}
+
+impl Attach {
+    async fn next_frame(&mut self) -> Option<Bytes> {
+        loop {
+            if self.shutdown.is_cancelled() {
+                return None;
+            }
+            if let Some(event) = self.pending.pop_front() {
+                if self.is_new(event.id) {
+                    self.sent = Some(event.id);
+                    return Some(frame(&event));
+                }
+                continue;
+            }
+            match self.phase {
+                Phase::Backlog => {
+                    if !self.fill_from_log().await? {
+                        self.phase = Phase::Live;
+                        return Some(Bytes::from_static(CAUGHT_UP.as_bytes()));
+                    }
+                }
+                Phase::Live => {
+                    let received = tokio::select! {
+                        _ = self.shutdown.cancelled() => return None,
+                        received = tokio::time::timeout(self.keepalive, self.subscription.recv()) => received,
+                    };
+                    match received {
+                        Err(_idle) => return Some(Bytes::from_static(KEEPALIVE.as_bytes())),
+                        Ok(Ok(event)) if !self.is_new(event.id) => {}
+                        Ok(Ok(event)) if Some(event.id) == self.next_expected() => self.pending.push_back(event),
+                        // A gap (the ring dropped events for us) or a lag
+                        // notice: the log has everything, read from it.
+                        Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => {
+                            self.fill_from_log().await?;
+                        }
+                        Ok(Err(RecvError::Closed)) => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_new(&self, id: EventId) -> bool {
+        self.sent.is_none_or(|sent| id > sent)
+    }
+
+    fn next_expected(&self) -> Option<EventId> {
+        Some(self.sent.map_or(0, |sent| sent + 1))
+    }
+
+    /// Queues the next page of the log after what was sent; false when there
+    /// was nothing more. `None` when the log cannot be read: the stream ends
+    /// and the client reconnects with its Last-Event-ID.
+    async fn fill_from_log(&mut self) -> Option<bool> {
+        match self.log.read_after(self.sent, PAGE).await {
+            Ok(page) => {
+                let more = !page.is_empty();
+                self.pending.extend(page);
+                Some(more)
+            }
+            Err(err) => {
+                tracing::warn!(%err, "attach stream ends: the log cannot be read");
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_event_id_accepts_only_non_negative_integers() {
+        assert_eq!(parse_last_event_id(Some(b"42")), Some(42));
+        assert_eq!(parse_last_event_id(Some(b" 7 ")), Some(7));
+        assert_eq!(parse_last_event_id(Some(b"0")), Some(0));
+        for bad in [
+            &b""[..],
+            b"-1",
+            b"abc",
+            b"1.5",
+            b"+3",
+            b"99999999999999999999999",
+            b"\xff",
+        ] {
+            assert_eq!(parse_last_event_id(Some(bad)), None, "{bad:?}");
+        }
+        assert_eq!(parse_last_event_id(None), None);
+    }
+
+    #[test]
+    fn frame_is_id_then_one_data_line() {
+        let stored = Stored {
+            id: 3,
+            json: r#"{"kind":"text","text":"a\nb","id":3}"#.into(),
+        };
+        assert_eq!(
+            &frame(&stored)[..],
+            b"id: 3\ndata: {\"kind\":\"text\",\"text\":\"a\\nb\",\"id\":3}\n\n"
+        );
+    }
+}

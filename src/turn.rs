@@ -1,0 +1,319 @@
+//! One turn: one run of the agent CLI on one prompt (SPEC §5).
+//!
+//! [`run`] prepares the workspace, starts the agent, translates its stdout
+//! into events appended to the session's log, and reports how the turn
+//! ended. It never appends `turn_end`: the session does that, so that the
+//! end of a turn and the freeing of the session's turn slot are one step.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::agent::line::{self, AgentLine};
+use crate::agent::process::{AgentProcess, DRAIN, Line, Spec};
+use crate::agent::translate::translate;
+use crate::config::AgentConfig;
+use crate::event::Event;
+use crate::log::{Log, LogError};
+
+/// Longest error message taken from the agent's stderr (SPEC §5).
+const ERROR_CHARS: usize = 500;
+
+/// What every turn shares: how to run the agent, where, and how many at once.
+#[derive(Debug)]
+pub struct Runner {
+    pub agent: AgentConfig,
+    pub sessions_dir: PathBuf,
+    /// Server-wide turn slots (`BREAKGLASS_MAX_CONCURRENT_TURNS`).
+    pub slots: Semaphore,
+}
+
+/// One prompt to run.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub session_id: Uuid,
+    pub prompt: String,
+    pub model: String,
+    /// `--resume` (the CLI knows this session) rather than `--session-id`.
+    pub resume: bool,
+}
+
+/// Why a running turn is asked to stop early.
+#[derive(Debug, Clone, Default)]
+pub struct Stops {
+    /// The operator pressed Stop.
+    pub cancel: CancellationToken,
+    /// The server is draining.
+    pub shutdown: CancellationToken,
+}
+
+/// How a turn ended.
+#[derive(Debug)]
+pub enum Ending {
+    /// Exit 0 after a `result` line.
+    Completed,
+    /// Exit 0 without a `result` line.
+    NoResult,
+    /// Non-zero exit or killed by a signal, with stderr.
+    Failed {
+        status: ExitStatus,
+        stderr: String,
+    },
+    TimedOut(Duration),
+    Cancelled,
+    Shutdown,
+    CannotStart(String),
+    /// The log refused an event; the agent was stopped.
+    LogFailed(LogError),
+}
+
+impl Ending {
+    /// The events that tell a client how the turn ended (before `turn_end`).
+    pub fn events(&self) -> Vec<Event> {
+        let error = |error: String| vec![Event::Error { error }];
+        match self {
+            Ending::Completed => Vec::new(),
+            Ending::NoResult => error("agent ended without a result".into()),
+            Ending::Failed { status, stderr } => {
+                let trimmed = stderr.trim();
+                if trimmed.is_empty() {
+                    error(
+                        match (status.code(), std::os::unix::process::ExitStatusExt::signal(status)) {
+                            (Some(code), _) => format!("exit {code}"),
+                            (None, Some(signal)) => format!("killed by signal {signal}"),
+                            (None, None) => status.to_string(),
+                        },
+                    )
+                } else {
+                    error(trimmed.chars().take(ERROR_CHARS).collect())
+                }
+            }
+            Ending::TimedOut(after) => error(format!("turn timed out after {}s", after.as_secs())),
+            Ending::Cancelled => vec![Event::Cancelled],
+            Ending::Shutdown => error("turn stopped: the server is shutting down".into()),
+            Ending::CannotStart(why) => error(format!("could not start agent: {why}")),
+            Ending::LogFailed(err) => error(format!("turn stopped: {err}")),
+        }
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Ending::Completed => "completed",
+            Ending::NoResult => "no-result",
+            Ending::Failed { .. } => "failed",
+            Ending::TimedOut(_) => "timed-out",
+            Ending::Cancelled => "cancelled",
+            Ending::Shutdown => "shutdown",
+            Ending::CannotStart(_) => "cannot-start",
+            Ending::LogFailed(_) => "log-failed",
+        }
+    }
+}
+
+/// What a turn reports to its session.
+#[derive(Debug)]
+pub struct Outcome {
+    pub ending: Ending,
+    /// The agent CLI announced the session (`system/init`), so the next turn resumes it.
+    pub agent_session_started: bool,
+}
+
+impl Runner {
+    /// The working directory of a session's agent.
+    pub fn workspace(&self, session_id: Uuid) -> PathBuf {
+        self.sessions_dir.join(session_id.to_string())
+    }
+
+    /// Runs one turn to its end. Waits for a server-wide slot first.
+    pub async fn run(&self, request: Request, log: &Log, stops: &Stops) -> Outcome {
+        let mut started = false;
+        let ending = self.run_inner(request, log, stops, &mut started).await;
+        Outcome {
+            ending,
+            agent_session_started: started,
+        }
+    }
+
+    async fn run_inner(&self, request: Request, log: &Log, stops: &Stops, started: &mut bool) -> Ending {
+        let _slot = match self.slots.try_acquire() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let waiting = Event::Status {
+                    text: "waiting for a free agent slot".into(),
+                };
+                if let Err(err) = log.append(waiting).await {
+                    return Ending::LogFailed(err);
+                }
+                tokio::select! {
+                    permit = self.slots.acquire() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => return Ending::Shutdown,
+                    },
+                    _ = stops.cancel.cancelled() => return Ending::Cancelled,
+                    _ = stops.shutdown.cancelled() => return Ending::Shutdown,
+                }
+            }
+        };
+
+        let workspace = self.workspace(request.session_id);
+        if let Err(err) = prepare_workspace(&workspace, &self.agent.name, &self.agent.definition).await {
+            return Ending::CannotStart(format!("workspace {}: {err}", workspace.display()));
+        }
+        let spec = self.spec(&request, workspace);
+        let mut agent = match AgentProcess::spawn(&spec) {
+            Ok(agent) => agent,
+            Err(err) => return Ending::CannotStart(format!("{}: {err}", spec.program.display())),
+        };
+        let began = Instant::now();
+        tracing::info!(session = %request.session_id, pgid = agent.pgid(), resume = request.resume, "agent started");
+
+        let deadline = tokio::time::sleep(self.agent.turn_timeout);
+        tokio::pin!(deadline);
+        let mut saw_result = false;
+        let stopped = loop {
+            tokio::select! {
+                _ = stops.cancel.cancelled() => break Some(Ending::Cancelled),
+                _ = stops.shutdown.cancelled() => break Some(Ending::Shutdown),
+                _ = &mut deadline => break Some(Ending::TimedOut(self.agent.turn_timeout)),
+                _ = agent.exit.wait() => break None,
+                line = agent.stdout.next_line() => match line {
+                    Ok(Some(line)) => {
+                        if let Err(err) = append_line(line, log, &mut saw_result, started).await {
+                            break Some(Ending::LogFailed(err));
+                        }
+                    }
+                    // End of output: the leader may still be running.
+                    Ok(None) | Err(_) => {
+                        tokio::select! {
+                            _ = stops.cancel.cancelled() => break Some(Ending::Cancelled),
+                            _ = stops.shutdown.cancelled() => break Some(Ending::Shutdown),
+                            _ = &mut deadline => break Some(Ending::TimedOut(self.agent.turn_timeout)),
+                            _ = agent.exit.wait() => break None,
+                        }
+                    }
+                },
+            }
+        };
+
+        let grace = if stopped.is_some() {
+            self.agent.kill_grace
+        } else {
+            Duration::ZERO
+        };
+        agent.kill_group(grace).await;
+        if stopped.is_none() {
+            // What the agent wrote before it exited is still in the pipe.
+            let drain = tokio::time::sleep(DRAIN);
+            tokio::pin!(drain);
+            loop {
+                let line = tokio::select! {
+                    _ = &mut drain => break,
+                    line = agent.stdout.next_line() => line,
+                };
+                let Ok(Some(line)) = line else { break };
+                if let Err(err) = append_line(line, log, &mut saw_result, started).await {
+                    let _ = agent.reap().await;
+                    return Ending::LogFailed(err);
+                }
+            }
+        }
+        let finished = agent.reap().await;
+        tracing::debug!(session = %request.session_id, elapsed_ms = began.elapsed().as_millis() as u64, "agent reaped");
+        if let Some(ending) = stopped {
+            return ending;
+        }
+        match finished.status {
+            Ok(status) if status.success() && saw_result => Ending::Completed,
+            Ok(status) if status.success() => Ending::NoResult,
+            Ok(status) => Ending::Failed {
+                status,
+                stderr: String::from_utf8_lossy(&finished.stderr).into_owned(),
+            },
+            Err(err) => Ending::CannotStart(format!("lost track of the agent: {err}")),
+        }
+    }
+
+    /// The agent's command line (SPEC §5), with the prompt after `--` so it
+    /// is never read as an option, or on stdin when it is too long for one
+    /// argument.
+    fn spec(&self, request: &Request, cwd: PathBuf) -> Spec {
+        let session_flag = if request.resume { "--resume" } else { "--session-id" };
+        let mut args: Vec<OsString> = [
+            "-p",
+            "--agent",
+            &self.agent.name,
+            "--dangerously-skip-permissions",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            "--model",
+            &request.model,
+            session_flag,
+            &request.session_id.to_string(),
+        ]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+        let stdin = if request.prompt.len() < MAX_PROMPT_ARG {
+            args.push("--".into());
+            args.push(request.prompt.clone().into());
+            None
+        } else {
+            Some(request.prompt.clone().into_bytes())
+        };
+        Spec {
+            program: self.agent.program.clone(),
+            args,
+            cwd,
+            stdin,
+        }
+    }
+}
+
+/// Linux refuses a single argv string of 128 KiB or more (MAX_ARG_STRLEN).
+const MAX_PROMPT_ARG: usize = 128 * 1024 - 1;
+
+async fn append_line(line: Line, log: &Log, saw_result: &mut bool, started: &mut bool) -> Result<(), LogError> {
+    let Line::Complete(raw) = line else {
+        tracing::debug!("skipped an over-long agent line");
+        return Ok(());
+    };
+    let Some(parsed) = line::parse(&raw) else {
+        return Ok(());
+    };
+    match parsed {
+        AgentLine::Init { .. } => *started = true,
+        AgentLine::Result(_) => *saw_result = true,
+        _ => {}
+    }
+    for event in translate(parsed) {
+        log.append(event).await?;
+    }
+    Ok(())
+}
+
+/// Creates the workspace and writes the agent definition unless one is there.
+async fn prepare_workspace(workspace: &Path, agent: &str, definition: &str) -> std::io::Result<()> {
+    let agents = workspace.join(".claude").join("agents");
+    tokio::fs::create_dir_all(&agents).await?;
+    let file = agents.join(format!("{agent}.md"));
+    match tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&file)
+        .await
+    {
+        Ok(mut f) => {
+            use tokio::io::AsyncWriteExt;
+            f.write_all(definition.as_bytes()).await?;
+            f.flush().await
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(err) => Err(err),
+    }
+}
