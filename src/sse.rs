@@ -45,8 +45,8 @@ pub fn frame(event: &Stored) -> Bytes {
     Bytes::from(format!("id: {}\ndata: {}\n\n", event.id, event.json))
 }
 
-/// The frames of one attached client, ending when `shutdown` fires or the
-/// log can no longer be read.
+/// The frames of one attached client, ending when `shutdown` fires (after
+/// everything already in the log is sent) or the log can no longer be read.
 pub fn attach(
     log: Arc<Log>,
     last_event_id: Option<EventId>,
@@ -71,6 +71,7 @@ pub fn attach(
 enum Phase {
     Backlog,
     Live,
+    Closing,
 }
 
 struct Attach {
@@ -87,8 +88,8 @@ struct Attach {
 impl Attach {
     async fn next_frame(&mut self) -> Option<Bytes> {
         loop {
-            if self.shutdown.is_cancelled() {
-                return None;
+            if self.shutdown.is_cancelled() && matches!(self.phase, Phase::Live) {
+                self.phase = Phase::Closing;
             }
             if let Some(event) = self.pending.pop_front() {
                 if self.is_new(event.id) {
@@ -104,9 +105,16 @@ impl Attach {
                         return Some(Bytes::from_static(CAUGHT_UP.as_bytes()));
                     }
                 }
+                // Whatever the log holds is sent before the stream ends, so
+                // a drain's last events (the turns' ends) reach the client.
+                Phase::Closing => {
+                    if !self.fill_from_log().await? {
+                        return None;
+                    }
+                }
                 Phase::Live => {
                     let received = tokio::select! {
-                        _ = self.shutdown.cancelled() => return None,
+                        _ = self.shutdown.cancelled() => continue,
                         received = tokio::time::timeout(self.keepalive, self.subscription.recv()) => received,
                     };
                     match received {

@@ -1,0 +1,349 @@
+//! Starting the real binary, talking to it, and reading its attach streams.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::Value;
+
+pub const TOKEN: &str = "test-token-0123456789";
+/// Upper bound for anything a test waits for; never a sleep.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A running `breakglass serve`, killed and reaped on drop.
+pub struct Server {
+    child: Option<Child>,
+    pub base: String,
+    pub dir: tempfile::TempDir,
+    pub client: reqwest::Client,
+}
+
+#[derive(Default)]
+pub struct Options {
+    pub env: Vec<(String, String)>,
+    pub args: Vec<String>,
+    /// Leave out the bearer token.
+    pub no_token: bool,
+}
+
+impl Options {
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn no_token(mut self) -> Self {
+        self.no_token = true;
+        self
+    }
+
+    pub fn start(self) -> Server {
+        Server::start_with(self)
+    }
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Options::default().start()
+    }
+
+    pub fn options() -> Options {
+        Options::default()
+    }
+
+    fn start_with(options: Options) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = format!(
+            "{}:{}",
+            repo().join("tests/fake-bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut command = Command::new(env!("CARGO_BIN_EXE_breakglass"));
+        command
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(&options.args)
+            .env_clear()
+            .env("PATH", path)
+            .env("HOME", dir.path())
+            .env("RUST_LOG", "info,breakglass=debug")
+            .env("FAKE_CLAUDE_RECORD", dir.path().join("argv.jsonl"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.path().join("server.log")).expect("log file"));
+        if !options.no_token {
+            command.env("API_BEARER_TOKEN", TOKEN);
+        }
+        for (k, v) in &options.env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("start breakglass");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let base = loop {
+            let line = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
+                let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+                panic!("breakglass did not say where it listens; its log:\n{log}")
+            });
+            if let Some(url) = line.strip_prefix("breakglass listening on ") {
+                break url.to_owned();
+            }
+        };
+        Server {
+            child: Some(child),
+            base,
+            dir,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Every run of the fake agent so far: {argv, cwd, stdin, prompt, pid}.
+    pub fn agent_runs(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.path().join("argv.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("record line"))
+            .collect()
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.get(self.url(path)).bearer_auth(TOKEN)
+    }
+
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.post(self.url(path)).bearer_auth(TOKEN)
+    }
+
+    pub async fn open_session(&self) -> String {
+        let response = self.post("/api/session").send().await.expect("POST /api/session");
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.expect("json");
+        body["session_id"].as_str().expect("session_id").to_owned()
+    }
+
+    pub async fn prompt(&self, session: &str, prompt: &str) -> reqwest::Response {
+        self.post(&format!("/api/session/{session}/prompt"))
+            .json(&serde_json::json!({ "prompt": prompt }))
+            .send()
+            .await
+            .expect("POST prompt")
+    }
+
+    /// Sends a prompt that must be accepted.
+    pub async fn start_turn(&self, session: &str, prompt: &str) {
+        let response = self.prompt(session, prompt).await;
+        let status = response.status();
+        assert_eq!(
+            status,
+            200,
+            "prompt refused: {}",
+            response.text().await.unwrap_or_default()
+        );
+    }
+
+    pub async fn attach(&self, session: &str, last_event_id: Option<&str>) -> Attached {
+        let mut request = self.get(&format!("/api/session/{session}/stream"));
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request.send().await.expect("attach");
+        assert_eq!(response.status(), 200, "attach refused");
+        Attached::new(response)
+    }
+
+    /// Attaches, runs one turn, and returns its events (`user` to `turn_end`).
+    pub async fn run_turn(&self, session: &str, prompt: &str) -> Vec<Value> {
+        let mut stream = self.attach(session, None).await;
+        stream.until_caught_up().await;
+        self.start_turn(session, prompt).await;
+        stream.until_turn_end().await
+    }
+
+    /// SIGTERM, and the exit status once it has drained.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), nix::sys::signal::Signal::SIGTERM);
+        wait_child(&mut child, DEADLINE).expect("breakglass did not exit after SIGTERM")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+}
+
+pub fn wait_child(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if start.elapsed() > within {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Polls `check` until it holds or the deadline passes.
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// True while a process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// One frame of an attach stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    Event { id: u64, data: Value },
+    CaughtUp,
+    Keepalive,
+}
+
+/// An attach stream, read frame by frame.
+pub struct Attached {
+    pub headers: reqwest::header::HeaderMap,
+    body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: Vec<u8>,
+    pub raw: Vec<u8>,
+}
+
+impl Attached {
+    pub fn new(response: reqwest::Response) -> Self {
+        Attached {
+            headers: response.headers().clone(),
+            body: Box::pin(response.bytes_stream()),
+            buffer: Vec::new(),
+            raw: Vec::new(),
+        }
+    }
+
+    /// The next frame, `None` when the server ended the stream.
+    pub async fn next(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(end) = find(&self.buffer, b"\n\n") {
+                let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                return Some(parse_frame(&block[..end]));
+            }
+            let chunk = tokio::time::timeout(DEADLINE, self.body.next())
+                .await
+                .expect("attach stream went silent")?;
+            let chunk = chunk.ok()?;
+            self.raw.extend_from_slice(&chunk);
+            self.buffer.extend_from_slice(&chunk);
+        }
+    }
+
+    /// Events up to the `caught-up` frame.
+    pub async fn until_caught_up(&mut self) -> Vec<Value> {
+        let mut events = Vec::new();
+        loop {
+            match self.next().await.expect("stream ended before caught-up") {
+                Frame::Event { data, .. } => events.push(data),
+                Frame::CaughtUp => return events,
+                Frame::Keepalive => {}
+            }
+        }
+    }
+
+    /// Events up to and including the next `turn_end`.
+    pub async fn until_turn_end(&mut self) -> Vec<Value> {
+        let mut events = Vec::new();
+        loop {
+            match self.next().await.expect("stream ended before turn_end") {
+                Frame::Event { data, .. } => {
+                    let end = data["kind"] == "turn_end";
+                    events.push(data);
+                    if end {
+                        return events;
+                    }
+                }
+                Frame::CaughtUp | Frame::Keepalive => {}
+            }
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn parse_frame(block: &[u8]) -> Frame {
+    let text = std::str::from_utf8(block).expect("frames are UTF-8");
+    if text == ": keepalive" {
+        return Frame::Keepalive;
+    }
+    if text == "event: caught-up\ndata: {}" {
+        return Frame::CaughtUp;
+    }
+    let (id_line, data_line) = text.split_once('\n').unwrap_or_else(|| panic!("odd frame {text:?}"));
+    let id = id_line
+        .strip_prefix("id: ")
+        .expect("id field")
+        .parse()
+        .expect("numeric id");
+    let data: Value = serde_json::from_str(data_line.strip_prefix("data: ").expect("data field")).expect("data JSON");
+    assert_eq!(data["id"], id, "id field and JSON id agree");
+    Frame::Event { id, data }
+}
+
+/// The kinds of a list of events, for compact assertions.
+pub fn kinds(events: &[Value]) -> Vec<&str> {
+    events.iter().map(|e| e["kind"].as_str().unwrap_or("?")).collect()
+}
+
+/// The ids of a list of events.
+pub fn ids(events: &[Value]) -> Vec<u64> {
+    events.iter().map(|e| e["id"].as_u64().expect("id")).collect()
+}

@@ -1,0 +1,129 @@
+//! Start-up and shutdown of the real binary.
+
+use std::process::Command;
+
+use crate::harness::{Frame, Server, alive, eventually, kinds};
+
+#[tokio::test]
+async fn sigterm_closes_running_turns_ends_streams_and_exits_zero() {
+    let mut server = Server::start();
+    let session = server.open_session().await;
+    let mut stream = server.attach(&session, None).await;
+    stream.until_caught_up().await;
+    server.start_turn(&session, "grandchild\nsleep 60").await;
+    let pid = loop {
+        if let Some(Frame::Event { data, .. }) = stream.next().await
+            && let Some(pid) = data["text"].as_str().and_then(|t| t.strip_prefix("grandchild "))
+        {
+            break pid.parse::<u32>().unwrap();
+        }
+    };
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    let events = stream.until_turn_end().await;
+    assert_eq!(kinds(&events), ["error", "turn_end"]);
+    assert_eq!(events[0]["error"], "turn stopped: the server is shutting down");
+    assert_eq!(stream.next().await, None, "the stream ended");
+    eventually("the agent's child to die", || !alive(pid)).await;
+    assert!(server.log().contains("SIGTERM received: draining"));
+}
+
+#[test]
+fn bad_configuration_is_refused_at_start_with_the_variable_named() {
+    let cases = [
+        (
+            "BREAKGLASS_TRUSTED_PROXIES",
+            "10.0.0.0/33",
+            "BREAKGLASS_TRUSTED_PROXIES",
+        ),
+        (
+            "BREAKGLASS_MAX_CONCURRENT_TURNS",
+            "0",
+            "BREAKGLASS_MAX_CONCURRENT_TURNS",
+        ),
+        ("BREAKGLASS_AGENT", "../evil", "BREAKGLASS_AGENT"),
+        (
+            "BREAKGLASS_AGENT_FILE",
+            "/nonexistent/agent.md",
+            "BREAKGLASS_AGENT_FILE",
+        ),
+        ("BREAKGLASS_LISTEN", "not an address", "BREAKGLASS_LISTEN"),
+        ("BREAKGLASS_PVE_HOST", "-oProxyCommand=x", "BREAKGLASS_PVE_HOST"),
+    ];
+    for (key, value, named) in cases {
+        let output = Command::new(env!("CARGO_BIN_EXE_breakglass"))
+            .arg("serve")
+            .env(key, value)
+            .env(
+                "BREAKGLASS_DATA_DIR",
+                std::env::temp_dir().join("breakglass-never-used"),
+            )
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{key}={value}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(named), "{key}={value}: {stderr}");
+    }
+}
+
+#[test]
+fn help_lists_every_setting_with_its_variable() {
+    let output = Command::new(env!("CARGO_BIN_EXE_breakglass"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for var in [
+        "BREAKGLASS_LISTEN",
+        "BREAKGLASS_DATA_DIR",
+        "BREAKGLASS_SESSIONS_DIR",
+        "BREAKGLASS_AGENT",
+        "BREAKGLASS_AGENT_FILE",
+        "BREAKGLASS_MODEL",
+        "BREAKGLASS_CLAUDE_BIN",
+        "BREAKGLASS_TURN_TIMEOUT_SECONDS",
+        "BREAKGLASS_SSE_KEEPALIVE_SECONDS",
+        "BREAKGLASS_MAX_CONCURRENT_TURNS",
+        "API_BEARER_TOKEN",
+        "BREAKGLASS_TRUSTED_PROXIES",
+        "BREAKGLASS_TRUSTED_USER_HEADER",
+        "BREAKGLASS_PVE_HOST",
+        "BREAKGLASS_PVE_USER",
+        "BREAKGLASS_PVE_KNOWN_HOSTS",
+        "BREAKGLASS_SSH_BIN",
+        "BREAKGLASS_PVE_VERB_TIMEOUT_SECONDS",
+    ] {
+        assert!(help.contains(&format!("[env: {var}")), "{var} missing from --help");
+    }
+}
+
+#[tokio::test]
+async fn serve_is_the_default_subcommand() {
+    // Same harness, without the word `serve`: it must still listen.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_breakglass"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(crate::harness::DEADLINE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let url = first.strip_prefix("breakglass listening on ").expect(&first).to_owned();
+    let auth = tokio::time::timeout(crate::harness::DEADLINE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(auth.contains("every /api request is refused"), "{auth}");
+    let health = reqwest::get(format!("{url}/health")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    child.kill().await.unwrap();
+}

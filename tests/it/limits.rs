@@ -1,0 +1,90 @@
+//! Bad input gets a clear JSON error and changes nothing (SPEC §3, §6).
+
+use serde_json::{Value, json};
+
+use crate::harness::{Server, kinds};
+
+async fn answer(request: reqwest::RequestBuilder) -> (u16, String) {
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/json",
+        "status {status}"
+    );
+    let body: Value = response.json().await.unwrap();
+    (status, body["detail"].as_str().expect("a detail").to_owned())
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_prompts() {
+    let server = Server::start();
+    let session = server.open_session().await;
+    let url = format!("/api/session/{session}/prompt");
+    let json_body = |body: &str| {
+        server
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+    };
+
+    assert_eq!(answer(json_body("{not json")).await.0, 400);
+    assert_eq!(answer(json_body(r#"{"prompt": 5}"#)).await.0, 422);
+    assert_eq!(answer(json_body(r#"{"model": "x"}"#)).await.0, 422);
+    assert_eq!(answer(json_body(r#"[]"#)).await.0, 422);
+    let (status, detail) = answer(json_body(r#"{"prompt": "  \n "}"#)).await;
+    assert_eq!((status, detail.as_str()), (422, "prompt is empty"));
+    assert_eq!(answer(server.post(&url).body(r#"{"prompt":"hi"}"#)).await.0, 415);
+    let (status, detail) = answer(server.post(&url).json(&json!({"prompt": "hi", "model": "--evil"}))).await;
+    assert_eq!(status, 422, "{detail}");
+
+    let (status, detail) = answer(server.post(&url).json(&json!({"prompt": "a".repeat(100_001)}))).await;
+    assert_eq!(status, 413);
+    assert_eq!(detail, "prompt is 100001 characters; the limit is 100000");
+    let (status, detail) = answer(server.post(&url).json(&json!({"prompt": "a".repeat(1_100_000)}))).await;
+    assert_eq!(status, 413);
+    assert!(detail.contains("larger than 1048576 bytes"), "{detail}");
+
+    // Nothing above reached the log or the agent; the limit itself is accepted.
+    assert!(server.agent_runs().is_empty());
+    let events = server
+        .run_turn(&session, &format!("replay basic\n{}", "b".repeat(99_980)))
+        .await;
+    assert_eq!(kinds(&events)[0], "user");
+    assert_eq!(events[0]["id"], 0, "the refused prompts left no trace in the log");
+}
+
+#[tokio::test]
+async fn unknown_api_paths_and_methods_are_json() {
+    let server = Server::start();
+    assert_eq!(
+        answer(server.get("/api/nope")).await,
+        (404, "no such API endpoint".to_owned())
+    );
+    assert_eq!(answer(server.get("/api/session")).await.0, 405);
+    assert_eq!(
+        answer(server.client.get(server.url("/api/nope"))).await.0,
+        401,
+        "auth comes first"
+    );
+    let page = server.client.get(server.url("/nope")).send().await.unwrap();
+    assert_eq!(page.status(), 404);
+}
+
+#[tokio::test]
+async fn power_verbs_catalogue_and_refusals() {
+    let server = Server::start();
+    let catalogue: Value = server.get("/api/pve/verbs").send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        catalogue,
+        json!({"verbs": ["cycle", "forensics", "reset", "start", "status", "stop"], "mutating": ["cycle", "reset", "start", "stop"]})
+    );
+    let (status, detail) = answer(server.post("/api/pve/reboot")).await;
+    assert_eq!((status, detail.as_str()), (400, "unknown verb \"reboot\""));
+    assert_eq!(answer(server.post("/api/pve/status;rm%20-rf%20%2F")).await.0, 400);
+    let (status, detail) = answer(server.post("/api/pve/status")).await;
+    assert_eq!(
+        (status, detail.as_str()),
+        (503, "no hypervisor is configured: set BREAKGLASS_PVE_HOST")
+    );
+}

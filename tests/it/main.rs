@@ -1,0 +1,17 @@
+//! Integration tests: one binary (matklad's "Delete Cargo Integration Tests").
+//! Most start the real `breakglass` binary on port 0 with a fake agent CLI
+//! (`tests/fake-bin/claude`) first on its PATH.
+
+// Starting, signalling and reaping the server under test is simplest with
+// std's process API; a blocked test thread stalls only that test.
+#![allow(clippy::disallowed_methods)]
+
+mod harness;
+
+mod attach;
+mod auth;
+mod lifecycle;
+mod limits;
+mod real_claude;
+mod translate;
+mod turns;
