@@ -62,6 +62,21 @@ async fn hostile_lines_are_skipped_and_the_rest_survives() {
 }
 
 #[tokio::test]
+async fn recorded_real_tool_call() {
+    check("real-tool").await;
+}
+
+#[tokio::test]
+async fn recorded_real_not_logged_in() {
+    check("real-not-logged-in").await;
+}
+
+#[tokio::test]
+async fn recorded_real_resume_of_an_unknown_session() {
+    check("real-resume-unknown").await;
+}
+
+#[tokio::test]
 async fn a_multi_megabyte_line_is_skipped_whole() {
     let mut bytes = br#"{"type":"assistant","message":{"content":[{"type":"text","text":"before"}]}}"#.to_vec();
     bytes.push(b'\n');
