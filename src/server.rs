@@ -45,6 +45,12 @@ fn announce(config: &Config, addr: SocketAddr) {
         let nets: Vec<_> = auth.trusted_proxies.iter().map(ToString::to_string).collect();
         println!("auth: header '{}' believed from {}", auth.user_header, nets.join(", "));
     }
+    if nix::unistd::geteuid().is_root() && std::env::var_os("IS_SANDBOX").is_none() {
+        tracing::warn!(
+            "running as root: the claude CLI refuses --dangerously-skip-permissions as root; \
+             run as an unprivileged user, or set IS_SANDBOX=1 where the server runs in a container"
+        );
+    }
     if auth.is_closed() {
         println!(
             "auth: none configured; every /api request is refused (set API_BEARER_TOKEN or BREAKGLASS_TRUSTED_PROXIES)"

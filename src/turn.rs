@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -130,41 +130,56 @@ impl Runner {
     }
 
     /// Runs one turn to its end. Waits for a server-wide slot first.
-    pub async fn run(&self, request: Request, log: &Log, stops: &Stops) -> Outcome {
+    pub async fn run(&self, mut request: Request, log: &Log, stops: &Stops) -> Outcome {
         let mut started = false;
-        let ending = self.run_inner(request, log, stops, &mut started).await;
+        let _slot = match self.wait_for_slot(log, stops).await {
+            Ok(permit) => permit,
+            Err(ending) => {
+                return Outcome {
+                    ending,
+                    agent_session_started: started,
+                };
+            }
+        };
+        let mut ending = self.run_agent(&request, log, stops, &mut started).await;
+        // The CLI already has this session (a turn started it but its
+        // announcement never reached us): resume it instead, once.
+        if let Ending::Failed { stderr, .. } = &ending
+            && !request.resume
+            && line::is_session_in_use(stderr)
+        {
+            tracing::info!(session = %request.session_id, "the agent already knows this session; resuming it");
+            request.resume = true;
+            started = true;
+            ending = self.run_agent(&request, log, stops, &mut started).await;
+        }
         Outcome {
             ending,
             agent_session_started: started,
         }
     }
 
-    async fn run_inner(&self, request: Request, log: &Log, stops: &Stops, started: &mut bool) -> Ending {
-        let _slot = match self.slots.try_acquire() {
-            Ok(permit) => permit,
-            Err(_) => {
-                let waiting = Event::Status {
-                    text: "waiting for a free agent slot".into(),
-                };
-                if let Err(err) = log.append(waiting).await {
-                    return Ending::LogFailed(err);
-                }
-                tokio::select! {
-                    permit = self.slots.acquire() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => return Ending::Shutdown,
-                    },
-                    _ = stops.cancel.cancelled() => return Ending::Cancelled,
-                    _ = stops.shutdown.cancelled() => return Ending::Shutdown,
-                }
-            }
+    async fn wait_for_slot(&self, log: &Log, stops: &Stops) -> Result<SemaphorePermit<'_>, Ending> {
+        if let Ok(permit) = self.slots.try_acquire() {
+            return Ok(permit);
+        }
+        let waiting = Event::Status {
+            text: "waiting for a free agent slot".into(),
         };
+        log.append(waiting).await.map_err(Ending::LogFailed)?;
+        tokio::select! {
+            permit = self.slots.acquire() => permit.map_err(|_| Ending::Shutdown),
+            _ = stops.cancel.cancelled() => Err(Ending::Cancelled),
+            _ = stops.shutdown.cancelled() => Err(Ending::Shutdown),
+        }
+    }
 
+    async fn run_agent(&self, request: &Request, log: &Log, stops: &Stops, started: &mut bool) -> Ending {
         let workspace = self.workspace(request.session_id);
         if let Err(err) = prepare_workspace(&workspace, &self.agent.name, &self.agent.definition).await {
             return Ending::CannotStart(format!("workspace {}: {err}", workspace.display()));
         }
-        let spec = self.spec(&request, workspace);
+        let spec = self.spec(request, workspace);
         let mut agent = match AgentProcess::spawn(&spec) {
             Ok(agent) => agent,
             Err(err) => return Ending::CannotStart(format!("{}: {err}", spec.program.display())),

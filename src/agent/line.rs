@@ -65,6 +65,12 @@ pub struct ResultLine {
     pub total_cost_usd: Option<f64>,
 }
 
+/// The CLI's complaint, on stderr, when `--session-id` names a session it
+/// already has (it then prints nothing on stdout and exits 1).
+pub fn is_session_in_use(stderr: &str) -> bool {
+    stderr.contains("Session ID") && stderr.contains("is already in use")
+}
+
 /// Parses one line (without its newline). `None` when it is blank, not
 /// UTF-8, not JSON, or JSON that is not an object.
 pub fn parse(raw: &[u8]) -> Option<AgentLine> {

@@ -71,6 +71,37 @@ async fn first_turn_uses_session_id_and_later_turns_resume() {
     assert!(definition.contains("tools: Bash, Read, Grep, Glob"));
 }
 
+/// The CLI may know a session the server thinks is new (its first turn
+/// started the session but never announced it): the turn resumes it.
+#[tokio::test]
+async fn a_session_the_agent_already_knows_is_resumed() {
+    let server = Server::start();
+    let session = server.open_session().await;
+    std::fs::write(server.dir.path().join(".fake-claude-sessions"), format!("{session}\n")).unwrap();
+    let events = server.run_turn(&session, "replay basic").await;
+    assert_eq!(
+        kinds(&events),
+        [
+            "user",
+            "session",
+            "text",
+            "tool",
+            "tool_result",
+            "text",
+            "result",
+            "turn_end"
+        ]
+    );
+    let runs = server.agent_runs();
+    let flag = |i: usize| runs[i]["argv"][9].as_str().unwrap().to_owned();
+    assert_eq!(
+        (runs.len(), flag(0), flag(1)),
+        (2, "--session-id".into(), "--resume".into())
+    );
+    server.run_turn(&session, "replay basic").await;
+    assert_eq!(server.agent_runs()[2]["argv"][9], "--resume");
+}
+
 #[tokio::test]
 async fn an_existing_agent_definition_is_left_alone_and_a_model_can_be_chosen() {
     let server = Server::start();
