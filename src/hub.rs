@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 use crate::event::Stored;
 
 /// Events kept for subscribers that have not read them yet.
-pub const CAPACITY: usize = 1024;
+pub const CAPACITY: usize = 256;
 
 #[derive(Debug)]
 pub struct Hub {

@@ -11,11 +11,13 @@
 //!
 //! Beside the pipeline: [`session`] ties a log to at most one running turn,
 //! [`turn`] runs one turn of the agent, [`agent::process`] owns the child
-//! process group, [`power`] is the only place `ssh` is started, [`config`]
+//! process group, [`capture`] reads child output with a cap,
+//! [`power`] is the only place `ssh` is started, [`config`]
 //! validates the command line, [`cli`] dispatches subcommands, [`server`]
 //! wires everything to a listener and [`shutdown`] drains it.
 
 pub mod agent;
+pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod event;

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 use thiserror::Error;
-use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio::sync::Mutex;
 
+use crate::capture::read_capped;
 use crate::config::PowerConfig;
 
 /// Output kept from each of ssh's stdout and stderr.
@@ -168,9 +168,9 @@ impl Power {
             });
         };
         let collect = async {
-            let (out, err) = tokio::join!(read_capped(stdout), read_capped(stderr));
+            let (out, err) = tokio::join!(read_capped(stdout, OUTPUT_CAP), read_capped(stderr, OUTPUT_CAP));
             let status = child.wait().await;
-            (out, err, status)
+            (out.into_text(), err.into_text(), status)
         };
         let timeout = self.config.timeout;
         Ok(match tokio::time::timeout(timeout, collect).await {
@@ -204,25 +204,4 @@ pub const REFUSED: i32 = 64;
 
 fn timed_out(after: Duration) -> String {
     format!("timed out after {}s; ssh was killed", after.as_secs())
-}
-
-async fn read_capped(mut reader: impl tokio::io::AsyncRead + Unpin) -> String {
-    let mut kept = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let mut cut = 0usize;
-    loop {
-        match reader.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let room = OUTPUT_CAP.saturating_sub(kept.len());
-                kept.extend_from_slice(&chunk[..n.min(room)]);
-                cut += n.saturating_sub(room);
-            }
-        }
-    }
-    let mut text = String::from_utf8_lossy(&kept).into_owned();
-    if cut > 0 {
-        text.push_str(&format!("\n… [{cut} more bytes not shown]"));
-    }
-    text
 }

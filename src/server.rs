@@ -5,7 +5,7 @@
 //! clients see how their turn ended before the connection closes.
 
 use std::future::Future;
-use std::io;
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -34,16 +34,29 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     run(listener, config, crate::shutdown::signalled()).await
 }
 
-/// Prints the bound address (tests read it) and how to get in.
+/// Prints the bound address (tests read it) and how to get in. Stdout may
+/// be closed by whoever started us: that is no reason to stop serving.
 fn announce(config: &Config, addr: SocketAddr) {
-    println!("breakglass listening on http://{addr}");
     let auth = &config.auth;
+    tracing::info!("listening on http://{addr}");
+    let mut lines = vec![format!("breakglass listening on http://{addr}")];
     if auth.bearer_token.is_some() {
-        println!("auth: send 'Authorization: Bearer <API_BEARER_TOKEN>'");
+        lines.push("auth: send 'Authorization: Bearer <API_BEARER_TOKEN>'".into());
     }
     if !auth.trusted_proxies.is_empty() {
         let nets: Vec<_> = auth.trusted_proxies.iter().map(ToString::to_string).collect();
-        println!("auth: header '{}' believed from {}", auth.user_header, nets.join(", "));
+        lines.push(format!(
+            "auth: header '{}' believed from {}",
+            auth.user_header,
+            nets.join(", ")
+        ));
+    }
+    if auth.is_closed() {
+        lines.push(
+            "auth: none configured; every /api request is refused (set API_BEARER_TOKEN or BREAKGLASS_TRUSTED_PROXIES)"
+                .into(),
+        );
+        tracing::warn!("no authentication configured: every /api request will be refused");
     }
     if nix::unistd::geteuid().is_root() && std::env::var_os("IS_SANDBOX").is_none() {
         tracing::warn!(
@@ -51,11 +64,11 @@ fn announce(config: &Config, addr: SocketAddr) {
              run as an unprivileged user, or set IS_SANDBOX=1 where the server runs in a container"
         );
     }
-    if auth.is_closed() {
-        println!(
-            "auth: none configured; every /api request is refused (set API_BEARER_TOKEN or BREAKGLASS_TRUSTED_PROXIES)"
-        );
-        tracing::warn!("no authentication configured: every /api request will be refused");
+    let mut stdout = std::io::stdout().lock();
+    for line in lines {
+        if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
+            break;
+        }
     }
 }
 

@@ -17,7 +17,9 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{Id, WaitPidFlag, waitid};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+
+use crate::capture::read_capped;
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::task::JoinHandle;
 use tokio_util::task::AbortOnDropHandle;
@@ -103,7 +105,9 @@ impl AgentProcess {
             child,
             pgid: pid,
             stdout: LineReader::new(stdout, MAX_LINE),
-            stderr: Some(AbortOnDropHandle::new(tokio::spawn(read_capped(stderr, STDERR_CAP)))),
+            stderr: Some(AbortOnDropHandle::new(tokio::spawn(async move {
+                read_capped(stderr, STDERR_CAP).await.kept
+            }))),
             _stdin: stdin,
             exit: ExitWatch(Some(tokio::task::spawn_blocking(move || wait_for_exit(pid)))),
         })
@@ -164,20 +168,6 @@ fn wait_for_exit(pid: Pid) {
             Err(nix::errno::Errno::EINTR) => continue,
             // ECHILD: already reaped, which only `reap` does, after this.
             _ => return,
-        }
-    }
-}
-
-async fn read_capped<R: AsyncRead + Unpin>(mut reader: R, cap: usize) -> Vec<u8> {
-    let mut kept = Vec::new();
-    let mut chunk = vec![0u8; 8192];
-    loop {
-        match reader.read(&mut chunk).await {
-            Ok(0) | Err(_) => return kept,
-            Ok(n) => {
-                let room = cap.saturating_sub(kept.len());
-                kept.extend_from_slice(&chunk[..n.min(room)]);
-            }
         }
     }
 }

@@ -127,3 +127,39 @@ async fn serve_is_the_default_subcommand() {
     assert_eq!(health.status(), 200);
     child.kill().await.unwrap();
 }
+
+/// Regression: the server printed its start-up lines with `println!`, which
+/// panics when stdout is gone; a supervisor that stopped reading took the
+/// server down. Here stdout is a pipe nobody reads from at all.
+#[tokio::test]
+async fn a_closed_stdout_does_not_stop_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (read_end, write_end) = nix::unistd::pipe().unwrap();
+    drop(read_end);
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_breakglass"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("API_BEARER_TOKEN", "t")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::from(write_end))
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = tokio::time::timeout(crate::harness::DEADLINE, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap();
+        let line = line.expect("the server logged where it listens before exiting");
+        if let Some((_, url)) = line.split_once("listening on ") {
+            break url.trim().to_owned();
+        }
+    };
+    let health = reqwest::get(format!("{url}/health")).await.expect("still serving");
+    assert_eq!(health.status(), 200);
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    child.kill().await.unwrap();
+}
