@@ -10,6 +10,14 @@ pub struct Captured {
 }
 
 impl Captured {
+    /// Keeps what fits of `chunk` under `cap` bytes in all, counts the rest.
+    pub fn keep(&mut self, chunk: &[u8], cap: usize) {
+        let room = cap.saturating_sub(self.kept.len());
+        let n = chunk.len().min(room);
+        self.kept.extend_from_slice(&chunk[..n]);
+        self.dropped += chunk.len() - n;
+    }
+
     /// The kept bytes as text, with a note of what was dropped.
     pub fn into_text(self) -> String {
         let mut text = String::from_utf8_lossy(&self.kept).into_owned();
@@ -29,11 +37,7 @@ pub async fn read_capped<R: AsyncRead + Unpin>(mut reader: R, cap: usize) -> Cap
     loop {
         match reader.read(&mut chunk).await {
             Ok(0) | Err(_) => return captured,
-            Ok(n) => {
-                let room = cap.saturating_sub(captured.kept.len());
-                captured.kept.extend_from_slice(&chunk[..n.min(room)]);
-                captured.dropped += n.saturating_sub(room);
-            }
+            Ok(n) => captured.keep(&chunk[..n], cap),
         }
     }
 }

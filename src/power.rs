@@ -10,9 +10,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Serialize;
+use std::sync::Arc;
 use thiserror::Error;
 use tokio::process::Command;
 use tokio::sync::Mutex;
+use tokio_util::task::TaskTracker;
 
 use crate::capture::read_capped;
 use crate::config::PowerConfig;
@@ -112,91 +114,123 @@ pub enum PowerError {
     NotConfigured,
     #[error("another power verb is running")]
     Busy,
+    #[error("the verb's task failed: {0}")]
+    Lost(String),
     #[error("could not start {program}: {source}")]
     CannotStart { program: String, source: std::io::Error },
 }
 
 #[derive(Debug)]
 pub struct Power {
-    config: PowerConfig,
+    config: Arc<PowerConfig>,
     /// One mutating verb at a time from this server.
-    mutating: Mutex<()>,
+    mutating: Arc<Mutex<()>>,
+    /// Verbs in flight. A verb runs to its end even when the client that
+    /// asked for it goes away: a `cycle` cut between stop and start would
+    /// leave the VM stopped.
+    tracker: TaskTracker,
 }
 
 impl Power {
     pub fn new(config: PowerConfig) -> Self {
         Power {
-            config,
-            mutating: Mutex::new(()),
+            config: Arc::new(config),
+            mutating: Arc::new(Mutex::new(())),
+            tracker: TaskTracker::new(),
         }
     }
 
+    /// Runs a verb in a task of its own and waits for its outcome.
     pub async fn run(&self, verb: Verb) -> Result<VerbOutcome, PowerError> {
-        let host = self.config.host.as_deref().ok_or(PowerError::NotConfigured)?;
-        let _guard = if verb.is_mutating() {
-            Some(self.mutating.try_lock().map_err(|_| PowerError::Busy)?)
+        if self.config.host.is_none() {
+            return Err(PowerError::NotConfigured);
+        }
+        let guard = if verb.is_mutating() {
+            Some(self.mutating.clone().try_lock_owned().map_err(|_| PowerError::Busy)?)
         } else {
             None
         };
-        let mut command = Command::new(&self.config.ssh_program);
-        command.args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]);
-        match &self.config.known_hosts {
-            Some(file) => {
-                command.args(["-o", "StrictHostKeyChecking=yes", "-o"]);
-                command.arg(format!("UserKnownHostsFile={}", file.display()));
-            }
-            None => {
-                command.args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]);
+        let config = self.config.clone();
+        let task = self.tracker.spawn(async move {
+            let outcome = run_ssh(&config, verb).await;
+            drop(guard);
+            outcome
+        });
+        task.await.unwrap_or_else(|err| Err(PowerError::Lost(err.to_string())))
+    }
+
+    /// Waits (bounded) for verbs in flight, at shutdown.
+    pub async fn drain(&self, within: Duration) {
+        self.tracker.close();
+        if tokio::time::timeout(within, self.tracker.wait()).await.is_err() {
+            tracing::warn!("a power verb was still running at shutdown");
+        }
+    }
+}
+
+async fn run_ssh(config: &PowerConfig, verb: Verb) -> Result<VerbOutcome, PowerError> {
+    let Some(host) = config.host.as_deref() else {
+        return Err(PowerError::NotConfigured);
+    };
+    let mut command = Command::new(&config.ssh_program);
+    command.args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]);
+    match &config.known_hosts {
+        Some(file) => {
+            command.args(["-o", "StrictHostKeyChecking=yes", "-o"]);
+            command.arg(format!("UserKnownHostsFile={}", file.display()));
+        }
+        None => {
+            command.args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]);
+        }
+    }
+    command
+        .args(["-o", "LogLevel=ERROR", "--"])
+        .arg(format!("{}@{}", config.user, host))
+        .arg(verb.as_str())
+        .env_remove("API_BEARER_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command.spawn().map_err(|source| PowerError::CannotStart {
+        program: config.ssh_program.display().to_string(),
+        source,
+    })?;
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(PowerError::CannotStart {
+            program: config.ssh_program.display().to_string(),
+            source: std::io::Error::other("no output pipes"),
+        });
+    };
+    let collect = async {
+        let (out, err) = tokio::join!(read_capped(stdout, OUTPUT_CAP), read_capped(stderr, OUTPUT_CAP));
+        let status = child.wait().await;
+        (out.into_text(), err.into_text(), status)
+    };
+    let timeout = config.timeout;
+    Ok(match tokio::time::timeout(timeout, collect).await {
+        Ok((stdout, stderr, status)) => {
+            let exit_code = status.ok().and_then(|s| s.code());
+            VerbOutcome {
+                verb: verb.as_str(),
+                rejected: exit_code == Some(REFUSED),
+                exit_code,
+                stdout,
+                stderr,
             }
         }
-        command
-            .args(["-o", "LogLevel=ERROR", "--"])
-            .arg(format!("{}@{}", self.config.user, host))
-            .arg(verb.as_str())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = command.spawn().map_err(|source| PowerError::CannotStart {
-            program: self.config.ssh_program.display().to_string(),
-            source,
-        })?;
-        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-            return Err(PowerError::CannotStart {
-                program: self.config.ssh_program.display().to_string(),
-                source: std::io::Error::other("no output pipes"),
-            });
-        };
-        let collect = async {
-            let (out, err) = tokio::join!(read_capped(stdout, OUTPUT_CAP), read_capped(stderr, OUTPUT_CAP));
-            let status = child.wait().await;
-            (out.into_text(), err.into_text(), status)
-        };
-        let timeout = self.config.timeout;
-        Ok(match tokio::time::timeout(timeout, collect).await {
-            Ok((stdout, stderr, status)) => {
-                let exit_code = status.ok().and_then(|s| s.code());
-                VerbOutcome {
-                    verb: verb.as_str(),
-                    rejected: exit_code == Some(REFUSED),
-                    exit_code,
-                    stdout,
-                    stderr,
-                }
+        Err(_) => {
+            // Dropping the future dropped the child, and kill_on_drop kills
+            // and reaps it; ssh has no children of its own to leave behind.
+            VerbOutcome {
+                verb: verb.as_str(),
+                exit_code: None,
+                stdout: String::new(),
+                stderr: timed_out(timeout),
+                rejected: false,
             }
-            Err(_) => {
-                // Dropping the future dropped the child, and kill_on_drop kills
-                // and reaps it; ssh has no children of its own to leave behind.
-                VerbOutcome {
-                    verb: verb.as_str(),
-                    exit_code: None,
-                    stdout: String::new(),
-                    stderr: timed_out(timeout),
-                    rejected: false,
-                }
-            }
-        })
-    }
+        }
+    })
 }
 
 /// The forced command's exit code for a command outside the catalogue.

@@ -24,14 +24,35 @@ use crate::http::{AppState, router};
 use crate::power::Power;
 use crate::session::Sessions;
 
-/// `breakglass serve`: bind, say where and how to authenticate, run until a signal.
+/// How long open connections get to finish once turns have ended and
+/// attach streams are closed (a half-sent request must not hold the exit).
+const CONNECTION_GRACE: Duration = Duration::from_secs(5);
+/// How long shutdown waits for a power verb in flight.
+const VERB_GRACE: Duration = Duration::from_secs(15);
+
+/// `breakglass serve`: bind, say where and how to authenticate, run until a
+/// signal. A second signal during the drain exits at once.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("while binding {}", config.listen))?;
     let addr = listener.local_addr().context("while reading the bound address")?;
     announce(&config, addr);
-    run(listener, config, crate::shutdown::signalled()).await
+    let draining = CancellationToken::new();
+    let first = {
+        let draining = draining.clone();
+        async move {
+            crate::shutdown::signalled().await;
+            draining.cancel();
+        }
+    };
+    tokio::select! {
+        served = run(listener, config, first) => served,
+        () = async { draining.cancelled().await; crate::shutdown::signalled().await } => {
+            tracing::warn!("second signal: exiting without finishing the drain");
+            Ok(())
+        }
+    }
 }
 
 /// Prints the bound address (tests read it) and how to get in. Stdout may
@@ -90,12 +111,14 @@ pub async fn run(
     };
     let stop_accepting = CancellationToken::new();
     let drain = {
-        let (stop_accepting, streams_end) = (stop_accepting.clone(), state.streams_end.clone());
+        let (stop_accepting, streams_end, power) =
+            (stop_accepting.clone(), state.streams_end.clone(), state.power.clone());
         async move {
             shutdown.await;
             stop_accepting.cancel();
-            sessions.shutdown().await;
+            tokio::join!(sessions.shutdown(), power.drain(VERB_GRACE));
             streams_end.cancel();
+            tokio::time::sleep(CONNECTION_GRACE).await;
         }
     };
     let app = router(state).into_make_service_with_connect_info::<Peer>();
@@ -104,8 +127,10 @@ pub async fn run(
         write_timeout: config.write_timeout,
     };
     let serve = axum::serve(listener, app).with_graceful_shutdown(stop_accepting.cancelled_owned());
-    let (served, ()) = tokio::join!(serve.into_future(), drain);
-    served.context("while serving")?;
+    tokio::select! {
+        served = serve.into_future() => served.context("while serving")?,
+        () = drain => tracing::warn!("connections still open {CONNECTION_GRACE:?} after the drain; closing them"),
+    }
     tracing::info!("drained; bye");
     Ok(())
 }

@@ -6,6 +6,9 @@
 //! await every one of them.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -19,7 +22,7 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::event::Event;
 use crate::log::{Log, LogError};
-use crate::turn::{Request, Runner, Stops};
+use crate::turn::{Ending, Request, Runner, Stops};
 
 /// How long shutdown waits for running turns to write their last events.
 const DRAIN_TURNS: Duration = Duration::from_secs(15);
@@ -38,8 +41,9 @@ pub struct Session {
 #[derive(Debug)]
 struct RunningTurn {
     cancel: CancellationToken,
-    /// Becomes true once the turn's `turn_end` is in the log.
-    done: watch::Receiver<bool>,
+    /// Set once the turn's `turn_end` is in the log: whether it ended
+    /// because it was cancelled.
+    done: watch::Receiver<Option<bool>>,
 }
 
 #[derive(Debug, Error)]
@@ -74,6 +78,8 @@ pub struct Sessions {
     runner: Arc<Runner>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// False once shutdown has begun.
+    accepting: tokio::sync::RwLock<bool>,
 }
 
 impl Sessions {
@@ -87,6 +93,7 @@ impl Sessions {
             }),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            accepting: tokio::sync::RwLock::new(true),
         }
     }
 
@@ -108,12 +115,15 @@ impl Sessions {
         model: String,
         by: String,
     ) -> Result<(), StartError> {
+        // Held until the turn is spawned, so shutdown either sees the turn in
+        // its tracker or refuses it here; never a turn it did not wait for.
+        let accepting = self.accepting.read().await;
+        if !*accepting {
+            return Err(StartError::ShuttingDown);
+        }
         let mut slot = session.turn.lock().await;
         if slot.is_some() {
             return Err(StartError::Busy);
-        }
-        if self.shutdown.is_cancelled() {
-            return Err(StartError::ShuttingDown);
         }
         session
             .log
@@ -132,7 +142,7 @@ impl Sessions {
             cancel: CancellationToken::new(),
             shutdown: self.shutdown.clone(),
         };
-        let (done_tx, done) = watch::channel(false);
+        let (done_tx, done) = watch::channel(None);
         *slot = Some(RunningTurn {
             cancel: stops.cancel.clone(),
             done,
@@ -140,26 +150,36 @@ impl Sessions {
         let runner = self.runner.clone();
         let session = session.clone();
         self.tracker.spawn(async move {
-            let outcome = runner.run(request, &session.log, &stops).await;
-            if outcome.agent_session_started {
-                session.agent_session_started.store(true, Ordering::SeqCst);
-            }
-            tracing::info!(session = %session.id, ending = outcome.ending.label(), "turn ended");
+            // A bug in a turn must not wedge its session: the end is logged
+            // and the slot freed whatever happened.
+            let outcome = AssertUnwindSafe(runner.run(request, &session.log, &stops))
+                .catch_unwind()
+                .await;
+            let ending = match outcome {
+                Ok(outcome) => {
+                    if outcome.agent_session_started {
+                        session.agent_session_started.store(true, Ordering::SeqCst);
+                    }
+                    outcome.ending
+                }
+                Err(_) => Ending::Internal,
+            };
+            tracing::info!(session = %session.id, ending = ending.label(), "turn ended");
             let mut slot = session.turn.lock().await;
-            for event in outcome.ending.events().into_iter().chain([Event::TurnEnd]) {
+            for event in ending.events().into_iter().chain([Event::TurnEnd]) {
                 if let Err(err) = session.log.append(event).await {
                     tracing::error!(session = %session.id, %err, "could not log the end of a turn");
                     break;
                 }
             }
             *slot = None;
-            let _ = done_tx.send(true);
+            let _ = done_tx.send(Some(matches!(ending, Ending::Cancelled)));
         });
         Ok(())
     }
 
-    /// Stops the running turn and waits until its end is logged.
-    /// False when no turn was running.
+    /// Stops the running turn and waits until its end is logged. True when
+    /// a turn was running and ended because of this cancel.
     pub async fn cancel(&self, session: &Session) -> bool {
         let mut done = {
             let slot = session.turn.lock().await;
@@ -169,13 +189,16 @@ impl Sessions {
             turn.cancel.cancel();
             turn.done.clone()
         };
-        let _ = done.wait_for(|done| *done).await;
-        true
+        match done.wait_for(Option::is_some).await {
+            Ok(ended) => ended.unwrap_or(false),
+            Err(_) => false,
+        }
     }
 
     /// Refuses new turns, stops running ones and waits (bounded) until each
     /// has logged its `turn_end`.
     pub async fn shutdown(&self) {
+        *self.accepting.write().await = false;
         self.shutdown.cancel();
         self.tracker.close();
         if tokio::time::timeout(DRAIN_TURNS, self.tracker.wait()).await.is_err() {

@@ -69,8 +69,13 @@ pub fn attach(
 }
 
 enum Phase {
+    /// Replaying the log; `caught-up` follows.
     Backlog,
+    /// Tailing the hub.
     Live,
+    /// Reading what the hub dropped for us from the log, then back to live.
+    CatchUp,
+    /// Shutting down: sending what the log holds, then ending.
     Closing,
 }
 
@@ -88,7 +93,7 @@ struct Attach {
 impl Attach {
     async fn next_frame(&mut self) -> Option<Bytes> {
         loop {
-            if self.shutdown.is_cancelled() && matches!(self.phase, Phase::Live) {
+            if self.shutdown.is_cancelled() && matches!(self.phase, Phase::Live | Phase::CatchUp) {
                 self.phase = Phase::Closing;
             }
             if let Some(event) = self.pending.pop_front() {
@@ -103,6 +108,11 @@ impl Attach {
                     if !self.fill_from_log().await? {
                         self.phase = Phase::Live;
                         return Some(Bytes::from_static(CAUGHT_UP.as_bytes()));
+                    }
+                }
+                Phase::CatchUp => {
+                    if !self.fill_from_log().await? {
+                        self.phase = Phase::Live;
                     }
                 }
                 // Whatever the log holds is sent before the stream ends, so
@@ -122,10 +132,8 @@ impl Attach {
                         Ok(Ok(event)) if !self.is_new(event.id) => {}
                         Ok(Ok(event)) if Some(event.id) == self.next_expected() => self.pending.push_back(event),
                         // A gap (the ring dropped events for us) or a lag
-                        // notice: the log has everything, read from it.
-                        Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => {
-                            self.fill_from_log().await?;
-                        }
+                        // notice: the log has everything; read it to its end.
+                        Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => self.phase = Phase::CatchUp,
                         Ok(Err(RecvError::Closed)) => return None,
                     }
                 }
@@ -180,6 +188,86 @@ mod tests {
             assert_eq!(parse_last_event_id(Some(bad)), None, "{bad:?}");
         }
         assert_eq!(parse_last_event_id(None), None);
+    }
+
+    use crate::event::Event;
+    use futures_util::StreamExt;
+
+    /// Reads frames until `turn_end`, returning the event ids and how many
+    /// `caught-up` frames were seen.
+    async fn ids_until_turn_end(stream: impl Stream<Item = Result<Bytes, Infallible>>) -> (Vec<EventId>, usize) {
+        let mut stream = std::pin::pin!(stream);
+        let (mut ids, mut caught_up) = (Vec::new(), 0);
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(20), stream.next()).await;
+            let Some(Ok(frame)) = next.expect("the stream went silent before turn_end") else {
+                break;
+            };
+            let text = std::str::from_utf8(&frame).unwrap();
+            if text == CAUGHT_UP {
+                caught_up += 1;
+                continue;
+            }
+            let Some(rest) = text.strip_prefix("id: ") else {
+                continue;
+            };
+            ids.push(rest.split('\n').next().unwrap().parse().unwrap());
+            if text.contains(r#""kind":"turn_end""#) {
+                break;
+            }
+        }
+        (ids, caught_up)
+    }
+
+    async fn append_many(log: &Log, n: usize) {
+        for i in 0..n {
+            log.append(Event::Text { text: i.to_string() }).await.unwrap();
+        }
+        log.append(Event::TurnEnd).await.unwrap();
+    }
+
+    /// Regression: a subscriber that lagged read one page from the log and
+    /// then waited for the next live event, stopping short of the log's end.
+    #[tokio::test]
+    async fn a_lagging_subscriber_reads_the_log_to_its_end() {
+        let log = Arc::new(Log::default());
+        let stream = attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new());
+        let mut stream = Box::pin(stream);
+        assert_eq!(&stream.next().await.unwrap().unwrap()[..], CAUGHT_UP.as_bytes());
+        append_many(&log, 70_000).await; // far beyond the hub's ring, nobody reading
+        let (ids, caught_up) = ids_until_turn_end(stream).await;
+        assert_eq!(caught_up, 0, "caught-up is sent once, before the live tail");
+        assert_eq!(ids, (0..=70_000).collect::<Vec<_>>());
+    }
+
+    /// Attaching while a writer appends: every id exactly once, whichever
+    /// side of the backlog/live seam it falls on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attaching_during_appends_sends_each_id_once() {
+        for round in 0..20 {
+            let log = Arc::new(Log::default());
+            let writer = tokio::spawn({
+                let log = log.clone();
+                async move {
+                    for i in 0..2_000 {
+                        log.append(Event::Text { text: i.to_string() }).await.unwrap();
+                        if i % 100 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    log.append(Event::TurnEnd).await.unwrap();
+                }
+            });
+            // Attach at a different point of the writer's progress each round.
+            for _ in 0..round * 10 {
+                tokio::task::yield_now().await;
+            }
+            let stream = attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new());
+            let (ids, caught_up) = ids_until_turn_end(stream).await;
+            writer.await.unwrap();
+            assert_eq!(caught_up, 1, "round {round}");
+            assert_eq!(ids, (0..=2_000).collect::<Vec<_>>(), "round {round}");
+        }
     }
 
     #[test]

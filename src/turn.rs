@@ -70,6 +70,8 @@ pub enum Ending {
     CannotStart(String),
     /// The log refused an event; the agent was stopped.
     LogFailed(LogError),
+    /// The turn's own code failed (a bug); its process group is gone.
+    Internal,
 }
 
 impl Ending {
@@ -98,6 +100,7 @@ impl Ending {
             Ending::Shutdown => error("turn stopped: the server is shutting down".into()),
             Ending::CannotStart(why) => error(format!("could not start agent: {why}")),
             Ending::LogFailed(err) => error(format!("turn stopped: {err}")),
+            Ending::Internal => error("turn stopped by an internal error; see the server log".into()),
         }
     }
 
@@ -111,6 +114,7 @@ impl Ending {
             Ending::Shutdown => "shutdown",
             Ending::CannotStart(_) => "cannot-start",
             Ending::LogFailed(_) => "log-failed",
+            Ending::Internal => "internal",
         }
     }
 }
@@ -147,6 +151,8 @@ impl Runner {
         if let Ending::Failed { stderr, .. } = &ending
             && !request.resume
             && line::is_session_in_use(stderr)
+            && !stops.cancel.is_cancelled()
+            && !stops.shutdown.is_cancelled()
         {
             tracing::info!(session = %request.session_id, "the agent already knows this session; resuming it");
             request.resume = true;

@@ -12,15 +12,16 @@ use std::ffi::OsString;
 use std::io;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{Id, WaitPidFlag, waitid};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 
-use crate::capture::read_capped;
-use tokio::process::{Child, ChildStdout, Command};
+use crate::capture::Captured;
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio::task::JoinHandle;
 use tokio_util::task::AbortOnDropHandle;
 
@@ -50,8 +51,13 @@ pub struct AgentProcess {
     pub stdout: LineReader<ChildStdout>,
     /// Resolves once the leader has exited (still unreaped).
     pub exit: ExitWatch,
-    stderr: Option<AbortOnDropHandle<Vec<u8>>>,
+    /// Stderr read so far; shared with its reader so that what was read is
+    /// kept even if the reader never sees the end of the pipe.
+    stderr: Arc<Mutex<Captured>>,
+    stderr_reader: Option<AbortOnDropHandle<()>>,
     _stdin: Option<AbortOnDropHandle<()>>,
+    /// Set once the leader is reaped; until then its group id is ours.
+    reaped: bool,
 }
 
 /// Watches for the leader's exit without reaping it.
@@ -84,6 +90,7 @@ impl AgentProcess {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .env_remove("API_BEARER_TOKEN")
             .process_group(0)
             .kill_on_drop(true);
         let mut child = command.spawn()?;
@@ -92,6 +99,7 @@ impl AgentProcess {
             .ok_or_else(|| io::Error::other("the agent exited before it could be watched"))?;
         let pid = Pid::from_raw(i32::try_from(pid).map_err(io::Error::other)?);
         let stdout = child.stdout.take().ok_or_else(|| io::Error::other("no stdout pipe"))?;
+        let captured = Arc::new(Mutex::new(Captured::default()));
         let stderr = child.stderr.take().ok_or_else(|| io::Error::other("no stderr pipe"))?;
         let stdin = match (child.stdin.take(), spec.stdin.clone()) {
             (Some(mut pipe), Some(bytes)) => Some(AbortOnDropHandle::new(tokio::spawn(async move {
@@ -105,9 +113,12 @@ impl AgentProcess {
             child,
             pgid: pid,
             stdout: LineReader::new(stdout, MAX_LINE),
-            stderr: Some(AbortOnDropHandle::new(tokio::spawn(async move {
-                read_capped(stderr, STDERR_CAP).await.kept
-            }))),
+            stderr_reader: Some(AbortOnDropHandle::new(tokio::spawn(read_stderr(
+                stderr,
+                captured.clone(),
+            )))),
+            stderr: captured,
+            reaped: false,
             _stdin: stdin,
             exit: ExitWatch(Some(tokio::task::spawn_blocking(move || wait_for_exit(pid)))),
         })
@@ -134,14 +145,12 @@ impl AgentProcess {
     /// its status with the captured stderr.
     pub async fn reap(mut self) -> Finished {
         let status = self.child.wait().await;
-        let stderr = match self.stderr.take() {
-            Some(handle) => tokio::time::timeout(DRAIN, handle).await.ok().and_then(Result::ok),
-            None => None,
-        };
-        Finished {
-            status,
-            stderr: stderr.unwrap_or_default(),
+        self.reaped = true;
+        if let Some(reader) = self.stderr_reader.take() {
+            let _ = tokio::time::timeout(DRAIN, reader).await;
         }
+        let stderr = std::mem::take(&mut self.stderr.lock().unwrap_or_else(|p| p.into_inner()).kept);
+        Finished { status, stderr }
     }
 
     fn signal(&self, signal: Signal) {
@@ -151,6 +160,25 @@ impl AgentProcess {
                 tracing::warn!(pgid = self.pgid.as_raw(), %err, ?signal, "could not signal the agent's process group")
             }
         }
+    }
+}
+
+/// A turn dropped mid-way (its task aborted at shutdown) still takes its
+/// whole group with it, while the group id is still ours.
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if !self.reaped {
+            self.signal(Signal::SIGKILL);
+        }
+    }
+}
+
+async fn read_stderr(mut pipe: ChildStderr, into: Arc<Mutex<Captured>>) {
+    let mut chunk = vec![0u8; 8192];
+    while let Ok(n @ 1..) = pipe.read(&mut chunk).await {
+        into.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keep(&chunk[..n], STDERR_CAP);
     }
 }
 

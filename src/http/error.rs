@@ -1,7 +1,6 @@
 //! Every error the API answers, as `{"detail": "..."}` with its status (SPEC §3).
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -23,8 +22,6 @@ pub enum ApiError {
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
-    UnsupportedMediaType(String),
-    #[error("{0}")]
     Unprocessable(String),
     #[error("{0}")]
     Unavailable(String),
@@ -42,7 +39,6 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -68,22 +64,5 @@ impl IntoResponse for ApiError {
             );
         }
         response
-    }
-}
-
-/// A malformed or oversized JSON body becomes a JSON error, not axum's plain text.
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> Self {
-        match rejection {
-            JsonRejection::JsonDataError(e) => ApiError::Unprocessable(e.body_text()),
-            JsonRejection::JsonSyntaxError(e) => ApiError::BadRequest(e.body_text()),
-            JsonRejection::MissingJsonContentType(_) => {
-                ApiError::UnsupportedMediaType("expected a body with Content-Type: application/json".into())
-            }
-            JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                ApiError::PayloadTooLarge(format!("request body is larger than {} bytes", super::MAX_BODY))
-            }
-            other => ApiError::BadRequest(other.body_text()),
-        }
     }
 }

@@ -4,6 +4,7 @@
 //! the whole application without a socket.
 
 pub mod auth;
+mod body;
 pub mod error;
 mod power;
 mod sessions;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Request, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, get};
 use axum::{Json, Router, middleware};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -51,6 +52,8 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/", get(index))
         .nest("/api", api)
+        // `nest` leaves these two to the outer fallback; they are API paths too.
+        .route("/api/", any(api_not_found))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(

@@ -30,7 +30,7 @@ async fn run_verb(State(state): State<AppState>, Path(verb): Path<String>) -> Re
     let outcome = state.power.run(verb).await.map_err(|err| match err {
         PowerError::NotConfigured => ApiError::Unavailable(err.to_string()),
         PowerError::Busy => ApiError::Conflict(err.to_string()),
-        PowerError::CannotStart { .. } => ApiError::Internal(err.to_string()),
+        PowerError::CannotStart { .. } | PowerError::Lost(_) => ApiError::Internal(err.to_string()),
     })?;
     tracing::info!(%verb, exit_code = ?outcome.exit_code, "power verb ran");
     let status = if outcome.exit_code == Some(0) {

@@ -1,6 +1,5 @@
 //! `/api/session…`: open, attach, prompt, cancel (SPEC §3–§5).
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -11,6 +10,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::auth::Identity;
+use super::body::JsonBody;
 use super::error::ApiError;
 use super::{AppState, MAX_PROMPT_CHARS};
 use crate::config::validate_model;
@@ -85,12 +85,14 @@ async fn prompt(
     State(state): State<AppState>,
     Extension(identity): Extension<Identity>,
     Path(id): Path<String>,
-    body: Result<Json<PromptBody>, JsonRejection>,
+    JsonBody(body): JsonBody<PromptBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let session = find(&state, &id)?;
-    let Json(body) = body?;
     if body.prompt.trim().is_empty() {
         return Err(ApiError::Unprocessable("prompt is empty".into()));
+    }
+    if body.prompt.contains('\0') {
+        return Err(ApiError::Unprocessable("prompt contains a NUL character".into()));
     }
     let chars = body.prompt.chars().count();
     if chars > MAX_PROMPT_CHARS {

@@ -119,14 +119,9 @@ async fn attaching_during_a_flood_neither_skips_nor_doubles() {
     }
 }
 
-/// A client that stops reading does not delay another, is cut off once its
-/// connection stays full for the write timeout, and loses nothing when it
-/// reconnects with Last-Event-ID.
-#[tokio::test]
-async fn a_stalled_client_is_cut_off_and_resumes_without_loss() {
-    let server = Server::options().arg("--write-timeout-seconds").arg("2").start();
-    let session = server.open_session().await;
-
+/// Opens an attach stream on a raw socket with a tiny receive buffer and
+/// never reads from it.
+async fn stalled_client(server: &Server, session: &str) -> tokio::net::TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let addr = server.base.trim_start_matches("http://").parse().unwrap();
@@ -134,13 +129,42 @@ async fn a_stalled_client_is_cut_off_and_resumes_without_loss() {
     let request =
         format!("GET /api/session/{session}/stream HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\n\r\n");
     stalled.write_all(request.as_bytes()).await.unwrap();
+    stalled
+}
 
+/// ~24 MiB of events: far more than the kernel buffers of one connection.
+const FLOOD: &str = "flood 400 60000";
+
+/// A client that stops reading does not delay another: the reader gets the
+/// whole flood while the stalled connection is still open (its write
+/// timeout is far longer than the test).
+#[tokio::test]
+async fn a_stalled_client_does_not_delay_another() {
+    let server = Server::options().arg("--write-timeout-seconds").arg("600").start();
+    let session = server.open_session().await;
+    let stalled = stalled_client(&server, &session).await;
     let mut reader = server.attach(&session, None).await;
     reader.until_caught_up().await;
-    // ~24 MiB of events, far more than the kernel buffers of one connection,
-    // then a pause longer than the write timeout while the stalled client
-    // still reads nothing.
-    server.start_turn(&session, "flood 400 60000\nsleep 5\nresult").await;
+    server.start_turn(&session, &format!("{FLOOD}\nresult")).await;
+    assert_eq!(reader.until_turn_end().await.len(), 403);
+    // The stalled connection is still open: it has unread data waiting.
+    let mut byte = [0u8; 1];
+    assert_eq!(stalled.peek(&mut byte).await.unwrap(), 1);
+}
+
+/// A client that stops reading is cut off once its connection stays full
+/// for the write timeout, and loses nothing when it reconnects with
+/// Last-Event-ID.
+#[tokio::test]
+async fn a_stalled_client_is_cut_off_and_resumes_without_loss() {
+    let server = Server::options().arg("--write-timeout-seconds").arg("2").start();
+    let session = server.open_session().await;
+    let mut stalled = stalled_client(&server, &session).await;
+    let mut reader = server.attach(&session, None).await;
+    reader.until_caught_up().await;
+    // The pause is longer than the write timeout, with the stalled client
+    // still reading nothing.
+    server.start_turn(&session, &format!("{FLOOD}\nsleep 5\nresult")).await;
     let events = reader.until_turn_end().await;
     assert_eq!(events.len(), 403);
     let last = events.last().unwrap()["id"].as_u64().unwrap();
@@ -151,9 +175,8 @@ async fn a_stalled_client_is_cut_off_and_resumes_without_loss() {
     let read = tokio::time::timeout(DEADLINE, stalled.read_to_end(&mut got)).await;
     assert!(
         read.is_ok(),
-        "the stalled connection was never closed; read {} bytes; log:\n{}",
-        got.len(),
-        server.log()
+        "the stalled connection was never closed; read {} bytes",
+        got.len()
     );
     let text = String::from_utf8_lossy(&got);
     let received: Vec<u64> = text

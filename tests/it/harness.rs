@@ -279,7 +279,7 @@ impl Attached {
             let chunk = tokio::time::timeout(DEADLINE, self.body.next())
                 .await
                 .expect("attach stream went silent")?;
-            let chunk = chunk.ok()?;
+            let chunk = chunk.expect("the attach stream broke instead of ending");
             self.raw.extend_from_slice(&chunk);
             self.buffer.extend_from_slice(&chunk);
         }

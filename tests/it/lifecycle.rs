@@ -18,6 +18,14 @@ async fn sigterm_closes_running_turns_ends_streams_and_exits_zero() {
             break pid.parse::<u32>().unwrap();
         }
     };
+    // A half-sent request from a flaky client must not hold the exit.
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut half_open = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    half_open
+        .write_all(b"POST /api/session HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+        .await
+        .unwrap();
     let status = server.terminate();
     assert!(status.success(), "exit status {status:?}");
     let events = stream.until_turn_end().await;

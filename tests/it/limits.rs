@@ -34,7 +34,18 @@ async fn malformed_and_oversized_prompts() {
     assert_eq!(answer(json_body(r#"[]"#)).await.0, 422);
     let (status, detail) = answer(json_body(r#"{"prompt": "  \n "}"#)).await;
     assert_eq!((status, detail.as_str()), (422, "prompt is empty"));
-    assert_eq!(answer(server.post(&url).body(r#"{"prompt":"hi"}"#)).await.0, 415);
+    // The body is read as JSON whatever its Content-Type says (curl --data).
+    let (status, detail) = answer(server.post(&url).body(r#"{"prompt":""}"#)).await;
+    assert_eq!((status, detail.as_str()), (422, "prompt is empty"));
+    let form = server
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded");
+    assert_eq!(
+        answer(form.body(r#"{"prompt":" "}"#)).await,
+        (422, "prompt is empty".to_owned())
+    );
+    let (status, detail) = answer(server.post(&url).json(&json!({"prompt": "say a\u{0}b"}))).await;
+    assert_eq!((status, detail.as_str()), (422, "prompt contains a NUL character"));
     let (status, detail) = answer(server.post(&url).json(&json!({"prompt": "hi", "model": "--evil"}))).await;
     assert_eq!(status, 422, "{detail}");
 

@@ -64,6 +64,7 @@ async fn first_turn_uses_session_id_and_later_turns_resume() {
     assert_eq!(argv(0), expected("--session-id"));
     assert_eq!(argv(1), expected("--resume"));
 
+    assert_eq!(runs[0]["env_has_token"], false, "the agent never sees the API token");
     let workspace = server.data_dir().join("sessions").join(&session);
     assert_eq!(runs[0]["cwd"], workspace.display().to_string());
     let definition = std::fs::read_to_string(workspace.join(".claude/agents/breakglass.md")).unwrap();
