@@ -79,7 +79,8 @@ fn announce(config: &Config, addr: SocketAddr) {
         );
         tracing::warn!("no authentication configured: every /api request will be refused");
     }
-    if nix::unistd::geteuid().is_root() && std::env::var_os("IS_SANDBOX").is_none() {
+    // Claude Code accepts exactly "1" here.
+    if nix::unistd::geteuid().is_root() && std::env::var_os("IS_SANDBOX").is_none_or(|v| v != "1") {
         tracing::warn!(
             "running as root: the claude CLI refuses --dangerously-skip-permissions as root; \
              run as an unprivileged user, or set IS_SANDBOX=1 where the server runs in a container"
