@@ -6,18 +6,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{DEADLINE, Frame, Server, TOKEN, ids, kinds};
-
-const BASIC: [&str; 8] = [
-    "user",
-    "session",
-    "text",
-    "tool",
-    "tool_result",
-    "text",
-    "result",
-    "turn_end",
-];
+use crate::harness::{BASIC, DEADLINE, Frame, Server, TOKEN, ids, kinds};
 
 #[tokio::test]
 async fn replay_sends_every_event_in_order_then_caught_up() {

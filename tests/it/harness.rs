@@ -10,6 +10,17 @@ use futures_util::StreamExt;
 use serde_json::Value;
 
 pub const TOKEN: &str = "test-token-0123456789";
+/// The kinds of the events of one turn replaying the `basic` transcript.
+pub const BASIC: [&str; 8] = [
+    "user",
+    "session",
+    "text",
+    "tool",
+    "tool_result",
+    "text",
+    "result",
+    "turn_end",
+];
 /// Upper bound for anything a test waits for; never a sleep.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 

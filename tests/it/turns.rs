@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::harness::{Server, alive, eventually, kinds};
+use crate::harness::{BASIC, Server, alive, eventually, kinds};
 
 /// The pid a fake agent's `grandchild` directive reported.
 fn grandchild_pid(events: &[Value]) -> Option<u32> {
@@ -80,19 +80,7 @@ async fn a_session_the_agent_already_knows_is_resumed() {
     let session = server.open_session().await;
     std::fs::write(server.dir.path().join(".fake-claude-sessions"), format!("{session}\n")).unwrap();
     let events = server.run_turn(&session, "replay basic").await;
-    assert_eq!(
-        kinds(&events),
-        [
-            "user",
-            "session",
-            "text",
-            "tool",
-            "tool_result",
-            "text",
-            "result",
-            "turn_end"
-        ]
-    );
+    assert_eq!(kinds(&events), BASIC);
     let runs = server.agent_runs();
     let flag = |i: usize| runs[i]["argv"][9].as_str().unwrap().to_owned();
     assert_eq!(
