@@ -10,13 +10,10 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
+use crate::store::{AuditCheck, Durability};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "breakglass",
-    version,
-    about = "Emergency-recovery console for a wedged machine"
-)]
+#[command(name = "breakglass", version, about = "Emergency-recovery console for a wedged machine")]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
@@ -26,10 +23,25 @@ pub struct Cli {
     pub serve: ServeArgs,
 }
 
+// Parsed once at start-up: the size of the `serve` flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the console and its API (the default).
     Serve(ServeArgs),
+    /// Work with the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check that no audit record was changed, removed or reordered.
+    Verify {
+        /// Directory holding breakglass.db.
+        #[arg(long, env = "BREAKGLASS_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+    },
 }
 
 /// Flags of `breakglass serve`.
@@ -46,6 +58,10 @@ pub struct ServeArgs {
     /// Directory holding one working directory per session [default: <data-dir>/sessions].
     #[arg(long, env = "BREAKGLASS_SESSIONS_DIR")]
     pub sessions_dir: Option<PathBuf>,
+
+    /// normal survives a killed process; full also survives power loss (slower commits).
+    #[arg(long, env = "BREAKGLASS_DURABILITY", value_enum, default_value = "normal")]
+    pub durability: Durability,
 
     /// Name of the agent definition passed to `claude --agent`.
     #[arg(long, env = "BREAKGLASS_AGENT", default_value = "breakglass")]
@@ -128,12 +144,22 @@ pub fn init_tracing() {
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
+        Some(Command::Audit(AuditCommand::Verify { data_dir })) => return verify_audit(&data_dir),
         None => cli.serve,
     };
     let config = Config::from_args(args)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("while starting the async runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("while starting the async runtime")?;
     runtime.block_on(crate::server::serve(config))
+}
+
+/// `breakglass audit verify`: exit 0 when the chain is intact, 1 otherwise.
+fn verify_audit(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    match crate::store::verify_audit(data_dir)? {
+        AuditCheck::Intact { records } => {
+            println!("audit trail intact: {records} records");
+            Ok(())
+        }
+        AuditCheck::Broken { seq, why } => anyhow::bail!("audit trail broken at record {seq}: {why}"),
+    }
 }

@@ -13,6 +13,7 @@ use axum::http::HeaderName;
 use ipnet::IpNet;
 
 use crate::cli::ServeArgs;
+use crate::store::Durability;
 
 /// The recovery agent written into each workspace unless `BREAKGLASS_AGENT_FILE` names another.
 pub const DEFAULT_AGENT_DEFINITION: &str = include_str!("agent/breakglass.md");
@@ -22,6 +23,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub sessions_dir: PathBuf,
+    pub durability: Durability,
     pub agent: AgentConfig,
     pub auth: AuthConfig,
     pub sse_keepalive: Duration,
@@ -95,10 +97,7 @@ impl Config {
             .collect::<anyhow::Result<Vec<_>>>()
             .context("BREAKGLASS_TRUSTED_PROXIES")?;
         let user_header = HeaderName::try_from(args.trusted_user_header.as_str()).with_context(|| {
-            format!(
-                "BREAKGLASS_TRUSTED_USER_HEADER: {:?} is not a header name",
-                args.trusted_user_header
-            )
+            format!("BREAKGLASS_TRUSTED_USER_HEADER: {:?} is not a header name", args.trusted_user_header)
         })?;
         let bearer_token = args.api_bearer_token.filter(|t| !t.is_empty());
         let pve_host = args.pve_host.filter(|h| !h.is_empty());
@@ -110,6 +109,7 @@ impl Config {
             listen,
             data_dir: args.data_dir,
             sessions_dir,
+            durability: args.durability,
             agent: AgentConfig {
                 program: args.claude_bin,
                 name: args.agent,
@@ -118,11 +118,7 @@ impl Config {
                 turn_timeout: positive_seconds("BREAKGLASS_TURN_TIMEOUT_SECONDS", args.turn_timeout_seconds)?,
                 kill_grace: Duration::from_secs(3),
             },
-            auth: AuthConfig {
-                bearer_token,
-                trusted_proxies,
-                user_header,
-            },
+            auth: AuthConfig { bearer_token, trusted_proxies, user_header },
             sse_keepalive: positive_seconds("BREAKGLASS_SSE_KEEPALIVE_SECONDS", args.sse_keepalive_seconds)?,
             write_timeout: positive_seconds("BREAKGLASS_WRITE_TIMEOUT_SECONDS", args.write_timeout_seconds)?,
             max_concurrent_turns: match args.max_concurrent_turns {
@@ -152,18 +148,14 @@ fn parse_cidr(s: &str) -> anyhow::Result<IpNet> {
     if let Ok(net) = s.parse::<IpNet>() {
         return Ok(net);
     }
-    s.parse::<IpAddr>()
-        .map(IpNet::from)
-        .with_context(|| format!("{s:?} is neither a CIDR nor an address"))
+    s.parse::<IpAddr>().map(IpNet::from).with_context(|| format!("{s:?} is neither a CIDR nor an address"))
 }
 
 fn validate_agent_name(name: &str) -> anyhow::Result<()> {
     let plain = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('-')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if !plain {
         bail!("BREAKGLASS_AGENT: {name:?} must be 1-64 letters, digits, '-' or '_', not starting with '-'");
     }
@@ -175,15 +167,11 @@ pub fn validate_model(model: &str) -> Result<(), String> {
     let plain = !model.is_empty()
         && model.len() <= 100
         && !model.starts_with('-')
-        && model
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:[]/@".contains(&b));
+        && model.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:[]/@".contains(&b));
     if plain {
         Ok(())
     } else {
-        Err(format!(
-            "model {model:?} must be 1-100 letters, digits or -_.:[]/@, not starting with '-'"
-        ))
+        Err(format!("model {model:?} must be 1-100 letters, digits or -_.:[]/@, not starting with '-'"))
     }
 }
 

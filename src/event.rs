@@ -82,18 +82,10 @@ impl Event {
             Event::User { text, by } => json!({ "text": text, "by": by }),
             Event::Session { session_id } => json!({ "session_id": session_id }),
             Event::Status { text } | Event::Text { text } => json!({ "text": text }),
-            Event::Tool {
-                name,
-                input,
-                tool_use_id,
-            } => {
+            Event::Tool { name, input, tool_use_id } => {
                 json!({ "name": name, "input": input, "tool_use_id": tool_use_id })
             }
-            Event::ToolResult {
-                tool_use_id,
-                is_error,
-                content,
-            } => {
+            Event::ToolResult { tool_use_id, is_error, content } => {
                 json!({ "tool_use_id": tool_use_id, "is_error": is_error, "content": content })
             }
             Event::Result(r) => json!({
@@ -123,10 +115,14 @@ pub struct Stored {
 }
 
 impl Stored {
+    /// Encodes an event as appended now: its JSON with its id and `at`, the
+    /// time it entered the log (RFC 3339, UTC), which the transcript and its
+    /// export read as the incident's timeline.
     pub fn new(id: EventId, event: &Event) -> Self {
-        Stored {
-            id,
-            json: event.to_json(id).to_string().into(),
+        let mut json = event.to_json(id);
+        if let Some(obj) = json.as_object_mut() {
+            obj.insert("at".into(), humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string().into());
         }
+        Stored { id, json: json.to_string().into() }
     }
 }

@@ -1,53 +1,53 @@
 //! A session's event log: append (which assigns the id), read after an id,
 //! subscribe to what is appended next.
 //!
-//! This is the interface the rest of the server uses; the storage behind it
-//! can change without touching the HTTP layer. Invariants:
+//! This is the interface the rest of the server uses; [`crate::store`] keeps
+//! the events in SQLite behind it. Invariants:
 //! - ids are 0, 1, 2, … with no gaps, in append order;
-//! - an event is in the log before any subscriber sees it;
-//! - subscribers see events in id order (publication happens under the same
-//!   lock as the append).
+//! - an event is committed before any subscriber sees it;
+//! - subscribers see events in id order (the store publishes in commit order).
 
-use std::sync::Mutex;
+use std::sync::Arc;
 
-use thiserror::Error;
+use uuid::Uuid;
 
 use crate::event::{Event, EventId, Stored};
 use crate::hub::{Hub, Subscription};
+use crate::store::{Pending, Store, StoreError};
 
-#[derive(Debug, Error)]
-pub enum LogError {
-    #[error("the event log cannot be written: {0}")]
-    Unavailable(String),
-}
+pub type LogError = StoreError;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Log {
-    events: Mutex<Vec<Stored>>,
-    hub: Hub,
+    session: Uuid,
+    store: Arc<Store>,
+    hub: Arc<Hub>,
 }
 
 impl Log {
-    /// Appends an event, publishes it, and returns it with its id.
+    pub fn new(session: Uuid, store: Arc<Store>) -> Self {
+        Log { session, store, hub: Arc::new(Hub::default()) }
+    }
+
+    /// Appends an event and waits until it is committed and published.
     pub async fn append(&self, event: Event) -> Result<Stored, LogError> {
-        let mut events = self.lock();
-        let stored = Stored::new(events.len() as EventId, &event);
-        events.push(stored.clone());
-        self.hub.publish(stored.clone());
-        Ok(stored)
+        self.submit(event).await?.committed().await
+    }
+
+    /// Queues an event behind those submitted before it and returns without
+    /// waiting for the commit, so a fast producer fills whole transactions.
+    pub async fn submit(&self, event: Event) -> Result<Pending, LogError> {
+        self.store.submit(self.session, event, self.hub.clone()).await
     }
 
     /// Up to `limit` events with id > `after` (all from the start when `None`), in order.
     pub async fn read_after(&self, after: Option<EventId>, limit: usize) -> Result<Vec<Stored>, LogError> {
-        let events = self.lock();
-        let start = after.map_or(0, |id| id.saturating_add(1));
-        let start = usize::try_from(start).unwrap_or(usize::MAX).min(events.len());
-        Ok(events[start..].iter().take(limit).cloned().collect())
+        self.store.read_after(self.session, after, limit).await
     }
 
     /// Id the next appended event will get (the number of events so far).
     pub async fn next_id(&self) -> Result<EventId, LogError> {
-        Ok(self.lock().len() as EventId)
+        Ok(self.store.session(self.session).await?.map_or(0, |row| row.event_count))
     }
 
     /// Events appended after this call. Subscribe before reading the backlog
@@ -56,20 +56,41 @@ impl Log {
         self.hub.subscribe()
     }
 
+    /// Tells attached clients something the log could not keep.
+    pub fn notify(&self, event: &Event) {
+        let mut json = event.to_json(0);
+        if let Some(obj) = json.as_object_mut() {
+            obj.remove("id");
+        }
+        self.hub.notify(json.to_string().into());
+    }
+
     pub fn subscribers(&self) -> usize {
         self.hub.subscribers()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Stored>> {
-        // A panic while holding this lock cannot leave the Vec half-updated
-        // (push is the only mutation), so a poisoned lock is still usable.
-        self.events.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn session(&self) -> Uuid {
+        self.session
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests {
     use super::*;
+    use crate::store::Durability;
+
+    /// A log over a fresh store in a temporary directory (kept alive by the
+    /// returned guard).
+    pub async fn temp_log() -> (tempfile::TempDir, Log) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), Durability::Normal).unwrap());
+        let id = store.create_session(Uuid::new_v4()).await.unwrap().id;
+        (dir, Log::new(id, store))
+    }
 
     fn text(t: &str) -> Event {
         Event::Text { text: t.into() }
@@ -77,12 +98,12 @@ mod tests {
 
     #[tokio::test]
     async fn ids_are_positions_without_gaps() {
-        let log = Log::default();
+        let (_dir, log) = temp_log().await;
         for i in 0..5 {
             let stored = log.append(text(&format!("e{i}"))).await.unwrap();
             assert_eq!(stored.id, i);
         }
-        let all = log.read_after(None, usize::MAX).await.unwrap();
+        let all = log.read_after(None, usize::MAX >> 1).await.unwrap();
         assert_eq!(all.iter().map(|e| e.id).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
         assert!(all[3].json.contains(r#""text":"e3""#), "{}", all[3].json);
         assert!(all[3].json.contains(r#""id":3"#), "{}", all[3].json);
@@ -90,7 +111,7 @@ mod tests {
 
     #[tokio::test]
     async fn read_after_pages_and_clamps() {
-        let log = Log::default();
+        let (_dir, log) = temp_log().await;
         for i in 0..10 {
             log.append(text(&i.to_string())).await.unwrap();
         }
@@ -102,18 +123,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn subscribers_see_appends_in_order_after_the_log() {
-        let log = Log::default();
+    async fn subscribers_see_appends_in_order_after_the_commit() {
+        let (_dir, log) = temp_log().await;
         log.append(text("before")).await.unwrap();
         let mut sub = log.subscribe();
         log.append(text("a")).await.unwrap();
         log.append(text("b")).await.unwrap();
-        let first = sub.recv().await.unwrap();
-        let second = sub.recv().await.unwrap();
-        assert_eq!((first.id, second.id), (1, 2));
+        let ids: Vec<_> = [sub.recv().await.unwrap(), sub.recv().await.unwrap()]
+            .into_iter()
+            .map(|p| match p {
+                crate::hub::Published::Event(e) => e.id,
+                crate::hub::Published::Notice(_) => panic!("no notices here"),
+            })
+            .collect();
+        assert_eq!(ids, vec![1, 2]);
         // Whatever a subscriber sees is already readable from the log.
         let tail = log.read_after(Some(0), 10).await.unwrap();
         assert_eq!(tail.len(), 2);
-        assert_eq!(&*tail[1].json, &*second.json);
     }
 }

@@ -33,14 +33,7 @@ pub enum Verb {
 }
 
 impl Verb {
-    pub const ALL: [Verb; 6] = [
-        Verb::Status,
-        Verb::Forensics,
-        Verb::Reset,
-        Verb::Stop,
-        Verb::Start,
-        Verb::Cycle,
-    ];
+    pub const ALL: [Verb; 6] = [Verb::Status, Verb::Forensics, Verb::Reset, Verb::Stop, Verb::Start, Verb::Cycle];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -76,21 +69,14 @@ impl FromStr for Verb {
     type Err = UnknownVerb;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Verb::ALL
-            .into_iter()
-            .find(|v| v.as_str() == s)
-            .ok_or_else(|| UnknownVerb(s.chars().take(64).collect()))
+        Verb::ALL.into_iter().find(|v| v.as_str() == s).ok_or_else(|| UnknownVerb(s.chars().take(64).collect()))
     }
 }
 
 /// The catalogue as `GET /api/pve/verbs` answers it: names sorted.
 pub fn catalogue() -> (Vec<&'static str>, Vec<&'static str>) {
     let mut verbs: Vec<_> = Verb::ALL.iter().map(|v| v.as_str()).collect();
-    let mut mutating: Vec<_> = Verb::ALL
-        .iter()
-        .filter(|v| v.is_mutating())
-        .map(|v| v.as_str())
-        .collect();
+    let mut mutating: Vec<_> = Verb::ALL.iter().filter(|v| v.is_mutating()).map(|v| v.as_str()).collect();
     verbs.sort_unstable();
     mutating.sort_unstable();
     (verbs, mutating)
@@ -133,11 +119,7 @@ pub struct Power {
 
 impl Power {
     pub fn new(config: PowerConfig) -> Self {
-        Power {
-            config: Arc::new(config),
-            mutating: Arc::new(Mutex::new(())),
-            tracker: TaskTracker::new(),
-        }
+        Power { config: Arc::new(config), mutating: Arc::new(Mutex::new(())), tracker: TaskTracker::new() }
     }
 
     /// Runs a verb in a task of its own and waits for its outcome.
@@ -192,10 +174,9 @@ async fn run_ssh(config: &PowerConfig, verb: Verb) -> Result<VerbOutcome, PowerE
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let mut child = command.spawn().map_err(|source| PowerError::CannotStart {
-        program: config.ssh_program.display().to_string(),
-        source,
-    })?;
+    let mut child = command
+        .spawn()
+        .map_err(|source| PowerError::CannotStart { program: config.ssh_program.display().to_string(), source })?;
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(PowerError::CannotStart {
             program: config.ssh_program.display().to_string(),
@@ -211,13 +192,7 @@ async fn run_ssh(config: &PowerConfig, verb: Verb) -> Result<VerbOutcome, PowerE
     Ok(match tokio::time::timeout(timeout, collect).await {
         Ok((stdout, stderr, status)) => {
             let exit_code = status.ok().and_then(|s| s.code());
-            VerbOutcome {
-                verb: verb.as_str(),
-                rejected: exit_code == Some(REFUSED),
-                exit_code,
-                stdout,
-                stderr,
-            }
+            VerbOutcome { verb: verb.as_str(), rejected: exit_code == Some(REFUSED), exit_code, stdout, stderr }
         }
         Err(_) => {
             // Dropping the future dropped the child, and kill_on_drop kills

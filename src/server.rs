@@ -23,6 +23,7 @@ use crate::http::auth::Peer;
 use crate::http::{AppState, router};
 use crate::power::Power;
 use crate::session::Sessions;
+use crate::store::Store;
 
 /// How long open connections get to finish once turns have ended and
 /// attach streams are closed (a half-sent request must not hold the exit).
@@ -33,9 +34,10 @@ const VERB_GRACE: Duration = Duration::from_secs(15);
 /// `breakglass serve`: bind, say where and how to authenticate, run until a
 /// signal. A second signal during the drain exits at once.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("while binding {}", config.listen))?;
+    // Storage first: a database we must not touch stops us before we listen.
+    let store = open_store(&config)?;
+    let listener =
+        TcpListener::bind(config.listen).await.with_context(|| format!("while binding {}", config.listen))?;
     let addr = listener.local_addr().context("while reading the bound address")?;
     announce(&config, addr);
     let draining = CancellationToken::new();
@@ -47,7 +49,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     tokio::select! {
-        served = run(listener, config, first) => served,
+        served = run(listener, config, store, first) => served,
         () = async { draining.cancelled().await; crate::shutdown::signalled().await } => {
             tracing::warn!("second signal: exiting without finishing the drain");
             Ok(())
@@ -66,11 +68,7 @@ fn announce(config: &Config, addr: SocketAddr) {
     }
     if !auth.trusted_proxies.is_empty() {
         let nets: Vec<_> = auth.trusted_proxies.iter().map(ToString::to_string).collect();
-        lines.push(format!(
-            "auth: header '{}' believed from {}",
-            auth.user_header,
-            nets.join(", ")
-        ));
+        lines.push(format!("auth: header '{}' believed from {}", auth.user_header, nets.join(", ")));
     }
     if auth.is_closed() {
         lines.push(
@@ -94,17 +92,29 @@ fn announce(config: &Config, addr: SocketAddr) {
     }
 }
 
+/// Creates the data directories and opens the database in them.
+pub fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
+    for dir in [&config.data_dir, &config.sessions_dir] {
+        std::fs::create_dir_all(dir).with_context(|| format!("while creating {}", dir.display()))?;
+    }
+    Ok(Arc::new(Store::open(&config.data_dir, config.durability)?))
+}
+
 /// Serves on `listener` until `shutdown` resolves, then drains.
 pub async fn run(
     listener: TcpListener,
     config: Config,
+    store: Arc<Store>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.sessions_dir)
-        .with_context(|| format!("while creating {}", config.sessions_dir.display()))?;
     let config = Arc::new(config);
-    let sessions = Arc::new(Sessions::new(&config));
+    let sessions = Arc::new(Sessions::new(&config, store));
+    let recovered = sessions.recover().await.context("while closing turns interrupted by the last stop")?;
+    if recovered > 0 {
+        tracing::warn!(recovered, "closed turns that were running when the server last stopped");
+    }
     let state = AppState {
+        audit_failures: Arc::default(),
         power: Arc::new(Power::new(config.power.clone())),
         sessions: sessions.clone(),
         streams_end: CancellationToken::new(),
@@ -123,10 +133,7 @@ pub async fn run(
         }
     };
     let app = router(state).into_make_service_with_connect_info::<Peer>();
-    let listener = GuardedListener {
-        inner: listener,
-        write_timeout: config.write_timeout,
-    };
+    let listener = GuardedListener { inner: listener, write_timeout: config.write_timeout };
     let serve = axum::serve(listener, app).with_graceful_shutdown(stop_accepting.cancelled_owned());
     tokio::select! {
         served = serve.into_future() => served.context("while serving")?,

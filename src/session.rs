@@ -7,11 +7,11 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, Weak};
+use std::time::Duration;
 
 use futures_util::FutureExt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use thiserror::Error;
 use tokio::sync::{Mutex, Semaphore, watch};
@@ -22,6 +22,7 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::event::Event;
 use crate::log::{Log, LogError};
+use crate::store::{SessionRow, Store, StoreError};
 use crate::turn::{Ending, Request, Runner, Stops};
 
 /// How long shutdown waits for running turns to write their last events.
@@ -36,6 +37,9 @@ pub struct Session {
     turn: Mutex<Option<RunningTurn>>,
     /// The agent CLI knows this session id: later turns pass `--resume`.
     agent_session_started: AtomicBool,
+    /// The last turn's end could not be logged (storage failed): the next
+    /// turn closes it first.
+    unlogged_end: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -57,12 +61,15 @@ pub enum StartError {
 }
 
 impl Session {
-    fn new(id: Uuid) -> Self {
+    fn from_row(row: &SessionRow, log: Arc<Log>) -> Self {
         Session {
-            id,
-            log: Arc::new(Log::default()),
+            id: row.id,
+            log,
             turn: Mutex::new(None),
-            agent_session_started: AtomicBool::new(false),
+            agent_session_started: AtomicBool::new(row.agent_started),
+            // Loaded afresh with a turn marked running: nobody runs it (a
+            // running turn keeps its session loaded), so its end was lost.
+            unlogged_end: AtomicBool::new(row.turn_running),
         }
     }
 
@@ -71,10 +78,22 @@ impl Session {
     }
 }
 
+/// A session in use, without keeping it in use.
+#[derive(Debug)]
+struct Held {
+    session: Weak<Session>,
+    log: Weak<Log>,
+}
+
 /// Every session of this server, and what their turns share.
+///
+/// Only sessions in use stay in memory: a running turn or an attached client
+/// holds its session, and a session nobody holds is loaded again from the
+/// store when next asked for. Memory follows what is in use, not history.
 #[derive(Debug)]
 pub struct Sessions {
-    sessions: RwLock<HashMap<Uuid, Arc<Session>>>,
+    live: StdMutex<HashMap<Uuid, Held>>,
+    store: Arc<Store>,
     runner: Arc<Runner>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -83,9 +102,10 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    pub fn new(config: &Config) -> Self {
+    pub fn new(config: &Config, store: Arc<Store>) -> Self {
         Sessions {
-            sessions: RwLock::default(),
+            live: StdMutex::default(),
+            store,
             runner: Arc::new(Runner {
                 agent: config.agent.clone(),
                 sessions_dir: config.sessions_dir.clone(),
@@ -97,14 +117,54 @@ impl Sessions {
         }
     }
 
-    pub fn create(&self) -> Arc<Session> {
-        let session = Arc::new(Session::new(Uuid::new_v4()));
-        self.write().insert(session.id, session.clone());
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub async fn create(&self) -> Result<Arc<Session>, StoreError> {
+        let row = self.store.create_session(Uuid::new_v4()).await?;
+        Ok(self.adopt(&row))
+    }
+
+    /// The session with this id, loaded from the store if nobody holds it.
+    pub async fn get(&self, id: Uuid) -> Result<Option<Arc<Session>>, StoreError> {
+        if let Some(session) = self.lock().get(&id).and_then(|h| h.session.upgrade()) {
+            return Ok(Some(session));
+        }
+        Ok(self.store.session(id).await?.map(|row| self.adopt(&row)))
+    }
+
+    /// The one live object for a row: an existing one wins, so two turns can
+    /// never run in one session through two objects.
+    fn adopt(&self, row: &SessionRow) -> Arc<Session> {
+        let mut live = self.lock();
+        let held = live.get(&row.id);
+        if let Some(session) = held.and_then(|h| h.session.upgrade()) {
+            return session;
+        }
+        // An attach stream may still hold the log (and its subscribers):
+        // keep it, so that what is appended reaches them.
+        let log = held.and_then(|h| h.log.upgrade()).unwrap_or_else(|| Arc::new(Log::new(row.id, self.store.clone())));
+        live.retain(|_, h| h.session.strong_count() > 0 || h.log.strong_count() > 0);
+        let session = Arc::new(Session::from_row(row, log));
+        live.insert(row.id, Held { session: Arc::downgrade(&session), log: Arc::downgrade(&session.log) });
         session
     }
 
-    pub fn get(&self, id: Uuid) -> Option<Arc<Session>> {
-        self.read().get(&id).cloned()
+    /// Closes the turns the server died during (SPEC: nothing lost on a
+    /// restart): kills what their agents left running, then logs their end.
+    /// Runs at start-up, before any client can attach.
+    pub async fn recover(&self) -> Result<usize, StoreError> {
+        let interrupted = self.store.interrupted().await?;
+        for row in &interrupted {
+            let killed = crate::agent::process::kill_leftovers(row.turn_pgid, &turn_marker(row.id));
+            tracing::info!(session = %row.id, pgid = ?row.turn_pgid, killed, "killed what the interrupted turn left running");
+            let log = Log::new(row.id, self.store.clone());
+            log.append(Event::Error { error: "server stopped during the turn".into() }).await?;
+            log.append(Event::TurnEnd).await?;
+            tracing::warn!(session = %row.id, "closed a turn the server stopped during");
+        }
+        Ok(interrupted.len())
     }
 
     /// Logs the prompt and starts a detached turn on it.
@@ -125,36 +185,28 @@ impl Sessions {
         if slot.is_some() {
             return Err(StartError::Busy);
         }
-        session
-            .log
-            .append(Event::User {
-                text: prompt.clone(),
-                by,
-            })
-            .await?;
+        if session.unlogged_end.load(Ordering::SeqCst) {
+            let error = Event::Error { error: "the end of the previous turn could not be logged".into() };
+            session.log.append(error).await?;
+            session.log.append(Event::TurnEnd).await?;
+            session.unlogged_end.store(false, Ordering::SeqCst);
+        }
+        session.log.append(Event::User { text: prompt.clone(), by }).await?;
         let request = Request {
             session_id: session.id,
             prompt,
             model,
             resume: session.agent_session_started.load(Ordering::SeqCst),
         };
-        let stops = Stops {
-            cancel: CancellationToken::new(),
-            shutdown: self.shutdown.clone(),
-        };
+        let stops = Stops { cancel: CancellationToken::new(), shutdown: self.shutdown.clone() };
         let (done_tx, done) = watch::channel(None);
-        *slot = Some(RunningTurn {
-            cancel: stops.cancel.clone(),
-            done,
-        });
+        *slot = Some(RunningTurn { cancel: stops.cancel.clone(), done });
         let runner = self.runner.clone();
         let session = session.clone();
         self.tracker.spawn(async move {
             // A bug in a turn must not wedge its session: the end is logged
             // and the slot freed whatever happened.
-            let outcome = AssertUnwindSafe(runner.run(request, &session.log, &stops))
-                .catch_unwind()
-                .await;
+            let outcome = AssertUnwindSafe(runner.run(request, &session.log, &stops)).catch_unwind().await;
             let ending = match outcome {
                 Ok(outcome) => {
                     if outcome.agent_session_started {
@@ -168,7 +220,12 @@ impl Sessions {
             let mut slot = session.turn.lock().await;
             for event in ending.events().into_iter().chain([Event::TurnEnd]) {
                 if let Err(err) = session.log.append(event).await {
+                    // Attached clients still learn how the turn ended.
                     tracing::error!(session = %session.id, %err, "could not log the end of a turn");
+                    let error = format!("the end of this turn could not be logged: {err}");
+                    session.log.notify(&Event::Error { error });
+                    session.log.notify(&Event::TurnEnd);
+                    session.unlogged_end.store(true, Ordering::SeqCst);
                     break;
                 }
             }
@@ -206,11 +263,13 @@ impl Sessions {
         }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Uuid, Arc<Session>>> {
-        self.sessions.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Held>> {
+        self.live.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Uuid, Arc<Session>>> {
-        self.sessions.write().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
+/// Set in the agent's environment, so that what a turn left running can be
+/// told apart from unrelated processes after a restart.
+pub fn turn_marker(session: Uuid) -> String {
+    format!("BREAKGLASS_TURN={session}")
 }

@@ -20,7 +20,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{EventId, Stored};
-use crate::hub::Subscription;
+use crate::hub::{Published, Subscription};
 use crate::log::Log;
 
 /// Events read from the log at a time while replaying.
@@ -43,6 +43,12 @@ pub fn parse_last_event_id(value: Option<&[u8]>) -> Option<EventId> {
 /// newlines inside strings), so one `data:` field carries it.
 pub fn frame(event: &Stored) -> Bytes {
     Bytes::from(format!("id: {}\ndata: {}\n\n", event.id, event.json))
+}
+
+/// A notice the log could not keep: a frame without an id, so a client's
+/// Last-Event-ID is unaffected.
+pub fn notice_frame(json: &str) -> Bytes {
+    Bytes::from(format!("data: {json}\n\n"))
 }
 
 /// The frames of one attached client, ending when `shutdown` fires (after
@@ -129,11 +135,14 @@ impl Attach {
                     };
                     match received {
                         Err(_idle) => return Some(Bytes::from_static(KEEPALIVE.as_bytes())),
-                        Ok(Ok(event)) if !self.is_new(event.id) => {}
-                        Ok(Ok(event)) if Some(event.id) == self.next_expected() => self.pending.push_back(event),
+                        Ok(Ok(Published::Notice(json))) => return Some(notice_frame(&json)),
+                        Ok(Ok(Published::Event(event))) if !self.is_new(event.id) => {}
+                        Ok(Ok(Published::Event(event))) if Some(event.id) == self.next_expected() => {
+                            self.pending.push_back(event)
+                        }
                         // A gap (the ring dropped events for us) or a lag
                         // notice: the log has everything; read it to its end.
-                        Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => self.phase = Phase::CatchUp,
+                        Ok(Ok(Published::Event(_))) | Ok(Err(RecvError::Lagged(_))) => self.phase = Phase::CatchUp,
                         Ok(Err(RecvError::Closed)) => return None,
                     }
                 }
@@ -176,15 +185,7 @@ mod tests {
         assert_eq!(parse_last_event_id(Some(b"42")), Some(42));
         assert_eq!(parse_last_event_id(Some(b" 7 ")), Some(7));
         assert_eq!(parse_last_event_id(Some(b"0")), Some(0));
-        for bad in [
-            &b""[..],
-            b"-1",
-            b"abc",
-            b"1.5",
-            b"+3",
-            b"99999999999999999999999",
-            b"\xff",
-        ] {
+        for bad in [&b""[..], b"-1", b"abc", b"1.5", b"+3", b"99999999999999999999999", b"\xff"] {
             assert_eq!(parse_last_event_id(Some(bad)), None, "{bad:?}");
         }
         assert_eq!(parse_last_event_id(None), None);
@@ -220,8 +221,12 @@ mod tests {
     }
 
     async fn append_many(log: &Log, n: usize) {
+        let mut pending = Vec::with_capacity(n);
         for i in 0..n {
-            log.append(Event::Text { text: i.to_string() }).await.unwrap();
+            pending.push(log.submit(Event::Text { text: i.to_string() }).await.unwrap());
+        }
+        for p in pending {
+            p.committed().await.unwrap();
         }
         log.append(Event::TurnEnd).await.unwrap();
     }
@@ -230,7 +235,8 @@ mod tests {
     /// then waited for the next live event, stopping short of the log's end.
     #[tokio::test]
     async fn a_lagging_subscriber_reads_the_log_to_its_end() {
-        let log = Arc::new(Log::default());
+        let (_dir, log) = crate::log::tests::temp_log().await;
+        let log = Arc::new(log);
         let stream = attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new());
         let mut stream = Box::pin(stream);
         assert_eq!(&stream.next().await.unwrap().unwrap()[..], CAUGHT_UP.as_bytes());
@@ -245,7 +251,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn attaching_during_appends_sends_each_id_once() {
         for round in 0..20 {
-            let log = Arc::new(Log::default());
+            let (_dir, log) = crate::log::tests::temp_log().await;
+            let log = Arc::new(log);
             let writer = tokio::spawn({
                 let log = log.clone();
                 async move {
@@ -272,13 +279,7 @@ mod tests {
 
     #[test]
     fn frame_is_id_then_one_data_line() {
-        let stored = Stored {
-            id: 3,
-            json: r#"{"kind":"text","text":"a\nb","id":3}"#.into(),
-        };
-        assert_eq!(
-            &frame(&stored)[..],
-            b"id: 3\ndata: {\"kind\":\"text\",\"text\":\"a\\nb\",\"id\":3}\n\n"
-        );
+        let stored = Stored { id: 3, json: r#"{"kind":"text","text":"a\nb","id":3}"#.into() };
+        assert_eq!(&frame(&stored)[..], b"id: 3\ndata: {\"kind\":\"text\",\"text\":\"a\\nb\",\"id\":3}\n\n");
     }
 }

@@ -5,6 +5,7 @@
 //! ended. It never appends `turn_end`: the session does that, so that the
 //! end of a turn and the freeing of the session's turn slot are one step.
 
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -20,6 +21,8 @@ use crate::agent::translate::translate;
 use crate::config::AgentConfig;
 use crate::event::Event;
 use crate::log::{Log, LogError};
+use crate::session::turn_marker;
+use crate::store::Pending;
 
 /// Longest error message taken from the agent's stderr (SPEC §5).
 const ERROR_CHARS: usize = 500;
@@ -84,13 +87,11 @@ impl Ending {
             Ending::Failed { status, stderr } => {
                 let trimmed = stderr.trim();
                 if trimmed.is_empty() {
-                    error(
-                        match (status.code(), std::os::unix::process::ExitStatusExt::signal(status)) {
-                            (Some(code), _) => format!("exit {code}"),
-                            (None, Some(signal)) => format!("killed by signal {signal}"),
-                            (None, None) => status.to_string(),
-                        },
-                    )
+                    error(match (status.code(), std::os::unix::process::ExitStatusExt::signal(status)) {
+                        (Some(code), _) => format!("exit {code}"),
+                        (None, Some(signal)) => format!("killed by signal {signal}"),
+                        (None, None) => status.to_string(),
+                    })
                 } else {
                     error(trimmed.chars().take(ERROR_CHARS).collect())
                 }
@@ -139,10 +140,7 @@ impl Runner {
         let _slot = match self.wait_for_slot(log, stops).await {
             Ok(permit) => permit,
             Err(ending) => {
-                return Outcome {
-                    ending,
-                    agent_session_started: started,
-                };
+                return Outcome { ending, agent_session_started: started };
             }
         };
         let mut ending = self.run_agent(&request, log, stops, &mut started).await;
@@ -159,19 +157,14 @@ impl Runner {
             started = true;
             ending = self.run_agent(&request, log, stops, &mut started).await;
         }
-        Outcome {
-            ending,
-            agent_session_started: started,
-        }
+        Outcome { ending, agent_session_started: started }
     }
 
     async fn wait_for_slot(&self, log: &Log, stops: &Stops) -> Result<SemaphorePermit<'_>, Ending> {
         if let Ok(permit) = self.slots.try_acquire() {
             return Ok(permit);
         }
-        let waiting = Event::Status {
-            text: "waiting for a free agent slot".into(),
-        };
+        let waiting = Event::Status { text: "waiting for a free agent slot".into() };
         log.append(waiting).await.map_err(Ending::LogFailed)?;
         tokio::select! {
             permit = self.slots.acquire() => permit.map_err(|_| Ending::Shutdown),
@@ -192,10 +185,16 @@ impl Runner {
         };
         let began = Instant::now();
         tracing::info!(session = %request.session_id, pgid = agent.pgid(), resume = request.resume, "agent started");
+        // Recorded so that a restart can kill what this turn leaves behind.
+        if let Err(err) = log.store().set_turn_pgid(request.session_id, Some(agent.pgid())).await {
+            agent.kill_group(Duration::ZERO).await;
+            let _ = agent.reap().await;
+            return Ending::LogFailed(err);
+        }
+        let mut output = Output::new(log, started);
 
         let deadline = tokio::time::sleep(self.agent.turn_timeout);
         tokio::pin!(deadline);
-        let mut saw_result = false;
         let stopped = loop {
             tokio::select! {
                 _ = stops.cancel.cancelled() => break Some(Ending::Cancelled),
@@ -204,7 +203,7 @@ impl Runner {
                 _ = agent.exit.wait() => break None,
                 line = agent.stdout.next_line() => match line {
                     Ok(Some(line)) => {
-                        if let Err(err) = append_line(line, log, &mut saw_result, started).await {
+                        if let Err(err) = output.line(line).await {
                             break Some(Ending::LogFailed(err));
                         }
                     }
@@ -221,11 +220,7 @@ impl Runner {
             }
         };
 
-        let grace = if stopped.is_some() {
-            self.agent.kill_grace
-        } else {
-            Duration::ZERO
-        };
+        let grace = if stopped.is_some() { self.agent.kill_grace } else { Duration::ZERO };
         agent.kill_group(grace).await;
         if stopped.is_none() {
             // What the agent wrote before it exited is still in the pipe.
@@ -237,7 +232,7 @@ impl Runner {
                     line = agent.stdout.next_line() => line,
                 };
                 let Ok(Some(line)) = line else { break };
-                if let Err(err) = append_line(line, log, &mut saw_result, started).await {
+                if let Err(err) = output.line(line).await {
                     let _ = agent.reap().await;
                     return Ending::LogFailed(err);
                 }
@@ -245,16 +240,17 @@ impl Runner {
         }
         let finished = agent.reap().await;
         tracing::debug!(session = %request.session_id, elapsed_ms = began.elapsed().as_millis() as u64, "agent reaped");
+        let saw_result = output.saw_result;
+        if let Err(err) = output.flush().await {
+            return Ending::LogFailed(err);
+        }
         if let Some(ending) = stopped {
             return ending;
         }
         match finished.status {
             Ok(status) if status.success() && saw_result => Ending::Completed,
             Ok(status) if status.success() => Ending::NoResult,
-            Ok(status) => Ending::Failed {
-                status,
-                stderr: String::from_utf8_lossy(&finished.stderr).into_owned(),
-            },
+            Ok(status) => Ending::Failed { status, stderr: String::from_utf8_lossy(&finished.stderr).into_owned() },
             Err(err) => Ending::CannotStart(format!("lost track of the agent: {err}")),
         }
     }
@@ -287,35 +283,63 @@ impl Runner {
         } else {
             Some(request.prompt.clone().into_bytes())
         };
-        Spec {
-            program: self.agent.program.clone(),
-            args,
-            cwd,
-            stdin,
-        }
+        Spec { program: self.agent.program.clone(), args, cwd, stdin, marker: turn_marker(request.session_id) }
     }
 }
 
 /// Linux refuses a single argv string of 128 KiB or more (MAX_ARG_STRLEN).
 const MAX_PROMPT_ARG: usize = 128 * 1024 - 1;
 
-async fn append_line(line: Line, log: &Log, saw_result: &mut bool, started: &mut bool) -> Result<(), LogError> {
-    let Line::Complete(raw) = line else {
-        tracing::debug!("skipped an over-long agent line");
-        return Ok(());
-    };
-    let Some(parsed) = line::parse(&raw) else {
-        return Ok(());
-    };
-    match parsed {
-        AgentLine::Init { .. } => *started = true,
-        AgentLine::Result(_) => *saw_result = true,
-        _ => {}
+/// Events on their way into the log. Up to [`IN_FLIGHT`] are submitted
+/// without waiting for their commit, so a flooding agent fills whole
+/// transactions instead of waiting for one commit per event.
+struct Output<'a> {
+    log: &'a Log,
+    pending: VecDeque<Pending>,
+    saw_result: bool,
+    started: &'a mut bool,
+}
+
+/// Events of one turn submitted and not yet known to be committed.
+const IN_FLIGHT: usize = 256;
+
+impl<'a> Output<'a> {
+    fn new(log: &'a Log, started: &'a mut bool) -> Self {
+        Output { log, pending: VecDeque::new(), saw_result: false, started }
     }
-    for event in translate(parsed) {
-        log.append(event).await?;
+
+    /// Translates one line of the agent's output and submits its events.
+    async fn line(&mut self, line: Line) -> Result<(), LogError> {
+        let Line::Complete(raw) = line else {
+            tracing::debug!("skipped an over-long agent line");
+            return Ok(());
+        };
+        let Some(parsed) = line::parse(&raw) else {
+            return Ok(());
+        };
+        match parsed {
+            AgentLine::Init { .. } => *self.started = true,
+            AgentLine::Result(_) => self.saw_result = true,
+            _ => {}
+        }
+        for event in translate(parsed) {
+            if self.pending.len() >= IN_FLIGHT
+                && let Some(oldest) = self.pending.pop_front()
+            {
+                oldest.committed().await?;
+            }
+            self.pending.push_back(self.log.submit(event).await?);
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// Waits until everything submitted is committed.
+    async fn flush(&mut self) -> Result<(), LogError> {
+        while let Some(pending) = self.pending.pop_front() {
+            pending.committed().await?;
+        }
+        Ok(())
+    }
 }
 
 /// Creates the workspace and writes the agent definition unless one is there.
@@ -323,12 +347,7 @@ async fn prepare_workspace(workspace: &Path, agent: &str, definition: &str) -> s
     let agents = workspace.join(".claude").join("agents");
     tokio::fs::create_dir_all(&agents).await?;
     let file = agents.join(format!("{agent}.md"));
-    match tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&file)
-        .await
-    {
+    match tokio::fs::OpenOptions::new().write(true).create_new(true).open(&file).await {
         Ok(mut f) => {
             use tokio::io::AsyncWriteExt;
             f.write_all(definition.as_bytes()).await?;

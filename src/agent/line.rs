@@ -80,12 +80,8 @@ pub fn parse(raw: &[u8]) -> Option<AgentLine> {
     };
     Some(match str_field(&obj, "type") {
         Some("system") => system(&obj),
-        Some("assistant") => AgentLine::Assistant {
-            blocks: content(&obj).iter().map(block).collect(),
-        },
-        Some("user") => AgentLine::ToolResults {
-            results: content(&obj).iter().filter_map(tool_result).collect(),
-        },
+        Some("assistant") => AgentLine::Assistant { blocks: content(&obj).iter().map(block).collect() },
+        Some("user") => AgentLine::ToolResults { results: content(&obj).iter().filter_map(tool_result).collect() },
         Some("result") => AgentLine::Result(result(&obj)),
         _ => AgentLine::Other,
     })
@@ -94,9 +90,7 @@ pub fn parse(raw: &[u8]) -> Option<AgentLine> {
 fn system(obj: &Map<String, Value>) -> AgentLine {
     match str_field(obj, "subtype") {
         Some("init") => match str_field(obj, "session_id") {
-            Some(id) => AgentLine::Init {
-                session_id: id.to_owned(),
-            },
+            Some(id) => AgentLine::Init { session_id: id.to_owned() },
             None => AgentLine::OtherSystem,
         },
         Some("api_retry") => AgentLine::ApiRetry {
@@ -110,10 +104,7 @@ fn system(obj: &Map<String, Value>) -> AgentLine {
 
 /// `message.content` of an `assistant` or `user` line, or nothing.
 fn content(obj: &Map<String, Value>) -> &[Value] {
-    obj.get("message")
-        .and_then(|m| m.get("content"))
-        .and_then(Value::as_array)
-        .map_or(&[], Vec::as_slice)
+    obj.get("message").and_then(|m| m.get("content")).and_then(Value::as_array).map_or(&[], Vec::as_slice)
 }
 
 fn block(value: &Value) -> Block {
@@ -147,15 +138,10 @@ fn flatten_content(content: Option<&Value>) -> String {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Array(blocks)) => blocks
             .iter()
-            .map(|b| {
-                match (
-                    b.get("type").and_then(Value::as_str),
-                    b.get("text").and_then(Value::as_str),
-                ) {
-                    (_, Some(text)) => text.to_owned(),
-                    (Some(kind), None) => format!("[{kind}]"),
-                    (None, None) => b.to_string(),
-                }
+            .map(|b| match (b.get("type").and_then(Value::as_str), b.get("text").and_then(Value::as_str)) {
+                (_, Some(text)) => text.to_owned(),
+                (Some(kind), None) => format!("[{kind}]"),
+                (None, None) => b.to_string(),
             })
             .collect::<Vec<_>>()
             .join("\n"),

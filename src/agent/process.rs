@@ -41,6 +41,8 @@ pub struct Spec {
     pub cwd: PathBuf,
     /// Written to the agent's stdin, which is then closed.
     pub stdin: Option<Vec<u8>>,
+    /// `KEY=value` added to the agent's environment (inherited by its children).
+    pub marker: String,
 }
 
 /// A running agent process group.
@@ -83,20 +85,15 @@ impl AgentProcess {
         command
             .args(&spec.args)
             .current_dir(&spec.cwd)
-            .stdin(if spec.stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(if spec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env_remove("API_BEARER_TOKEN")
+            .envs(spec.marker.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
             .process_group(0)
             .kill_on_drop(true);
         let mut child = command.spawn()?;
-        let pid = child
-            .id()
-            .ok_or_else(|| io::Error::other("the agent exited before it could be watched"))?;
+        let pid = child.id().ok_or_else(|| io::Error::other("the agent exited before it could be watched"))?;
         let pid = Pid::from_raw(i32::try_from(pid).map_err(io::Error::other)?);
         let stdout = child.stdout.take().ok_or_else(|| io::Error::other("no stdout pipe"))?;
         let captured = Arc::new(Mutex::new(Captured::default()));
@@ -113,10 +110,7 @@ impl AgentProcess {
             child,
             pgid: pid,
             stdout: LineReader::new(stdout, MAX_LINE),
-            stderr_reader: Some(AbortOnDropHandle::new(tokio::spawn(read_stderr(
-                stderr,
-                captured.clone(),
-            )))),
+            stderr_reader: Some(AbortOnDropHandle::new(tokio::spawn(read_stderr(stderr, captured.clone())))),
             stderr: captured,
             reaped: false,
             _stdin: stdin,
@@ -176,10 +170,38 @@ impl Drop for AgentProcess {
 async fn read_stderr(mut pipe: ChildStderr, into: Arc<Mutex<Captured>>) {
     let mut chunk = vec![0u8; 8192];
     while let Ok(n @ 1..) = pipe.read(&mut chunk).await {
-        into.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keep(&chunk[..n], STDERR_CAP);
+        into.lock().unwrap_or_else(|p| p.into_inner()).keep(&chunk[..n], STDERR_CAP);
     }
+}
+
+/// Kills, with SIGKILL, every process whose environment holds `marker`
+/// (`KEY=value`) and, when `pgid` is known, that is in that group: what a
+/// turn left running when the server died. The marker keeps an unrelated
+/// group that reused the id safe, and finds the turn's processes even when
+/// the server died before it could record the group. Returns how many.
+pub fn kill_leftovers(pgid: Option<i32>, marker: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let in_group = pgid.is_none_or(|pgid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|stat| {
+                stat.rsplit_once(") ").and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse::<i32>().ok())
+            }) == Some(pgid)
+        });
+        let marked = || {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == marker.as_bytes()))
+        };
+        if in_group && marked() && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+            killed += 1;
+        }
+    }
+    killed
 }
 
 /// How the leader ended, and what it said on stderr.
@@ -221,12 +243,7 @@ pub struct LineReader<R> {
 
 impl<R: AsyncRead + Unpin> LineReader<R> {
     pub fn new(reader: R, max: usize) -> Self {
-        LineReader {
-            inner: BufReader::new(reader),
-            max,
-            line: Vec::new(),
-            skipping: None,
-        }
+        LineReader { inner: BufReader::new(reader), max, line: Vec::new(), skipping: None }
     }
 
     /// Cancel-safe: all state lives in `self` between awaits.
@@ -283,10 +300,7 @@ mod tests {
 
     #[tokio::test]
     async fn splits_lines_and_keeps_an_unterminated_last_line() {
-        assert_eq!(
-            lines(b"a\n\nbc\nd", 10).await,
-            vec![complete("a"), complete(""), complete("bc"), complete("d")]
-        );
+        assert_eq!(lines(b"a\n\nbc\nd", 10).await, vec![complete("a"), complete(""), complete("bc"), complete("d")]);
         assert_eq!(lines(b"", 10).await, vec![]);
     }
 
@@ -295,10 +309,7 @@ mod tests {
         let mut input = b"ok\n".to_vec();
         input.extend(std::iter::repeat_n(b'x', 100_000));
         input.extend_from_slice(b"\nafter\n");
-        assert_eq!(
-            lines(&input, 1000).await,
-            vec![complete("ok"), Line::TooLong { len: 100_000 }, complete("after")]
-        );
+        assert_eq!(lines(&input, 1000).await, vec![complete("ok"), Line::TooLong { len: 100_000 }, complete("after")]);
     }
 
     #[tokio::test]

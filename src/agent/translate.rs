@@ -10,11 +10,7 @@ pub const TOOL_RESULT_CAP: usize = 64 * 1024;
 pub fn translate(line: AgentLine) -> Vec<Event> {
     match line {
         AgentLine::Init { session_id } => vec![Event::Session { session_id }],
-        AgentLine::ApiRetry {
-            attempt,
-            max_retries,
-            error,
-        } => {
+        AgentLine::ApiRetry { attempt, max_retries, error } => {
             let count = |n: Option<u64>| n.map_or_else(|| "?".to_owned(), |n| n.to_string());
             let mut text = format!("API retry {} of {}", count(attempt), count(max_retries));
             if let Some(error) = error {
@@ -27,11 +23,7 @@ pub fn translate(line: AgentLine) -> Vec<Event> {
             .into_iter()
             .filter_map(|block| match block {
                 Block::Text(text) if !text.is_empty() => Some(Event::Text { text }),
-                Block::ToolUse { id, name, input } => Some(Event::Tool {
-                    name,
-                    input,
-                    tool_use_id: id,
-                }),
+                Block::ToolUse { id, name, input } => Some(Event::Tool { name, input, tool_use_id: id }),
                 Block::Text(_) | Block::Other => None,
             })
             .collect(),

@@ -22,6 +22,8 @@ pub struct Identity {
     /// `bearer`, or the user name the proxy vouched for.
     pub name: String,
     pub via: Via,
+    /// The TCP peer (the proxy's address, behind one).
+    pub peer: IpAddr,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,20 +49,14 @@ pub fn authenticate(auth: &AuthConfig, headers: &HeaderMap, peer: IpAddr) -> Res
     if let (Some(expected), Some(given)) = (&auth.bearer_token, bearer(headers))
         && bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
     {
-        return Ok(Identity {
-            name: "bearer".into(),
-            via: Via::Bearer,
-        });
+        return Ok(Identity { name: "bearer".into(), via: Via::Bearer, peer });
     }
     if is_trusted(auth, peer)
         && let Some(user) = headers.get(&auth.user_header).and_then(|v| v.to_str().ok())
     {
         let user = user.trim();
         if !user.is_empty() {
-            return Ok(Identity {
-                name: user.chars().take(256).collect(),
-                via: Via::ProxyHeader,
-            });
+            return Ok(Identity { name: user.chars().take(256).collect(), via: Via::ProxyHeader, peer });
         }
     }
     Err(ApiError::Unauthorized("not authenticated".into()))
@@ -97,11 +93,8 @@ pub fn check_same_site(method: &Method, headers: &HeaderMap, identity: &Identity
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(());
     };
-    let origin_host = origin
-        .to_str()
-        .ok()
-        .and_then(|o| o.split_once("://"))
-        .map(|(_, rest)| rest.trim_end_matches('/'));
+    let origin_host =
+        origin.to_str().ok().and_then(|o| o.split_once("://")).map(|(_, rest)| rest.trim_end_matches('/'));
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
     match (origin_host, host) {
         (Some(o), Some(h)) if o.eq_ignore_ascii_case(h) => Ok(()),
@@ -139,10 +132,7 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (k, v) in pairs {
-            map.insert(
-                k.parse::<axum::http::HeaderName>().unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
+            map.insert(k.parse::<axum::http::HeaderName>().unwrap(), HeaderValue::from_str(v).unwrap());
         }
         map
     }
@@ -152,11 +142,7 @@ mod tests {
 
     #[test]
     fn nothing_configured_refuses_even_a_token() {
-        let err = authenticate(
-            &config(None, &[]),
-            &headers(&[("authorization", "Bearer x")]),
-            INSIDE.parse().unwrap(),
-        );
+        let err = authenticate(&config(None, &[]), &headers(&[("authorization", "Bearer x")]), INSIDE.parse().unwrap());
         assert!(matches!(err, Err(ApiError::Unauthorized(m)) if m.contains("API_BEARER_TOKEN")));
     }
 
@@ -165,22 +151,12 @@ mod tests {
         let auth = config(Some("s3cret"), &[]);
         let peer = OUTSIDE.parse().unwrap();
         assert_eq!(
-            authenticate(&auth, &headers(&[("authorization", "Bearer s3cret")]), peer)
-                .unwrap()
-                .via,
+            authenticate(&auth, &headers(&[("authorization", "Bearer s3cret")]), peer).unwrap().via,
             Via::Bearer
         );
-        assert_eq!(
-            authenticate(&auth, &headers(&[("authorization", "bearer s3cret")]), peer)
-                .unwrap()
-                .name,
-            "bearer"
-        );
+        assert_eq!(authenticate(&auth, &headers(&[("authorization", "bearer s3cret")]), peer).unwrap().name, "bearer");
         for wrong in ["Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret", "Bearer "] {
-            assert!(
-                authenticate(&auth, &headers(&[("authorization", wrong)]), peer).is_err(),
-                "{wrong}"
-            );
+            assert!(authenticate(&auth, &headers(&[("authorization", wrong)]), peer).is_err(), "{wrong}");
         }
     }
 
@@ -192,26 +168,14 @@ mod tests {
         assert!(authenticate(&auth, &h, OUTSIDE.parse().unwrap()).is_err());
         let mapped: IpAddr = "::ffff:10.9.9.9".parse().unwrap();
         assert_eq!(authenticate(&auth, &h, mapped).unwrap().via, Via::ProxyHeader);
-        assert!(
-            authenticate(
-                &auth,
-                &headers(&[("x-authentik-username", " ")]),
-                INSIDE.parse().unwrap()
-            )
-            .is_err()
-        );
+        assert!(authenticate(&auth, &headers(&[("x-authentik-username", " ")]), INSIDE.parse().unwrap()).is_err());
     }
 
     #[test]
     fn cross_site_posts_with_ambient_credentials_are_refused() {
-        let proxy = Identity {
-            name: "alice".into(),
-            via: Via::ProxyHeader,
-        };
-        let bearer = Identity {
-            name: "bearer".into(),
-            via: Via::Bearer,
-        };
+        let peer: IpAddr = INSIDE.parse().unwrap();
+        let proxy = Identity { name: "alice".into(), via: Via::ProxyHeader, peer };
+        let bearer = Identity { name: "bearer".into(), via: Via::Bearer, peer };
         let post = Method::POST;
         let cases: &[(&[(&str, &str)], bool)] = &[
             (&[], true),
@@ -219,14 +183,8 @@ mod tests {
             (&[("sec-fetch-site", "none")], true),
             (&[("sec-fetch-site", "cross-site")], false),
             (&[("sec-fetch-site", "same-site")], false),
-            (
-                &[("origin", "https://console.example"), ("host", "console.example")],
-                true,
-            ),
-            (
-                &[("origin", "https://evil.example"), ("host", "console.example")],
-                false,
-            ),
+            (&[("origin", "https://console.example"), ("host", "console.example")], true),
+            (&[("origin", "https://evil.example"), ("host", "console.example")], false),
             (&[("origin", "null"), ("host", "console.example")], false),
         ];
         for (pairs, allowed) in cases {

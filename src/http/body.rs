@@ -27,11 +27,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 ApiError::BadRequest(rejection.body_text())
             }
         })?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|err| match err.classify() {
-                serde_json::error::Category::Data => ApiError::Unprocessable(format!("invalid request body: {err}")),
-                _ => ApiError::BadRequest(format!("request body is not JSON: {err}")),
-            })
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|err| match err.classify() {
+            serde_json::error::Category::Data => ApiError::Unprocessable(format!("invalid request body: {err}")),
+            _ => ApiError::BadRequest(format!("request body is not JSON: {err}")),
+        })
     }
 }

@@ -58,11 +58,21 @@ impl IntoResponse for ApiError {
         }
         let mut response = (status, Json(json!({ "detail": self.to_string() }))).into_response();
         if status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                axum::http::header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Bearer"),
-            );
+            response
+                .headers_mut()
+                .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+/// Storage that cannot be written or read is the server's trouble, said
+/// plainly: 503 with what went wrong (the disk is full, …).
+impl From<crate::store::StoreError> for ApiError {
+    fn from(err: crate::store::StoreError) -> Self {
+        match err {
+            crate::store::StoreError::NoSession => ApiError::session_not_found(),
+            other => ApiError::Unavailable(other.to_string()),
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! [`router`] is a plain function of the shared state, so tests can build
 //! the whole application without a socket.
 
+mod audit;
 pub mod auth;
 mod body;
 pub mod error;
@@ -10,8 +11,10 @@ mod power;
 mod sessions;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::DefaultBodyLimit;
+use axum::extract::State;
 use axum::http::{Method, Request, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{any, get};
@@ -39,17 +42,27 @@ pub struct AppState {
     pub power: Arc<Power>,
     /// Fires when attach streams must end (after turns have drained).
     pub streams_end: CancellationToken,
+    /// Audit records that could not be written (SPEC: logged and counted).
+    pub audit_failures: Arc<AtomicU64>,
+}
+
+/// Milliseconds since the epoch as RFC 3339 (UTC, milliseconds).
+pub fn rfc3339(ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(at).to_string()
 }
 
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .merge(sessions::router())
+        .merge(audit::router())
         .merge(power::router())
         .fallback(api_not_found)
         .method_not_allowed_fallback(api_method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), auth::require));
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/", get(index))
         .nest("/api", api)
         // `nest` leaves these two to the outer fallback; they are API paths too.
@@ -71,6 +84,17 @@ async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok", "service": "breakglass" }))
 }
 
+/// Prometheus text format (no auth: counters only, nothing about sessions).
+async fn metrics(State(state): State<AppState>) -> Response {
+    let body = format!(
+        "# HELP breakglass_audit_failures_total Audit records that could not be written.\n\
+         # TYPE breakglass_audit_failures_total counter\n\
+         breakglass_audit_failures_total {}\n",
+        state.audit_failures.load(Ordering::Relaxed)
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+}
+
 async fn index() -> Html<&'static str> {
     Html(concat!(
         "<!doctype html><meta charset=utf-8><title>breakglass</title>",
@@ -87,10 +111,5 @@ async fn api_method_not_allowed(method: Method) -> ApiError {
 }
 
 async fn not_found() -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        "not found\n",
-    )
-        .into_response()
+    (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "not found\n").into_response()
 }

@@ -1,6 +1,6 @@
 //! `/api/pve/…`: the verb catalogue and running a verb (SPEC §3, §7).
 
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -8,13 +8,13 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use super::AppState;
+use super::audit::{record, record_or_count};
+use super::auth::Identity;
 use super::error::ApiError;
 use crate::power::{PowerError, Verb, catalogue};
 
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/pve/verbs", get(verbs))
-        .route("/pve/{verb}", post(run_verb))
+    Router::new().route("/pve/verbs", get(verbs)).route("/pve/{verb}", post(run_verb))
 }
 
 async fn verbs() -> Json<serde_json::Value> {
@@ -22,21 +22,44 @@ async fn verbs() -> Json<serde_json::Value> {
     Json(json!({ "verbs": verbs, "mutating": mutating }))
 }
 
-/// 200 when the host's exit code is 0, 502 otherwise; 400 before any ssh for an unknown verb.
-async fn run_verb(State(state): State<AppState>, Path(verb): Path<String>) -> Result<Response, ApiError> {
-    let verb: Verb = verb
-        .parse()
-        .map_err(|e: crate::power::UnknownVerb| ApiError::BadRequest(e.to_string()))?;
-    let outcome = state.power.run(verb).await.map_err(|err| match err {
-        PowerError::NotConfigured => ApiError::Unavailable(err.to_string()),
-        PowerError::Busy => ApiError::Conflict(err.to_string()),
-        PowerError::CannotStart { .. } | PowerError::Lost(_) => ApiError::Internal(err.to_string()),
-    })?;
-    tracing::info!(%verb, exit_code = ?outcome.exit_code, "power verb ran");
-    let status = if outcome.exit_code == Some(0) {
-        StatusCode::OK
+/// 200 when the host's exit code is 0, 502 otherwise; 400 before any ssh
+/// for an unknown verb. A mutating verb that cannot be recorded in the audit
+/// trail is not run (503): nothing changes a VM unrecorded.
+async fn run_verb(
+    State(state): State<AppState>,
+    Extension(identity): Extension<Identity>,
+    Path(verb): Path<String>,
+) -> Result<Response, ApiError> {
+    let verb: Verb = verb.parse().map_err(|e: crate::power::UnknownVerb| ApiError::BadRequest(e.to_string()))?;
+    let action = format!("verb.{verb}");
+    let target = state.config.power.host.clone().unwrap_or_default();
+    if verb.is_mutating() {
+        if let Err(err) = record(&state, &identity, &action, &target, "requested").await {
+            tracing::error!(%err, %verb, "refusing a mutating verb: the audit trail cannot be written");
+            return Err(ApiError::Unavailable(format!(
+                "the audit trail cannot be written ({err}); refusing to run {verb}"
+            )));
+        }
     } else {
-        StatusCode::BAD_GATEWAY
+        record_or_count(&state, &identity, &action, &target, "requested").await;
+    }
+    let outcome = match state.power.run(verb).await {
+        Ok(outcome) => outcome,
+        Err(err) => {
+            record_or_count(&state, &identity, &action, &target, &format!("not run: {err}")).await;
+            return Err(match err {
+                PowerError::NotConfigured => ApiError::Unavailable(err.to_string()),
+                PowerError::Busy => ApiError::Conflict(err.to_string()),
+                PowerError::CannotStart { .. } | PowerError::Lost(_) => ApiError::Internal(err.to_string()),
+            });
+        }
     };
+    let result = match outcome.exit_code {
+        Some(code) => format!("exit {code}"),
+        None => "timed out".to_owned(),
+    };
+    record_or_count(&state, &identity, &action, &target, &result).await;
+    tracing::info!(%verb, exit_code = ?outcome.exit_code, by = %identity.name, "power verb ran");
+    let status = if outcome.exit_code == Some(0) { StatusCode::OK } else { StatusCode::BAD_GATEWAY };
     Ok((status, Json(outcome)).into_response())
 }

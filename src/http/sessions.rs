@@ -1,40 +1,98 @@
-//! `/api/session…`: open, attach, prompt, cancel (SPEC §3–§5).
+//! `/api/session…`: open, attach, prompt, cancel (SPEC §3–§5), and the
+//! session list, one session, and its export.
 
-use axum::extract::{Extension, Path, State};
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 use uuid::Uuid;
 
+use super::audit::record_or_count;
 use super::auth::Identity;
 use super::body::JsonBody;
 use super::error::ApiError;
-use super::{AppState, MAX_PROMPT_CHARS};
+use super::{AppState, MAX_PROMPT_CHARS, rfc3339};
 use crate::config::validate_model;
+use crate::export::{Format, export};
 use crate::session::{Session, StartError};
 use crate::sse;
-use std::sync::Arc;
+use crate::store::SessionRow;
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/session", post(open))
+        .route("/sessions", get(list))
+        .route("/session/{id}", get(one))
         .route("/session/{id}/stream", get(attach))
         .route("/session/{id}/prompt", post(prompt))
         .route("/session/{id}/cancel", post(cancel))
+        .route("/session/{id}/export", get(export_session))
 }
 
-fn find(state: &AppState, id: &str) -> Result<Arc<Session>, ApiError> {
-    let id = Uuid::parse_str(id).map_err(|_| ApiError::session_not_found())?;
-    state.sessions.get(id).ok_or_else(ApiError::session_not_found)
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::session_not_found())
 }
 
-async fn open(State(state): State<AppState>, Extension(identity): Extension<Identity>) -> Json<serde_json::Value> {
-    let session = state.sessions.create();
+async fn find(state: &AppState, id: &str) -> Result<Arc<Session>, ApiError> {
+    state.sessions.get(parse_id(id)?).await?.ok_or_else(ApiError::session_not_found)
+}
+
+async fn open(
+    State(state): State<AppState>,
+    Extension(identity): Extension<Identity>,
+) -> Result<Json<Value>, ApiError> {
+    let session = match state.sessions.create().await {
+        Ok(session) => session,
+        Err(err) => {
+            record_or_count(&state, &identity, "session.open", "", &format!("failed: {err}")).await;
+            return Err(err.into());
+        }
+    };
     tracing::info!(session = %session.id, by = %identity.name, "session opened");
-    Json(json!({ "session_id": session.id.to_string() }))
+    record_or_count(&state, &identity, "session.open", &session.id.to_string(), "ok").await;
+    Ok(Json(json!({ "session_id": session.id.to_string() })))
+}
+
+/// What the API says of a session.
+fn session_json(row: &SessionRow) -> Value {
+    json!({
+        "id": row.id.to_string(),
+        "title": row.title,
+        "created": rfc3339(row.created_ms),
+        "last_activity": rfc3339(row.last_activity_ms),
+        "running": row.turn_running,
+        "event_count": row.event_count,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+    /// Sessions created before this session (the last of the previous page).
+    before: Option<String>,
+}
+
+/// Newest first.
+async fn list(State(state): State<AppState>, Query(query): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
+    let limit = query.limit.unwrap_or(50).clamp(1, 500);
+    let store = state.sessions.store();
+    let before_ms = match &query.before {
+        Some(id) => Some(store.session(parse_id(id)?).await?.ok_or_else(ApiError::session_not_found)?.created_ms),
+        None => None,
+    };
+    let rows = store.sessions(before_ms, limit).await?;
+    Ok(Json(json!({ "sessions": rows.iter().map(session_json).collect::<Vec<_>>() })))
+}
+
+async fn one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let row = state.sessions.store().session(parse_id(&id)?).await?.ok_or_else(ApiError::session_not_found)?;
+    Ok(Json(session_json(&row)))
 }
 
 /// Attach (SPEC §4): backlog, `caught-up`, live tail.
@@ -43,33 +101,24 @@ async fn attach(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let session = find(&state, &id)?;
+    let session = find(&state, &id).await?;
     let mut last = sse::parse_last_event_id(headers.get("last-event-id").map(HeaderValue::as_bytes));
     // An id this log never issued (a log from another life): replay it all.
     if let Some(id) = last {
-        let next = session
-            .log
-            .next_id()
-            .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        let next = session.log.next_id().await?;
         if id >= next {
             tracing::warn!(session = %session.id, last_event_id = id, next, "Last-Event-ID beyond the log; replaying it all");
             last = None;
         }
     }
-    let stream = sse::attach(
-        session.log.clone(),
-        last,
-        state.config.sse_keepalive,
-        state.streams_end.clone(),
-    );
+    let stream = sse::attach(session.log.clone(), last, state.config.sse_keepalive, state.streams_end.clone());
     Ok((
         [
             (header::CONTENT_TYPE, "text/event-stream"),
             (header::CACHE_CONTROL, "no-cache"),
             (header::HeaderName::from_static("x-accel-buffering"), "no"),
         ],
-        axum::body::Body::from_stream(stream),
+        Body::from_stream(stream),
     )
         .into_response())
 }
@@ -86,8 +135,8 @@ async fn prompt(
     Extension(identity): Extension<Identity>,
     Path(id): Path<String>,
     JsonBody(body): JsonBody<PromptBody>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let session = find(&state, &id)?;
+) -> Result<Json<Value>, ApiError> {
+    let session = find(&state, &id).await?;
     if body.prompt.trim().is_empty() {
         return Err(ApiError::Unprocessable("prompt is empty".into()));
     }
@@ -107,18 +156,22 @@ async fn prompt(
         }
         None => state.config.agent.default_model.clone(),
     };
-    match state
-        .sessions
-        .start_turn(&session, body.prompt, model, identity.name.clone())
-        .await
-    {
+    let target = session.id.to_string();
+    let result = state.sessions.start_turn(&session, body.prompt, model, identity.name.clone()).await;
+    let outcome = match &result {
+        Ok(()) => "started".to_owned(),
+        Err(err) => format!("refused: {err}"),
+    };
+    // A prompt is never blocked by the audit trail: an incident comes first.
+    record_or_count(&state, &identity, "prompt", &target, &outcome).await;
+    match result {
         Ok(()) => {
             tracing::info!(session = %session.id, by = %identity.name, chars, "prompt accepted");
             Ok(Json(json!({ "status": "started" })))
         }
         Err(StartError::Busy) => Err(ApiError::Conflict("a turn is already running".into())),
         Err(err @ StartError::ShuttingDown) => Err(ApiError::Unavailable(err.to_string())),
-        Err(err @ StartError::Log(_)) => Err(ApiError::Unavailable(err.to_string())),
+        Err(StartError::Log(err)) => Err(err.into()),
     }
 }
 
@@ -126,9 +179,40 @@ async fn cancel(
     State(state): State<AppState>,
     Extension(identity): Extension<Identity>,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let session = find(&state, &id)?;
+) -> Result<Json<Value>, ApiError> {
+    let session = find(&state, &id).await?;
     let cancelled = state.sessions.cancel(&session).await;
     tracing::info!(session = %session.id, by = %identity.name, cancelled, "cancel");
+    let outcome = if cancelled { "cancelled" } else { "no turn running" };
+    record_or_count(&state, &identity, "cancel", &session.id.to_string(), outcome).await;
     Ok(Json(json!({ "cancelled": cancelled })))
+}
+
+#[derive(Debug, Deserialize)]
+struct ExportQuery {
+    format: Option<String>,
+}
+
+/// The whole transcript as Markdown (an incident timeline) or JSON Lines,
+/// streamed page by page from the log.
+async fn export_session(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<ExportQuery>,
+) -> Result<Response, ApiError> {
+    let row = state.sessions.store().session(parse_id(&id)?).await?.ok_or_else(ApiError::session_not_found)?;
+    let format = match query.format.as_deref().unwrap_or("md") {
+        "md" | "markdown" => Format::Markdown,
+        "jsonl" | "ndjson" => Format::JsonLines,
+        other => return Err(ApiError::BadRequest(format!("unknown export format {other:?}: use md or jsonl"))),
+    };
+    let (content_type, extension) = match format {
+        Format::Markdown => ("text/markdown; charset=utf-8", "md"),
+        Format::JsonLines => ("application/x-ndjson", "jsonl"),
+    };
+    let disposition = format!("attachment; filename=\"breakglass-{}.{extension}\"", row.id);
+    let stream = export(state.sessions.store().clone(), row, format);
+    let body = Body::from_stream(futures_util::StreamExt::map(stream, Ok::<Bytes, std::io::Error>));
+    Ok(([(header::CONTENT_TYPE, content_type.to_owned()), (header::CONTENT_DISPOSITION, disposition)], body)
+        .into_response())
 }

@@ -25,11 +25,7 @@ async fn replay_sends_every_event_in_order_then_caught_up() {
     assert_eq!(replay[0]["text"], "replay basic");
     assert_eq!(replay[0]["by"], "bearer");
     assert_eq!(replay[1]["session_id"], session, "the CLI's init names our session id");
-    assert!(
-        again.raw.starts_with(b"id: 0\ndata: {"),
-        "{:?}",
-        String::from_utf8_lossy(&again.raw[..40])
-    );
+    assert!(again.raw.starts_with(b"id: 0\ndata: {"), "{:?}", String::from_utf8_lossy(&again.raw[..40]));
 }
 
 #[tokio::test]
@@ -51,11 +47,7 @@ async fn malformed_or_impossible_last_event_id_means_full_replay() {
     server.run_turn(&session, "replay basic").await;
     for bad in ["abc", "-1", "1.5", "", "99999999999999999999999", "8", "500"] {
         let mut stream = server.attach(&session, Some(bad)).await;
-        assert_eq!(
-            ids(&stream.until_caught_up().await),
-            (0..8).collect::<Vec<_>>(),
-            "Last-Event-ID {bad:?}"
-        );
+        assert_eq!(ids(&stream.until_caught_up().await), (0..8).collect::<Vec<_>>(), "Last-Event-ID {bad:?}");
     }
 }
 
@@ -162,11 +154,7 @@ async fn a_stalled_client_is_cut_off_and_resumes_without_loss() {
     // reaches the end instead of tailing live for ever.
     let mut got = Vec::new();
     let read = tokio::time::timeout(DEADLINE, stalled.read_to_end(&mut got)).await;
-    assert!(
-        read.is_ok(),
-        "the stalled connection was never closed; read {} bytes",
-        got.len()
-    );
+    assert!(read.is_ok(), "the stalled connection was never closed; read {} bytes", got.len());
     let text = String::from_utf8_lossy(&got);
     let received: Vec<u64> = text
         .split("\n\n")
@@ -206,11 +194,7 @@ async fn unknown_sessions_are_404_json() {
     for id in ["00000000-0000-0000-0000-000000000000", "not-a-uuid"] {
         for (method, path) in [("GET", "stream"), ("POST", "prompt"), ("POST", "cancel")] {
             let url = format!("/api/session/{id}/{path}");
-            let request = if method == "GET" {
-                server.get(&url)
-            } else {
-                server.post(&url)
-            };
+            let request = if method == "GET" { server.get(&url) } else { server.post(&url) };
             let response = request.json(&serde_json::json!({"prompt": "hi"})).send().await.unwrap();
             assert_eq!(response.status(), 404, "{method} {url}");
             let body: Value = response.json().await.unwrap();

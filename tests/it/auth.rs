@@ -14,35 +14,18 @@ async fn status_of(request: reqwest::RequestBuilder) -> (u16, Value) {
 
 #[tokio::test]
 async fn the_auth_matrix() {
-    let server = Server::options()
-        .env("BREAKGLASS_TRUSTED_PROXIES", "127.0.0.0/8,10.0.0.0/8")
-        .start();
+    let server = Server::options().env("BREAKGLASS_TRUSTED_PROXIES", "127.0.0.0/8,10.0.0.0/8").start();
     let url = server.url("/api/session");
     let c = &server.client;
     let (none, body) = status_of(c.post(&url)).await;
     assert_eq!((none, body["detail"].as_str()), (401, Some("not authenticated")));
     assert_eq!(status_of(c.post(&url).bearer_auth("wrong")).await.0, 401);
     assert_eq!(status_of(c.post(&url).bearer_auth(TOKEN)).await.0, 200);
-    assert_eq!(
-        status_of(c.post(&url).header("X-authentik-username", "alice")).await.0,
-        200
-    );
+    assert_eq!(status_of(c.post(&url).header("X-authentik-username", "alice")).await.0, 200);
     assert_eq!(status_of(c.post(&url).header("X-authentik-username", "")).await.0, 401);
     // A wrong token does not hide a valid proxy identity.
-    assert_eq!(
-        status_of(
-            c.post(&url)
-                .bearer_auth("wrong")
-                .header("X-authentik-username", "alice")
-        )
-        .await
-        .0,
-        200
-    );
-    assert_eq!(
-        status_of(c.get(server.url("/health"))).await,
-        (200, json!({"status": "ok", "service": "breakglass"}))
-    );
+    assert_eq!(status_of(c.post(&url).bearer_auth("wrong").header("X-authentik-username", "alice")).await.0, 200);
+    assert_eq!(status_of(c.get(server.url("/health"))).await, (200, json!({"status": "ok", "service": "breakglass"})));
 }
 
 #[tokio::test]
@@ -51,12 +34,8 @@ async fn the_proxy_identity_is_recorded_with_the_prompt() {
     let as_alice = |r: reqwest::RequestBuilder| r.header("X-authentik-username", "alice");
     let (_, opened) = status_of(as_alice(server.client.post(server.url("/api/session")))).await;
     let session = opened["session_id"].as_str().unwrap().to_owned();
-    let prompt = as_alice(
-        server
-            .client
-            .post(server.url(&format!("/api/session/{session}/prompt"))),
-    )
-    .json(&json!({"prompt": "replay basic"}));
+    let prompt = as_alice(server.client.post(server.url(&format!("/api/session/{session}/prompt"))))
+        .json(&json!({"prompt": "replay basic"}));
     assert_eq!(status_of(prompt).await.0, 200);
     let mut stream = server.attach(&session, None).await;
     let events = stream.until_turn_end().await;
@@ -66,13 +45,8 @@ async fn the_proxy_identity_is_recorded_with_the_prompt() {
 
 #[tokio::test]
 async fn the_proxy_header_from_an_untrusted_peer_is_ignored() {
-    let server = Server::options()
-        .env("BREAKGLASS_TRUSTED_PROXIES", "10.0.0.0/8")
-        .start();
-    let request = server
-        .client
-        .post(server.url("/api/session"))
-        .header("X-authentik-username", "mallory");
+    let server = Server::options().env("BREAKGLASS_TRUSTED_PROXIES", "10.0.0.0/8").start();
+    let request = server.client.post(server.url("/api/session")).header("X-authentik-username", "mallory");
     assert_eq!(status_of(request).await.0, 401);
 }
 
@@ -83,18 +57,8 @@ async fn a_custom_user_header_name() {
         .env("BREAKGLASS_TRUSTED_USER_HEADER", "X-Forwarded-User")
         .start();
     let url = server.url("/api/pve/verbs");
-    assert_eq!(
-        status_of(server.client.get(&url).header("X-Forwarded-User", "bob"))
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        status_of(server.client.get(&url).header("X-authentik-username", "bob"))
-            .await
-            .0,
-        401
-    );
+    assert_eq!(status_of(server.client.get(&url).header("X-Forwarded-User", "bob")).await.0, 200);
+    assert_eq!(status_of(server.client.get(&url).header("X-authentik-username", "bob")).await.0, 401);
 }
 
 #[tokio::test]
@@ -103,10 +67,7 @@ async fn with_nothing_configured_every_api_request_is_refused() {
     let (status, body) = status_of(server.client.get(server.url("/api/pve/verbs")).bearer_auth(TOKEN)).await;
     assert_eq!(status, 401);
     assert!(body["detail"].as_str().unwrap().contains("API_BEARER_TOKEN"), "{body}");
-    assert!(
-        server.log().contains("no authentication configured"),
-        "start-up warning"
-    );
+    assert!(server.log().contains("no authentication configured"), "start-up warning");
     assert_eq!(status_of(server.client.get(server.url("/health"))).await.0, 200);
 }
 
@@ -115,10 +76,7 @@ async fn cross_site_posts_with_the_proxy_header_are_refused() {
     let server = Server::options().env("BREAKGLASS_TRUSTED_PROXIES", "127.0.0.1").start();
     let host = server.base.trim_start_matches("http://").to_owned();
     let post = |site: Option<&str>, origin: Option<&str>| {
-        let mut request = server
-            .client
-            .post(server.url("/api/session"))
-            .header("X-authentik-username", "alice");
+        let mut request = server.client.post(server.url("/api/session")).header("X-authentik-username", "alice");
         if let Some(site) = site {
             request = request.header("Sec-Fetch-Site", site);
         }
@@ -128,10 +86,7 @@ async fn cross_site_posts_with_the_proxy_header_are_refused() {
         request
     };
     let (status, body) = status_of(post(Some("cross-site"), None)).await;
-    assert_eq!(
-        (status, body["detail"].as_str()),
-        (403, Some("cross-site request refused"))
-    );
+    assert_eq!((status, body["detail"].as_str()), (403, Some("cross-site request refused")));
     assert_eq!(status_of(post(Some("same-site"), None)).await.0, 403);
     assert_eq!(status_of(post(None, Some("https://evil.example"))).await.0, 403);
     assert_eq!(status_of(post(Some("same-origin"), None)).await.0, 200);
@@ -145,10 +100,7 @@ async fn cross_site_posts_with_the_proxy_header_are_refused() {
         .header("Sec-Fetch-Site", "cross-site");
     assert_eq!(status_of(verb).await.0, 403);
     // A bearer token is never ambient, so never refused for this.
-    let bearer = server
-        .client
-        .post(server.url("/api/session"))
-        .bearer_auth(TOKEN)
-        .header("Sec-Fetch-Site", "cross-site");
+    let bearer =
+        server.client.post(server.url("/api/session")).bearer_auth(TOKEN).header("Sec-Fetch-Site", "cross-site");
     assert_eq!(status_of(bearer).await.0, 200);
 }

@@ -11,16 +11,7 @@ use serde_json::Value;
 
 pub const TOKEN: &str = "test-token-0123456789";
 /// The kinds of the events of one turn replaying the `basic` transcript.
-pub const BASIC: [&str; 8] = [
-    "user",
-    "session",
-    "text",
-    "tool",
-    "tool_result",
-    "text",
-    "result",
-    "turn_end",
-];
+pub const BASIC: [&str; 8] = ["user", "session", "text", "tool", "tool_result", "text", "result", "turn_end"];
 /// Upper bound for anything a test waits for; never a sleep.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -76,11 +67,7 @@ impl Server {
 
     fn start_with(options: Options) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
-        let path = format!(
-            "{}:{}",
-            repo().join("tests/fake-bin").display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
+        let path = format!("{}:{}", repo().join("tests/fake-bin").display(), std::env::var("PATH").unwrap_or_default());
         let mut command = Command::new(env!("CARGO_BIN_EXE_breakglass"));
         command
             .arg("serve")
@@ -121,12 +108,7 @@ impl Server {
                 break url.to_owned();
             }
         };
-        Server {
-            child: Some(child),
-            base,
-            dir,
-            client: reqwest::Client::new(),
-        }
+        Server { child: Some(child), base, dir, client: reqwest::Client::new() }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -177,12 +159,7 @@ impl Server {
     pub async fn start_turn(&self, session: &str, prompt: &str) {
         let response = self.prompt(session, prompt).await;
         let status = response.status();
-        assert_eq!(
-            status,
-            200,
-            "prompt refused: {}",
-            response.text().await.unwrap_or_default()
-        );
+        assert_eq!(status, 200, "prompt refused: {}", response.text().await.unwrap_or_default());
     }
 
     pub async fn attach(&self, session: &str, last_event_id: Option<&str>) -> Attached {
@@ -287,9 +264,7 @@ impl Attached {
                 let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
                 return Some(parse_frame(&block[..end]));
             }
-            let chunk = tokio::time::timeout(DEADLINE, self.body.next())
-                .await
-                .expect("attach stream went silent")?;
+            let chunk = tokio::time::timeout(DEADLINE, self.body.next()).await.expect("attach stream went silent")?;
             let chunk = chunk.expect("the attach stream broke instead of ending");
             self.raw.extend_from_slice(&chunk);
             self.buffer.extend_from_slice(&chunk);
@@ -339,11 +314,7 @@ fn parse_frame(block: &[u8]) -> Frame {
         return Frame::CaughtUp;
     }
     let (id_line, data_line) = text.split_once('\n').unwrap_or_else(|| panic!("odd frame {text:?}"));
-    let id = id_line
-        .strip_prefix("id: ")
-        .expect("id field")
-        .parse()
-        .expect("numeric id");
+    let id = id_line.strip_prefix("id: ").expect("id field").parse().expect("numeric id");
     let data: Value = serde_json::from_str(data_line.strip_prefix("data: ").expect("data field")).expect("data JSON");
     assert_eq!(data["id"], id, "id field and JSON id agree");
     Frame::Event { id, data }

@@ -22,10 +22,7 @@ async fn sigterm_closes_running_turns_ends_streams_and_exits_zero() {
     let addr = server.base.trim_start_matches("http://").to_owned();
     let mut half_open = tokio::net::TcpStream::connect(&addr).await.unwrap();
     use tokio::io::AsyncWriteExt;
-    half_open
-        .write_all(b"POST /api/session HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
-        .await
-        .unwrap();
+    half_open.write_all(b"POST /api/session HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc").await.unwrap();
     let status = server.terminate();
     assert!(status.success(), "exit status {status:?}");
     let events = stream.until_turn_end().await;
@@ -39,22 +36,10 @@ async fn sigterm_closes_running_turns_ends_streams_and_exits_zero() {
 #[test]
 fn bad_configuration_is_refused_at_start_with_the_variable_named() {
     let cases = [
-        (
-            "BREAKGLASS_TRUSTED_PROXIES",
-            "10.0.0.0/33",
-            "BREAKGLASS_TRUSTED_PROXIES",
-        ),
-        (
-            "BREAKGLASS_MAX_CONCURRENT_TURNS",
-            "0",
-            "BREAKGLASS_MAX_CONCURRENT_TURNS",
-        ),
+        ("BREAKGLASS_TRUSTED_PROXIES", "10.0.0.0/33", "BREAKGLASS_TRUSTED_PROXIES"),
+        ("BREAKGLASS_MAX_CONCURRENT_TURNS", "0", "BREAKGLASS_MAX_CONCURRENT_TURNS"),
         ("BREAKGLASS_AGENT", "../evil", "BREAKGLASS_AGENT"),
-        (
-            "BREAKGLASS_AGENT_FILE",
-            "/nonexistent/agent.md",
-            "BREAKGLASS_AGENT_FILE",
-        ),
+        ("BREAKGLASS_AGENT_FILE", "/nonexistent/agent.md", "BREAKGLASS_AGENT_FILE"),
         ("BREAKGLASS_LISTEN", "not an address", "BREAKGLASS_LISTEN"),
         ("BREAKGLASS_PVE_HOST", "-oProxyCommand=x", "BREAKGLASS_PVE_HOST"),
     ];
@@ -62,10 +47,7 @@ fn bad_configuration_is_refused_at_start_with_the_variable_named() {
         let output = Command::new(env!("CARGO_BIN_EXE_breakglass"))
             .arg("serve")
             .env(key, value)
-            .env(
-                "BREAKGLASS_DATA_DIR",
-                std::env::temp_dir().join("breakglass-never-used"),
-            )
+            .env("BREAKGLASS_DATA_DIR", std::env::temp_dir().join("breakglass-never-used"))
             .output()
             .unwrap();
         assert_eq!(output.status.code(), Some(1), "{key}={value}");
@@ -76,10 +58,7 @@ fn bad_configuration_is_refused_at_start_with_the_variable_named() {
 
 #[test]
 fn help_lists_every_setting_with_its_variable() {
-    let output = Command::new(env!("CARGO_BIN_EXE_breakglass"))
-        .args(["serve", "--help"])
-        .output()
-        .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_breakglass")).args(["serve", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&output.stdout);
     for var in [
         "BREAKGLASS_LISTEN",
@@ -119,17 +98,9 @@ async fn serve_is_the_default_subcommand() {
         .unwrap();
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(crate::harness::DEADLINE, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let first = tokio::time::timeout(crate::harness::DEADLINE, lines.next_line()).await.unwrap().unwrap().unwrap();
     let url = first.strip_prefix("breakglass listening on ").expect(&first).to_owned();
-    let auth = tokio::time::timeout(crate::harness::DEADLINE, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let auth = tokio::time::timeout(crate::harness::DEADLINE, lines.next_line()).await.unwrap().unwrap().unwrap();
     assert!(auth.contains("every /api request is refused"), "{auth}");
     let health = reqwest::get(format!("{url}/health")).await.unwrap();
     assert_eq!(health.status(), 200);
@@ -157,10 +128,7 @@ async fn a_closed_stdout_does_not_stop_the_server() {
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let url = loop {
-        let line = tokio::time::timeout(crate::harness::DEADLINE, lines.next_line())
-            .await
-            .unwrap()
-            .unwrap();
+        let line = tokio::time::timeout(crate::harness::DEADLINE, lines.next_line()).await.unwrap().unwrap();
         let line = line.expect("the server logged where it listens before exiting");
         if let Some((_, url)) = line.split_once("listening on ") {
             break url.trim().to_owned();

@@ -7,11 +7,7 @@ use crate::harness::{Server, kinds};
 async fn answer(request: reqwest::RequestBuilder) -> (u16, String) {
     let response = request.send().await.unwrap();
     let status = response.status().as_u16();
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/json",
-        "status {status}"
-    );
+    assert_eq!(response.headers()["content-type"], "application/json", "status {status}");
     let body: Value = response.json().await.unwrap();
     (status, body["detail"].as_str().expect("a detail").to_owned())
 }
@@ -21,12 +17,7 @@ async fn malformed_and_oversized_prompts() {
     let server = Server::start();
     let session = server.open_session().await;
     let url = format!("/api/session/{session}/prompt");
-    let json_body = |body: &str| {
-        server
-            .post(&url)
-            .header("content-type", "application/json")
-            .body(body.to_owned())
-    };
+    let json_body = |body: &str| server.post(&url).header("content-type", "application/json").body(body.to_owned());
 
     assert_eq!(answer(json_body("{not json")).await.0, 400);
     assert_eq!(answer(json_body(r#"{"prompt": 5}"#)).await.0, 422);
@@ -37,13 +28,8 @@ async fn malformed_and_oversized_prompts() {
     // The body is read as JSON whatever its Content-Type says (curl --data).
     let (status, detail) = answer(server.post(&url).body(r#"{"prompt":""}"#)).await;
     assert_eq!((status, detail.as_str()), (422, "prompt is empty"));
-    let form = server
-        .post(&url)
-        .header("content-type", "application/x-www-form-urlencoded");
-    assert_eq!(
-        answer(form.body(r#"{"prompt":" "}"#)).await,
-        (422, "prompt is empty".to_owned())
-    );
+    let form = server.post(&url).header("content-type", "application/x-www-form-urlencoded");
+    assert_eq!(answer(form.body(r#"{"prompt":" "}"#)).await, (422, "prompt is empty".to_owned()));
     let (status, detail) = answer(server.post(&url).json(&json!({"prompt": "say a\u{0}b"}))).await;
     assert_eq!((status, detail.as_str()), (422, "prompt contains a NUL character"));
     let (status, detail) = answer(server.post(&url).json(&json!({"prompt": "hi", "model": "--evil"}))).await;
@@ -58,9 +44,7 @@ async fn malformed_and_oversized_prompts() {
 
     // Nothing above reached the log or the agent; the limit itself is accepted.
     assert!(server.agent_runs().is_empty());
-    let events = server
-        .run_turn(&session, &format!("replay basic\n{}", "b".repeat(99_980)))
-        .await;
+    let events = server.run_turn(&session, &format!("replay basic\n{}", "b".repeat(99_980))).await;
     assert_eq!(kinds(&events)[0], "user");
     assert_eq!(events[0]["id"], 0, "the refused prompts left no trace in the log");
 }
@@ -68,16 +52,9 @@ async fn malformed_and_oversized_prompts() {
 #[tokio::test]
 async fn unknown_api_paths_and_methods_are_json() {
     let server = Server::start();
-    assert_eq!(
-        answer(server.get("/api/nope")).await,
-        (404, "no such API endpoint".to_owned())
-    );
+    assert_eq!(answer(server.get("/api/nope")).await, (404, "no such API endpoint".to_owned()));
     assert_eq!(answer(server.get("/api/session")).await.0, 405);
-    assert_eq!(
-        answer(server.client.get(server.url("/api/nope"))).await.0,
-        401,
-        "auth comes first"
-    );
+    assert_eq!(answer(server.client.get(server.url("/api/nope"))).await.0, 401, "auth comes first");
     let page = server.client.get(server.url("/nope")).send().await.unwrap();
     assert_eq!(page.status(), 404);
 }
@@ -94,8 +71,5 @@ async fn power_verbs_catalogue_and_refusals() {
     assert_eq!((status, detail.as_str()), (400, "unknown verb \"reboot\""));
     assert_eq!(answer(server.post("/api/pve/status;rm%20-rf%20%2F")).await.0, 400);
     let (status, detail) = answer(server.post("/api/pve/status")).await;
-    assert_eq!(
-        (status, detail.as_str()),
-        (503, "no hypervisor is configured: set BREAKGLASS_PVE_HOST")
-    );
+    assert_eq!((status, detail.as_str()), (503, "no hypervisor is configured: set BREAKGLASS_PVE_HOST"));
 }

@@ -9,28 +9,18 @@ use crate::harness::{Server, kinds, repo};
 
 fn real_cli() -> String {
     let cli = repo().join(".cache/claude-cli/node_modules/.bin/claude");
-    assert!(
-        cli.exists(),
-        "{} is missing: run scripts/test, which installs it",
-        cli.display()
-    );
+    assert!(cli.exists(), "{} is missing: run scripts/test, which installs it", cli.display());
     cli.display().to_string()
 }
 
 /// PATH with node on it, and nothing of the fake agent's.
 fn node_path() -> String {
     let out = command_path("node");
-    format!(
-        "{}:/usr/local/bin:/usr/bin:/bin",
-        std::path::Path::new(&out).parent().unwrap().display()
-    )
+    format!("{}:/usr/local/bin:/usr/bin:/bin", std::path::Path::new(&out).parent().unwrap().display())
 }
 
 fn command_path(program: &str) -> String {
-    let out = std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new("sh").args(["-c", &format!("command -v {program}")]).output().unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
@@ -48,10 +38,7 @@ async fn one_turn(server: &Server) -> Vec<Value> {
 #[tokio::test]
 #[ignore = "needs the real claude CLI; scripts/test installs it and runs this"]
 async fn without_credentials_the_turn_ends_with_the_clis_own_message() {
-    let server = Server::options()
-        .env("BREAKGLASS_CLAUDE_BIN", real_cli())
-        .env("PATH", node_path())
-        .start();
+    let server = Server::options().env("BREAKGLASS_CLAUDE_BIN", real_cli()).env("PATH", node_path()).start();
     let events = one_turn(&server).await;
     let explanation = events
         .iter()
@@ -76,11 +63,7 @@ async fn sandboxed_without_credentials_the_cli_says_not_logged_in() {
         .env("IS_SANDBOX", "1")
         .start();
     let events = one_turn(&server).await;
-    assert_eq!(
-        kinds(&events)[..2],
-        ["user", "session"],
-        "the CLI accepted --agent breakglass and the session id"
-    );
+    assert_eq!(kinds(&events)[..2], ["user", "session"], "the CLI accepted --agent breakglass and the session id");
     let result = events.iter().find(|e| e["kind"] == "result").expect("a result event");
     assert_eq!(result["is_error"], true);
     assert!(result["result"].as_str().unwrap().contains("Not logged in"), "{result}");

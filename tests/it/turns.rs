@@ -7,9 +7,7 @@ use crate::harness::{BASIC, Server, alive, eventually, kinds};
 
 /// The pid a fake agent's `grandchild` directive reported.
 fn grandchild_pid(events: &[Value]) -> Option<u32> {
-    events
-        .iter()
-        .find_map(|e| e["text"].as_str()?.strip_prefix("grandchild ")?.parse().ok())
+    events.iter().find_map(|e| e["text"].as_str()?.strip_prefix("grandchild ")?.parse().ok())
 }
 
 /// Reads a stream until the agent says `text`.
@@ -33,10 +31,7 @@ fn error_of(events: &[Value]) -> String {
 async fn first_turn_uses_session_id_and_later_turns_resume() {
     let server = Server::start();
     let session = server.open_session().await;
-    assert_eq!(
-        kinds(&server.run_turn(&session, "replay basic").await).last(),
-        Some(&"turn_end")
-    );
+    assert_eq!(kinds(&server.run_turn(&session, "replay basic").await).last(), Some(&"turn_end"));
     server.run_turn(&session, "replay basic").await;
 
     let runs = server.agent_runs();
@@ -83,10 +78,7 @@ async fn a_session_the_agent_already_knows_is_resumed() {
     assert_eq!(kinds(&events), BASIC);
     let runs = server.agent_runs();
     let flag = |i: usize| runs[i]["argv"][9].as_str().unwrap().to_owned();
-    assert_eq!(
-        (runs.len(), flag(0), flag(1)),
-        (2, "--session-id".into(), "--resume".into())
-    );
+    assert_eq!((runs.len(), flag(0), flag(1)), (2, "--session-id".into(), "--resume".into()));
     server.run_turn(&session, "replay basic").await;
     assert_eq!(server.agent_runs()[2]["argv"][9], "--resume");
 }
@@ -136,22 +128,11 @@ async fn a_prompt_too_long_for_one_argument_reaches_the_agent_on_stdin() {
     let prompt = format!("echo-prompt\n{}", "é".repeat(99_978));
     assert!(prompt.len() > 128 * 1024 && prompt.chars().count() <= 100_000);
     let events = server.run_turn(&session, &prompt).await;
-    let said = events.iter().find(|e| e["kind"] == "text").expect("the agent answered")["text"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert!(
-        said.contains(&format!("sha256 {}", sha256_hex(prompt.as_bytes()))),
-        "{said}"
-    );
+    let said =
+        events.iter().find(|e| e["kind"] == "text").expect("the agent answered")["text"].as_str().unwrap().to_owned();
+    assert!(said.contains(&format!("sha256 {}", sha256_hex(prompt.as_bytes()))), "{said}");
     let run = &server.agent_runs()[0];
-    assert!(
-        !run["argv"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|a| a.as_str().is_some_and(|a| a.len() > 1000))
-    );
+    assert!(!run["argv"].as_array().unwrap().iter().any(|a| a.as_str().is_some_and(|a| a.len() > 1000)));
     assert_eq!(run["stdin"].as_str().unwrap().len(), prompt.len());
 }
 
@@ -165,24 +146,13 @@ async fn a_second_prompt_while_a_turn_runs_is_409_and_cancel_stops_it() {
     wait_for_text(&mut stream, "working").await;
     let second = server.prompt(&session, "again").await;
     assert_eq!(second.status(), 409);
-    assert_eq!(
-        second.json::<Value>().await.unwrap()["detail"],
-        "a turn is already running"
-    );
+    assert_eq!(second.json::<Value>().await.unwrap()["detail"], "a turn is already running");
 
-    let cancel = server
-        .post(&format!("/api/session/{session}/cancel"))
-        .send()
-        .await
-        .unwrap();
+    let cancel = server.post(&format!("/api/session/{session}/cancel")).send().await.unwrap();
     assert_eq!(cancel.json::<Value>().await.unwrap(), json!({"cancelled": true}));
     let events = stream.until_turn_end().await;
     assert_eq!(kinds(&events), ["cancelled", "turn_end"]);
-    let again = server
-        .post(&format!("/api/session/{session}/cancel"))
-        .send()
-        .await
-        .unwrap();
+    let again = server.post(&format!("/api/session/{session}/cancel")).send().await.unwrap();
     assert_eq!(again.json::<Value>().await.unwrap(), json!({"cancelled": false}));
     // The session takes a new prompt at once.
     assert_eq!(server.prompt(&session, "replay basic").await.status(), 200);
@@ -208,11 +178,7 @@ async fn cancel_kills_the_whole_process_group() {
     };
     let agent = server.agent_runs()[0]["pid"].as_u64().unwrap() as u32;
     assert!(alive(pid) && alive(agent));
-    server
-        .post(&format!("/api/session/{session}/cancel"))
-        .send()
-        .await
-        .unwrap();
+    server.post(&format!("/api/session/{session}/cancel")).send().await.unwrap();
     assert_eq!(kinds(&stream.until_turn_end().await), ["cancelled", "turn_end"]);
     assert!(!alive(agent), "the agent is gone when cancel answers");
     eventually("the grandchild to die", || !alive(pid)).await;
@@ -233,9 +199,7 @@ async fn a_turn_over_its_time_is_killed() {
 async fn a_failing_agent_reports_its_stderr_or_exit_code() {
     let server = Server::start();
     let session = server.open_session().await;
-    let events = server
-        .run_turn(&session, "stderr Error: Session ID is already in use\nexit 1")
-        .await;
+    let events = server.run_turn(&session, "stderr Error: Session ID is already in use\nexit 1").await;
     assert_eq!(kinds(&events), ["user", "error", "turn_end"]);
     assert_eq!(error_of(&events), "Error: Session ID is already in use");
 
@@ -249,17 +213,12 @@ async fn a_failing_agent_reports_its_stderr_or_exit_code() {
 
 #[tokio::test]
 async fn an_agent_that_cannot_start_is_named() {
-    let server = Server::options()
-        .env("BREAKGLASS_CLAUDE_BIN", "/nonexistent/claude")
-        .start();
+    let server = Server::options().env("BREAKGLASS_CLAUDE_BIN", "/nonexistent/claude").start();
     let session = server.open_session().await;
     let events = server.run_turn(&session, "hello").await;
     assert_eq!(kinds(&events), ["user", "error", "turn_end"]);
     let error = error_of(&events);
-    assert!(
-        error.starts_with("could not start agent: /nonexistent/claude: "),
-        "{error}"
-    );
+    assert!(error.starts_with("could not start agent: /nonexistent/claude: "), "{error}");
     assert!(error.contains("No such file"), "{error}");
 }
 
@@ -326,10 +285,7 @@ async fn a_flood_of_events_arrives_complete_and_in_order() {
     let events = server.run_turn(&session, "flood 5000 200\nresult").await;
     assert_eq!(events.len(), 5003);
     for (i, event) in events[1..5001].iter().enumerate() {
-        assert!(
-            event["text"].as_str().unwrap().starts_with(&format!("{i:08} ")),
-            "event {i}"
-        );
+        assert!(event["text"].as_str().unwrap().starts_with(&format!("{i:08} ")), "event {i}");
     }
 }
 
@@ -346,10 +302,5 @@ fn sha256_hex(data: &[u8]) -> String {
             child.wait_with_output()
         })
         .expect("sha256sum");
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
 }

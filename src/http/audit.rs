@@ -1,0 +1,75 @@
+//! The audit trail over HTTP: recording what callers change, and
+//! `GET /api/audit` to read it back (newest first, paged).
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::{Query, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::auth::Identity;
+use super::error::ApiError;
+use crate::store::{AuditEntry, AuditRecord, StoreError};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/audit", get(page))
+}
+
+/// Writes one record. Callers that must not act unrecorded (mutating verbs)
+/// branch on the error; others use [`record_or_count`].
+pub async fn record(
+    state: &AppState,
+    identity: &Identity,
+    action: &str,
+    target: &str,
+    outcome: &str,
+) -> Result<AuditEntry, StoreError> {
+    let record = AuditRecord {
+        identity: identity.name.clone(),
+        peer: identity.peer.to_string(),
+        action: action.into(),
+        target: target.into(),
+        outcome: outcome.into(),
+    };
+    state.sessions.store().audit(record).await
+}
+
+/// Writes one record; a failure is logged and counted, never passed on.
+pub async fn record_or_count(state: &AppState, identity: &Identity, action: &str, target: &str, outcome: &str) {
+    if let Err(err) = record(state, identity, action, target, outcome).await {
+        state.audit_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(%err, action, target, outcome, "could not write an audit record");
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct PageQuery {
+    /// Records with a smaller sequence number than this.
+    before: Option<i64>,
+    limit: Option<usize>,
+}
+
+async fn page(State(state): State<AppState>, Query(query): Query<PageQuery>) -> Result<Json<Value>, ApiError> {
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let entries = state.sessions.store().audit_page(query.before, limit).await?;
+    let next = if entries.len() == limit { entries.last().map(|e| e.seq) } else { None };
+    let records: Vec<Value> = entries.into_iter().map(entry_json).collect();
+    Ok(Json(json!({ "records": records, "next_before": next })))
+}
+
+fn entry_json(e: AuditEntry) -> Value {
+    json!({
+        "seq": e.seq,
+        "at": super::rfc3339(e.at_ms),
+        "identity": e.record.identity,
+        "peer": e.record.peer,
+        "action": e.record.action,
+        "target": e.record.target,
+        "outcome": e.record.outcome,
+        "prev_hash": e.prev_hash,
+        "hash": e.hash,
+    })
+}
