@@ -25,9 +25,10 @@ pub struct Server {
     pub base: String,
     pub dir: tempfile::TempDir,
     pub client: reqwest::Client,
+    options: Options,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Options {
     pub env: Vec<(String, String)>,
     pub args: Vec<String>,
@@ -52,7 +53,63 @@ impl Options {
     }
 
     pub fn start(self) -> Server {
-        Server::start_with(self)
+        self.start_in(tempfile::tempdir().expect("temp dir"))
+    }
+
+    /// Starts on a directory the test has prepared (its `data` inside).
+    pub fn start_in(self, dir: tempfile::TempDir) -> Server {
+        let (child, base) = spawn(dir.path(), &self).unwrap_or_else(|log| panic!("{log}"));
+        Server { child: Some(child), base, dir, client: reqwest::Client::new(), options: self }
+    }
+}
+
+/// Starts the binary on `dir` (its data, log and agent records live there)
+/// and returns it with its base URL, or its log if it did not come up.
+pub fn spawn(dir: &std::path::Path, options: &Options) -> Result<(Child, String), String> {
+    let path = format!("{}:{}", repo().join("tests/fake-bin").display(), std::env::var("PATH").unwrap_or_default());
+    let log_path = dir.join("server.log");
+    let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).expect("log file");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_breakglass"));
+    command
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(&options.args)
+        .env_clear()
+        .env("PATH", path)
+        .env("HOME", dir)
+        .env("RUST_LOG", "info,breakglass=debug")
+        .env("FAKE_CLAUDE_RECORD", dir.join("argv.jsonl"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file);
+    if !options.no_token {
+        command.env("API_BEARER_TOKEN", TOKEN);
+    }
+    for (k, v) in &options.env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("start breakglass");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        // Keep reading after the address is found, so the server's later
+        // lines have somewhere to go.
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let Ok(line) = rx.recv_timeout(DEADLINE) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(format!("breakglass did not say where it listens; its log:\n{log}"));
+        };
+        if let Some(url) = line.strip_prefix("breakglass listening on ") {
+            return Ok((child, url.to_owned()));
+        }
     }
 }
 
@@ -65,50 +122,20 @@ impl Server {
         Options::default()
     }
 
-    fn start_with(options: Options) -> Server {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = format!("{}:{}", repo().join("tests/fake-bin").display(), std::env::var("PATH").unwrap_or_default());
-        let mut command = Command::new(env!("CARGO_BIN_EXE_breakglass"));
-        command
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(&options.args)
-            .env_clear()
-            .env("PATH", path)
-            .env("HOME", dir.path())
-            .env("RUST_LOG", "info,breakglass=debug")
-            .env("FAKE_CLAUDE_RECORD", dir.path().join("argv.jsonl"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.path().join("server.log")).expect("log file"));
-        if !options.no_token {
-            command.env("API_BEARER_TOKEN", TOKEN);
+    /// Kills the server with SIGKILL (no drain at all) and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        for (k, v) in &options.env {
-            command.env(k, v);
-        }
-        let mut child = command.spawn().expect("start breakglass");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            // Keep reading after the address is found, so the server's later
-            // lines have somewhere to go.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let base = loop {
-            let line = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
-                let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
-                panic!("breakglass did not say where it listens; its log:\n{log}")
-            });
-            if let Some(url) = line.strip_prefix("breakglass listening on ") {
-                break url.to_owned();
-            }
-        };
-        Server { child: Some(child), base, dir, client: reqwest::Client::new() }
+    }
+
+    /// Starts the binary again on the same data directory.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the server before restarting it");
+        let (child, base) = spawn(self.dir.path(), &self.options).unwrap_or_else(|log| panic!("{log}"));
+        self.child = Some(child);
+        self.base = base;
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -234,7 +261,12 @@ pub fn alive(pid: u32) -> bool {
 /// One frame of an attach stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
-    Event { id: u64, data: Value },
+    Event {
+        id: u64,
+        data: Value,
+    },
+    /// An event the log could not keep, sent without an id.
+    Notice(Value),
     CaughtUp,
     Keepalive,
 }
@@ -278,7 +310,7 @@ impl Attached {
             match self.next().await.expect("stream ended before caught-up") {
                 Frame::Event { data, .. } => events.push(data),
                 Frame::CaughtUp => return events,
-                Frame::Keepalive => {}
+                Frame::Notice(_) | Frame::Keepalive => {}
             }
         }
     }
@@ -295,7 +327,7 @@ impl Attached {
                         return events;
                     }
                 }
-                Frame::CaughtUp | Frame::Keepalive => {}
+                Frame::Notice(_) | Frame::CaughtUp | Frame::Keepalive => {}
             }
         }
     }
@@ -312,6 +344,9 @@ fn parse_frame(block: &[u8]) -> Frame {
     }
     if text == "event: caught-up\ndata: {}" {
         return Frame::CaughtUp;
+    }
+    if let Some(data) = text.strip_prefix("data: ") {
+        return Frame::Notice(serde_json::from_str(data).expect("notice JSON"));
     }
     let (id_line, data_line) = text.split_once('\n').unwrap_or_else(|| panic!("odd frame {text:?}"));
     let id = id_line.strip_prefix("id: ").expect("id field").parse().expect("numeric id");

@@ -13,5 +13,6 @@ mod auth;
 mod lifecycle;
 mod limits;
 mod real_claude;
+mod storage;
 mod translate;
 mod turns;

@@ -1,0 +1,340 @@
+//! Nothing lost on a restart: the event log, sessions and audit trail in
+//! SQLite, through the real binary.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::harness::{BASIC, Frame, Server, alive, eventually, ids, kinds, spawn};
+
+fn db_path(server: &Server) -> std::path::PathBuf {
+    server.data_dir().join("breakglass.db")
+}
+
+fn integrity_check(server: &Server) -> String {
+    let conn = rusqlite::Connection::open_with_flags(db_path(server), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open the database");
+    conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("integrity_check")
+}
+
+#[tokio::test]
+async fn a_restart_keeps_sessions_events_and_ids() {
+    let mut server = Server::start();
+    let session = server.open_session().await;
+    let live = server.run_turn(&session, "replay basic").await;
+    assert_eq!(kinds(&live), BASIC);
+
+    assert!(server.terminate().success());
+    server.restart();
+
+    let mut replay = server.attach(&session, None).await;
+    assert_eq!(replay.until_caught_up().await, live, "the same events, ids and timestamps");
+    let mut resumed = server.attach(&session, Some("3")).await;
+    assert_eq!(ids(&resumed.until_caught_up().await), vec![4, 5, 6, 7]);
+
+    let listed: Value = server.get("/api/sessions").send().await.unwrap().json().await.unwrap();
+    let one: Value = server.get(&format!("/api/session/{session}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["sessions"][0], one);
+    assert_eq!(one["id"], session);
+    assert_eq!(one["title"], "replay basic");
+    assert_eq!(one["running"], false);
+    assert_eq!(one["event_count"], 8);
+    assert!(one["created"].as_str().unwrap().ends_with('Z'));
+
+    // The CLI knows the session: the next turn resumes it.
+    server.run_turn(&session, "replay basic").await;
+    let runs = server.agent_runs();
+    assert_eq!(runs.last().unwrap()["argv"][9], "--resume");
+}
+
+/// Killed with SIGKILL at many points of a turn, the server comes back with
+/// a log that has no gaps, holds every event a client saw unchanged, closes
+/// the interrupted turn, and leaves none of the turn's processes running.
+#[tokio::test]
+async fn killed_at_any_point_of_a_turn_nothing_is_lost() {
+    const ROUNDS: u64 = 50;
+    let mut server = Server::start();
+    for round in 0..ROUNDS {
+        let session = server.open_session().await;
+        let mut stream = server.attach(&session, None).await;
+        stream.until_caught_up().await;
+        server.start_turn(&session, "grandchild\nflood 400 200\nsleep 60").await;
+        // Kill after a different number of events each round: before the
+        // agent said anything, in the middle of the flood, after it.
+        let kill_after = (round * 37) % 403; // the turn has 402 events before its sleep
+        let mut seen = Vec::new();
+        while (seen.len() as u64) < kill_after {
+            match stream.next().await.expect("stream ended") {
+                Frame::Event { data, .. } => seen.push(data),
+                _ => continue,
+            }
+        }
+        server.kill9();
+        let leftovers: Vec<u32> = server
+            .agent_runs()
+            .iter()
+            .filter(|r| r["cwd"].as_str().is_some_and(|c| c.ends_with(&session)))
+            .map(|r| r["pid"].as_u64().unwrap() as u32)
+            .chain(seen.iter().filter_map(|e| e["text"].as_str()?.strip_prefix("grandchild ")?.parse().ok()))
+            .collect();
+
+        server.restart();
+        let mut replay = server.attach(&session, None).await;
+        let log = replay.until_caught_up().await;
+        let n = log.len() as u64;
+        assert_eq!(ids(&log), (0..n).collect::<Vec<_>>(), "round {round}: no gaps");
+        assert_eq!(&log[..seen.len()], &seen[..], "round {round}: what the client saw is there, unchanged");
+        assert_eq!(kinds(&log[log.len() - 2..]), ["error", "turn_end"], "round {round}");
+        assert_eq!(log[log.len() - 2]["error"], "server stopped during the turn");
+        for pid in leftovers {
+            eventually("a process of the killed turn to be gone", || !alive(pid)).await;
+        }
+        if round % 10 == 0 {
+            assert_eq!(integrity_check(&server), "ok", "round {round}");
+        }
+    }
+    assert_eq!(integrity_check(&server), "ok");
+    let listed: Value = server.get("/api/sessions?limit=500").send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["sessions"].as_array().unwrap().len() as u64, ROUNDS);
+    assert!(listed["sessions"].as_array().unwrap().iter().all(|s| s["running"] == false));
+}
+
+#[tokio::test]
+async fn corrupt_foreign_and_newer_databases_are_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let db = data.join("breakglass.db");
+    let options = Server::options();
+
+    let garbage = b"not a database; an incident log someone pasted here\n".repeat(200);
+    std::fs::write(&db, &garbage).unwrap();
+    let log = spawn(dir.path(), &options).expect_err("a corrupt database must stop the server");
+    assert!(log.contains("not a usable SQLite database") && log.contains("refusing to touch it"), "{log}");
+    assert_eq!(std::fs::read(&db).unwrap(), garbage);
+
+    std::fs::remove_file(&db).unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch("CREATE TABLE recipes (name TEXT); INSERT INTO recipes VALUES ('soup');").unwrap();
+    drop(conn);
+    let log = spawn(dir.path(), &options).expect_err("a foreign database must stop the server");
+    assert!(log.contains("not breakglass's"), "{log}");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let soup: String = conn.query_row("SELECT name FROM recipes", [], |r| r.get(0)).unwrap();
+    assert_eq!(soup, "soup");
+    drop(conn);
+
+    std::fs::remove_file(&db).unwrap();
+    let (mut child, _) = spawn(dir.path(), &options).expect("a fresh database");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.pragma_update(None, "user_version", 7).unwrap();
+    drop(conn);
+    let log = spawn(dir.path(), &options).expect_err("a newer schema must stop the server");
+    assert!(log.contains("written by a newer breakglass (schema 7"), "{log}");
+}
+
+#[tokio::test]
+async fn the_audit_trail_records_each_action_and_verify_detects_an_edit() {
+    let mut server = Server::start();
+    let session = server.open_session().await;
+    server.run_turn(&session, "replay basic").await;
+    let cancel = server.post(&format!("/api/session/{session}/cancel")).send().await.unwrap();
+    assert_eq!(cancel.status(), 200);
+    let verb = server.post("/api/pve/status").send().await.unwrap();
+    assert_eq!(verb.status(), 503, "no hypervisor configured");
+
+    let page: Value = server.get("/api/audit").send().await.unwrap().json().await.unwrap();
+    let records = page["records"].as_array().unwrap();
+    let actions: Vec<_> =
+        records.iter().rev().map(|r| (r["action"].as_str().unwrap(), r["outcome"].as_str().unwrap())).collect();
+    assert_eq!(
+        actions,
+        [
+            ("session.open", "ok"),
+            ("prompt", "started"),
+            ("cancel", "no turn running"),
+            ("verb.status", "requested"),
+            ("verb.status", "not run: no hypervisor is configured: set BREAKGLASS_PVE_HOST"),
+        ]
+    );
+    assert!(records.iter().all(|r| r["identity"] == "bearer" && r["peer"] == "127.0.0.1"));
+    assert_eq!(records[3]["target"], session, "the prompt names its session");
+    assert_eq!(records[0]["prev_hash"], records[1]["hash"], "each record carries the hash of the one before");
+    let older: Value = server.get("/api/audit?limit=2&before=3").send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        older["records"].as_array().unwrap().iter().map(|r| r["seq"].as_i64().unwrap()).collect::<Vec<_>>(),
+        [2, 1]
+    );
+
+    let data_dir = server.data_dir();
+    let verify = || {
+        Command::new(env!("CARGO_BIN_EXE_breakglass"))
+            .args(["audit", "verify", "--data-dir"])
+            .arg(&data_dir)
+            .output()
+            .unwrap()
+    };
+    let intact = verify();
+    assert!(intact.status.success());
+    assert_eq!(String::from_utf8_lossy(&intact.stdout), "audit trail intact: 5 records\n");
+
+    assert!(server.terminate().success());
+    let conn = rusqlite::Connection::open(db_path(&server)).unwrap();
+    conn.execute("UPDATE audit SET identity = 'nobody' WHERE seq = 2", []).unwrap();
+    drop(conn);
+    let broken = verify();
+    assert_eq!(broken.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&broken.stderr);
+    assert!(stderr.contains("audit trail broken at record 2: its contents were changed"), "{stderr}");
+}
+
+#[tokio::test]
+async fn exports_read_as_a_timeline_and_as_json_lines() {
+    let server = Server::start();
+    let session = server.open_session().await;
+    let events = server.run_turn(&session, "replay basic").await;
+
+    let jsonl = server.get(&format!("/api/session/{session}/export?format=jsonl")).send().await.unwrap();
+    assert_eq!(jsonl.headers()["content-type"], "application/x-ndjson");
+    let lines: Vec<Value> = jsonl.text().await.unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines, events);
+
+    let md = server.get(&format!("/api/session/{session}/export?format=md")).send().await.unwrap();
+    assert!(md.headers()["content-disposition"].to_str().unwrap().contains(&format!("breakglass-{session}.md")));
+    let md = md.text().await.unwrap();
+    for expected in [
+        "# Incident transcript: replay basic",
+        "Prompt from bearer",
+        "> replay basic",
+        "Tool `Bash`:**",
+        "```sh\nssh devvm 'uptime; free -m'\n```",
+        "load average: 0.10",
+        "Result** (success, 8.1 s, 2 turns, $0.0213):",
+        "Load and memory are normal; devvm is healthy.",
+    ] {
+        assert!(md.contains(expected), "{expected:?} missing from:\n{md}");
+    }
+    let bad = server.get(&format!("/api/session/{session}/export?format=pdf")).send().await.unwrap();
+    assert_eq!(bad.status(), 400);
+    let missing = server.get(&format!("/api/session/{}/export", uuid_zero())).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+}
+
+fn uuid_zero() -> &'static str {
+    "00000000-0000-0000-0000-000000000000"
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test mounts a small tmpfs to fill, so it runs as root (as CI does)"
+        );
+        let status =
+            Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at).status();
+        assert!(status.is_ok_and(|s| s.success()), "mount tmpfs at {}", at.display());
+        Tmpfs(at.to_owned())
+    }
+
+    /// Writes a file until the filesystem is full; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.join("ballast");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 16 * 1024];
+        while file.write_all(&chunk).is_ok() {}
+        let mut small = [0u8; 512];
+        while file.write_all(&small).is_ok() {
+            small[0] = small[0].wrapping_add(1);
+        }
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Disk full while a turn appends: the turn ends visibly, the API says why
+/// with 503, mutating verbs are refused unrecorded, what was written stays
+/// readable, and writing resumes once there is room again.
+#[tokio::test]
+async fn a_full_disk_ends_the_turn_visibly_and_writing_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmpfs = Tmpfs::mount(&dir.path().join("data"), "4m");
+    let tripwire = dir.path().join("ssh-ran");
+    let fake_ssh = dir.path().join("ssh");
+    std::fs::write(&fake_ssh, format!("#!/bin/sh\ntouch {}\n", tripwire.display())).unwrap();
+    Command::new("chmod").arg("755").arg(&fake_ssh).status().unwrap();
+    let server = Server::options()
+        .env("BREAKGLASS_PVE_HOST", "192.0.2.10")
+        .env("BREAKGLASS_SSH_BIN", fake_ssh.display().to_string())
+        .start_in(dir);
+
+    let session = server.open_session().await;
+    let mut stream = server.attach(&session, None).await;
+    stream.until_caught_up().await;
+    server.start_turn(&session, "say before the disk filled\nsleep 1\nflood 3000 2000\nresult").await;
+    loop {
+        if let Some(Frame::Event { data, .. }) = stream.next().await
+            && data["text"] == "before the disk filled"
+        {
+            break;
+        }
+    }
+    let ballast = tmpfs.fill();
+
+    // The turn ends, and attached clients are told why even though the log
+    // could not keep it.
+    let (mut saw_error, mut saw_end) = (None, false);
+    while !saw_end {
+        match stream.next().await.expect("the stream ended") {
+            Frame::Event { data, .. } | Frame::Notice(data) => match data["kind"].as_str() {
+                Some("error") => saw_error = data["error"].as_str().map(str::to_owned),
+                Some("turn_end") => saw_end = true,
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    let error = saw_error.expect("an error before turn_end");
+    assert!(error.contains("full"), "{error}");
+
+    let refused = server.post("/api/session").send().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    let detail: Value = refused.json().await.unwrap();
+    assert!(detail["detail"].as_str().unwrap().contains("full"), "{detail}");
+    let verb = server.post("/api/pve/reset").send().await.unwrap();
+    assert_eq!(verb.status(), 503, "a mutating verb is not run unrecorded");
+    assert!(!tripwire.exists(), "ssh was never started");
+
+    let mut replay = server.attach(&session, None).await;
+    let kept = replay.until_caught_up().await;
+    assert_eq!(kept[1]["text"], "before the disk filled", "what was written stays readable");
+
+    std::fs::remove_file(ballast).unwrap();
+    assert_eq!(server.post("/api/session").send().await.unwrap().status(), 200, "writing resumes");
+    let events = server.run_turn(&session, "replay basic").await;
+    assert_eq!(kinds(&events).last(), Some(&"turn_end"));
+    let mut replay = server.attach(&session, None).await;
+    let log = replay.until_caught_up().await;
+    let n = log.len() as u64;
+    assert_eq!(ids(&log), (0..n).collect::<Vec<_>>(), "no gaps");
+    // Every prompt follows the end of the turn before it.
+    for (i, event) in log.iter().enumerate().skip(1) {
+        if event["kind"] == "user" {
+            assert_eq!(log[i - 1]["kind"], "turn_end", "event {i} in {log:#?}");
+        }
+    }
+    assert_eq!(integrity_check(&server), "ok");
+    drop(server);
+    drop(tmpfs);
+}
