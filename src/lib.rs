@@ -4,8 +4,9 @@
 //!
 //! - [`agent::line`] parses one line of the agent CLI's stream-json output;
 //! - [`agent::translate`] turns it into zero or more [`event::Event`]s (pure);
-//! - [`log`] appends events, assigns their ids, and is the source of truth;
-//! - [`hub`] fans freshly appended events out to attached clients (bounded);
+//! - [`log`] appends events and reads them back: the source of truth, kept by
+//!   [`store`] in SQLite, which assigns ids and commits before publishing;
+//! - [`hub`] fans freshly committed events out to attached clients (bounded);
 //! - [`sse`] encodes the attach stream: backlog, `caught-up`, live tail;
 //! - [`http`] holds the routes, authentication and error mapping.
 //!
@@ -13,8 +14,9 @@
 //! [`turn`] runs one turn of the agent, [`agent::process`] owns the child
 //! process group, [`capture`] reads child output with a cap,
 //! [`power`] is the only place `ssh` is started, [`config`]
-//! validates the command line, [`cli`] dispatches subcommands, [`server`]
-//! wires everything to a listener and [`shutdown`] drains it.
+//! validates the command line, [`cli`] dispatches subcommands, [`export`]
+//! renders a transcript for people, [`server`] wires everything to a
+//! listener and [`shutdown`] drains it.
 
 pub mod agent;
 pub mod capture;

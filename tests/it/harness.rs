@@ -142,6 +142,12 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
+    /// The server's pid (the benchmarks read its memory).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
