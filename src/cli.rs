@@ -112,6 +112,10 @@ pub struct ServeArgs {
     #[arg(long, env = "BREAKGLASS_PVE_HOST")]
     pub pve_host: Option<String>,
 
+    /// SSH port of the hypervisor.
+    #[arg(long, env = "BREAKGLASS_PVE_PORT", default_value_t = 22)]
+    pub pve_port: u16,
+
     /// User on the hypervisor whose authorized_keys holds the forced command.
     #[arg(long, env = "BREAKGLASS_PVE_USER", default_value = "root")]
     pub pve_user: String,

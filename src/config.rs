@@ -66,6 +66,7 @@ impl AuthConfig {
 #[derive(Debug, Clone)]
 pub struct PowerConfig {
     pub host: Option<String>,
+    pub port: u16,
     pub user: String,
     pub known_hosts: Option<PathBuf>,
     pub ssh_program: PathBuf,
@@ -127,6 +128,7 @@ impl Config {
             },
             power: PowerConfig {
                 host: pve_host,
+                port: args.pve_port,
                 user: args.pve_user,
                 known_hosts: args.pve_known_hosts,
                 ssh_program: args.ssh_bin,

@@ -166,7 +166,9 @@ async fn run_ssh(config: &PowerConfig, verb: Verb) -> Result<VerbOutcome, PowerE
         }
     }
     command
-        .args(["-o", "LogLevel=ERROR", "--"])
+        .args(["-o", "LogLevel=ERROR", "-p"])
+        .arg(config.port.to_string())
+        .arg("--")
         .arg(format!("{}@{}", config.user, host))
         .arg(verb.as_str())
         .env_remove("API_BEARER_TOKEN")

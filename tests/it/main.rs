@@ -12,6 +12,7 @@ mod attach;
 mod auth;
 mod lifecycle;
 mod limits;
+mod pve;
 mod real_claude;
 mod storage;
 mod translate;
