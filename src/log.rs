@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::event::{Event, EventId, Stored};
 use crate::hub::{Hub, Subscription};
-use crate::store::{Pending, Store, StoreError};
+use crate::store::{Fence, Pending, Store, StoreError};
 
 pub type LogError = StoreError;
 
@@ -31,13 +31,14 @@ impl Log {
 
     /// Appends an event and waits until it is committed and published.
     pub async fn append(&self, event: Event) -> Result<Stored, LogError> {
-        self.submit(event).await?.committed().await
+        self.submit(event, None).await?.committed().await
     }
 
     /// Queues an event behind those submitted before it and returns without
     /// waiting for the commit, so a fast producer fills whole transactions.
-    pub async fn submit(&self, event: Event) -> Result<Pending, LogError> {
-        self.store.submit(self.session, event, self.hub.clone()).await
+    /// Events sharing a `fence` are refused once one of them failed.
+    pub async fn submit(&self, event: Event, fence: Option<Fence>) -> Result<Pending, LogError> {
+        self.store.submit(self.session, event, self.hub.clone(), fence).await
     }
 
     /// Up to `limit` events with id > `after` (all from the start when `None`), in order.
@@ -122,23 +123,24 @@ pub mod tests {
         assert_eq!(log.next_id().await.unwrap(), 10);
     }
 
+    /// What a subscriber receives is already committed: another connection
+    /// can read it the moment it arrives (submitted, not awaited, so the
+    /// subscriber may well hear of it before the submitter does).
     #[tokio::test]
     async fn subscribers_see_appends_in_order_after_the_commit() {
         let (_dir, log) = temp_log().await;
         log.append(text("before")).await.unwrap();
         let mut sub = log.subscribe();
-        log.append(text("a")).await.unwrap();
-        log.append(text("b")).await.unwrap();
-        let ids: Vec<_> = [sub.recv().await.unwrap(), sub.recv().await.unwrap()]
-            .into_iter()
-            .map(|p| match p {
-                crate::hub::Published::Event(e) => e.id,
-                crate::hub::Published::Notice(_) => panic!("no notices here"),
-            })
-            .collect();
-        assert_eq!(ids, vec![1, 2]);
-        // Whatever a subscriber sees is already readable from the log.
-        let tail = log.read_after(Some(0), 10).await.unwrap();
-        assert_eq!(tail.len(), 2);
+        let mut pending = Vec::new();
+        for i in 0..200 {
+            pending.push(log.submit(text(&i.to_string()), None).await.unwrap());
+        }
+        for expected in 1..=200u64 {
+            let crate::hub::Published::Event(event) = sub.recv().await.unwrap() else { panic!("no notices here") };
+            assert_eq!(event.id, expected);
+            let read = log.read_after(Some(expected - 1), 1).await.unwrap();
+            assert_eq!(read.first().map(|e| e.id), Some(expected), "published before it was readable");
+        }
+        drop(pending);
     }
 }

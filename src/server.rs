@@ -17,6 +17,7 @@ use axum::serve::{IncomingStream, Listener};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::http::auth::Peer;
@@ -115,6 +116,7 @@ pub async fn run(
     }
     let state = AppState {
         audit_failures: Arc::default(),
+        tasks: TaskTracker::new(),
         power: Arc::new(Power::new(config.power.clone())),
         sessions: sessions.clone(),
         streams_end: CancellationToken::new(),
@@ -122,12 +124,18 @@ pub async fn run(
     };
     let stop_accepting = CancellationToken::new();
     let drain = {
-        let (stop_accepting, streams_end, power) =
-            (stop_accepting.clone(), state.streams_end.clone(), state.power.clone());
+        let (stop_accepting, streams_end, power, tasks) =
+            (stop_accepting.clone(), state.streams_end.clone(), state.power.clone(), state.tasks.clone());
         async move {
             shutdown.await;
             stop_accepting.cancel();
-            tokio::join!(sessions.shutdown(), power.drain(VERB_GRACE));
+            tasks.close();
+            let requests = async {
+                if tokio::time::timeout(VERB_GRACE, tasks.wait()).await.is_err() {
+                    tracing::warn!("requests still running at shutdown");
+                }
+            };
+            tokio::join!(sessions.shutdown(), power.drain(VERB_GRACE), requests);
             streams_end.cancel();
             tokio::time::sleep(CONNECTION_GRACE).await;
         }

@@ -40,6 +40,8 @@ pub struct Session {
     /// The last turn's end could not be logged (storage failed): the next
     /// turn closes it first.
     unlogged_end: AtomicBool,
+    /// A turn runs (the slot is taken by a spawned turn).
+    running: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -70,6 +72,7 @@ impl Session {
             // Loaded afresh with a turn marked running: nobody runs it (a
             // running turn keeps its session loaded), so its end was lost.
             unlogged_end: AtomicBool::new(row.turn_running),
+            running: AtomicBool::new(false),
         }
     }
 
@@ -157,14 +160,33 @@ impl Sessions {
     pub async fn recover(&self) -> Result<usize, StoreError> {
         let interrupted = self.store.interrupted().await?;
         for row in &interrupted {
-            let killed = crate::agent::process::kill_leftovers(row.turn_pgid, &turn_marker(row.id));
-            tracing::info!(session = %row.id, pgid = ?row.turn_pgid, killed, "killed what the interrupted turn left running");
+            if let Some(marker) = row.turn_marker.clone() {
+                let pgid = row.turn_pgid;
+                let killed = tokio::task::spawn_blocking(move || crate::agent::process::kill_leftovers(pgid, &marker))
+                    .await
+                    .unwrap_or(0);
+                tracing::info!(session = %row.id, pgid = ?row.turn_pgid, killed, "killed what the interrupted turn left running");
+            }
             let log = Log::new(row.id, self.store.clone());
-            log.append(Event::Error { error: "server stopped during the turn".into() }).await?;
-            log.append(Event::TurnEnd).await?;
-            tracing::warn!(session = %row.id, "closed a turn the server stopped during");
+            let closed = async {
+                log.append(Event::Error { error: "server stopped during the turn".into() }).await?;
+                log.append(Event::TurnEnd).await
+            };
+            // Storage that cannot take even this (a full disk) must not keep
+            // the console down: the session's next turn closes it instead.
+            match closed.await {
+                Ok(_) => tracing::warn!(session = %row.id, "closed a turn the server stopped during"),
+                Err(err) => {
+                    tracing::error!(session = %row.id, %err, "could not close an interrupted turn; its next turn will")
+                }
+            }
         }
         Ok(interrupted.len())
+    }
+
+    /// True while a turn of this session runs on this server.
+    pub fn is_running(&self, id: Uuid) -> bool {
+        self.lock().get(&id).and_then(|h| h.session.upgrade()).is_some_and(|s| s.running.load(Ordering::SeqCst))
     }
 
     /// Logs the prompt and starts a detached turn on it.
@@ -197,10 +219,12 @@ impl Sessions {
             prompt,
             model,
             resume: session.agent_session_started.load(Ordering::SeqCst),
+            marker: turn_marker(session.id),
         };
         let stops = Stops { cancel: CancellationToken::new(), shutdown: self.shutdown.clone() };
         let (done_tx, done) = watch::channel(None);
         *slot = Some(RunningTurn { cancel: stops.cancel.clone(), done });
+        session.running.store(true, Ordering::SeqCst);
         let runner = self.runner.clone();
         let session = session.clone();
         self.tracker.spawn(async move {
@@ -230,6 +254,7 @@ impl Sessions {
                 }
             }
             *slot = None;
+            session.running.store(false, Ordering::SeqCst);
             let _ = done_tx.send(Some(matches!(ending, Ending::Cancelled)));
         });
         Ok(())
@@ -268,8 +293,9 @@ impl Sessions {
     }
 }
 
-/// Set in the agent's environment, so that what a turn left running can be
-/// told apart from unrelated processes after a restart.
+/// Set in the agent's environment, unique to one turn, so that what that
+/// turn left running can be told apart from everything else after a restart
+/// (including what earlier turns of the same session started).
 pub fn turn_marker(session: Uuid) -> String {
-    format!("BREAKGLASS_TURN={session}")
+    format!("BREAKGLASS_TURN={session}/{}", Uuid::new_v4().simple())
 }

@@ -223,7 +223,7 @@ mod tests {
     async fn append_many(log: &Log, n: usize) {
         let mut pending = Vec::with_capacity(n);
         for i in 0..n {
-            pending.push(log.submit(Event::Text { text: i.to_string() }).await.unwrap());
+            pending.push(log.submit(Event::Text { text: i.to_string() }, None).await.unwrap());
         }
         for p in pending {
             p.committed().await.unwrap();

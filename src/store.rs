@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,6 +33,11 @@ pub const BATCH_WINDOW: Duration = Duration::from_millis(5);
 const QUEUE: usize = 4096;
 /// Read connections kept open.
 const READERS: usize = 4;
+/// A page of events stops once it holds this many bytes (at least one event).
+const READ_BUDGET: usize = 4 * 1024 * 1024;
+/// Sessions whose next event id the writer remembers; beyond that it
+/// forgets them all and reads each again when next written.
+const ID_CACHE: usize = 10_000;
 
 /// `PRAGMA application_id` of a breakglass database ("BGLS").
 const APPLICATION_ID: i32 = 0x4247_4c53;
@@ -68,6 +74,8 @@ const MIGRATIONS: &[&str] = &[
         prev_hash TEXT NOT NULL,
         hash TEXT NOT NULL
     );",
+    // 2: the running turn's environment marker, to find its processes after a crash.
+    "ALTER TABLE sessions ADD COLUMN turn_marker TEXT;",
 ];
 
 /// How hard a commit holds on to its data.
@@ -90,6 +98,8 @@ pub enum StoreError {
     Sqlite(String),
     #[error("storage is closed")]
     Closed,
+    #[error("not written: an earlier write of this turn failed")]
+    Fenced,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -119,6 +129,10 @@ pub enum OpenError {
          Run the newer version."
     )]
     Newer { path: PathBuf, found: i64, known: i64 },
+    #[error("{path}: another breakglass is using this data directory; refusing to start a second one on it")]
+    InUse { path: PathBuf },
+    #[error("{path}: cannot lock it: {source}")]
+    Lock { path: PathBuf, source: std::io::Error },
     #[error("{path}: migrating the schema failed: {source}")]
     Migrate { path: PathBuf, source: rusqlite::Error },
 }
@@ -138,6 +152,8 @@ pub struct SessionRow {
     pub turn_running: bool,
     /// The running turn's agent process group, once started.
     pub turn_pgid: Option<i32>,
+    /// The running turn's environment marker (`KEY=value`).
+    pub turn_marker: Option<String>,
 }
 
 /// Longest title kept from a first prompt.
@@ -185,15 +201,51 @@ impl Pending {
     }
 }
 
+/// Shared by the appends of one producer (a turn): once a transaction
+/// holding one of them fails, the later ones are refused too, so that a
+/// failure never leaves a hole in the middle of what the producer wrote.
+#[derive(Debug, Clone, Default)]
+pub struct Fence(Arc<AtomicBool>);
+
+impl Fence {
+    pub fn is_tripped(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn trip(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 enum Command {
-    CreateSession { id: Uuid, now: i64, reply: oneshot::Sender<Result<SessionRow, StoreError>> },
-    Append { session: Uuid, event: Event, hub: Arc<Hub>, reply: oneshot::Sender<Result<Stored, StoreError>> },
-    SetPgid { session: Uuid, pgid: Option<i32>, reply: oneshot::Sender<Result<(), StoreError>> },
-    Audit { record: AuditRecord, reply: oneshot::Sender<Result<AuditEntry, StoreError>> },
+    CreateSession {
+        id: Uuid,
+        now: i64,
+        reply: oneshot::Sender<Result<SessionRow, StoreError>>,
+    },
+    Append {
+        session: Uuid,
+        event: Event,
+        hub: Arc<Hub>,
+        fence: Option<Fence>,
+        reply: oneshot::Sender<Result<Stored, StoreError>>,
+    },
+    SetTurn {
+        session: Uuid,
+        pgid: Option<i32>,
+        marker: String,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Audit {
+        record: AuditRecord,
+        reply: oneshot::Sender<Result<AuditEntry, StoreError>>,
+    },
 }
 
 #[derive(Debug)]
 pub struct Store {
+    /// Held for the store's life: one server per data directory.
+    _lock: std::fs::File,
     path: PathBuf,
     tx: mpsc::Sender<Command>,
     readers: Mutex<Vec<Connection>>,
@@ -204,7 +256,7 @@ impl std::fmt::Debug for Command {
         f.write_str(match self {
             Command::CreateSession { .. } => "CreateSession",
             Command::Append { .. } => "Append",
-            Command::SetPgid { .. } => "SetPgid",
+            Command::SetTurn { .. } => "SetTurn",
             Command::Audit { .. } => "Audit",
         })
     }
@@ -214,6 +266,7 @@ impl Store {
     /// Opens (creating and migrating when needed) `<dir>/breakglass.db` and
     /// starts its writer thread.
     pub fn open(dir: &Path, durability: Durability) -> Result<Store, OpenError> {
+        let lock = lock_dir(dir)?;
         let path = dir.join("breakglass.db");
         let mut conn = Connection::open(&path).map_err(|source| OpenError::Open { path: path.clone(), source })?;
         prepare(&mut conn, &path)?;
@@ -227,7 +280,7 @@ impl Store {
         std::thread::Builder::new().name("breakglass-store".into()).spawn(move || Writer::new(conn).run(rx)).map_err(
             |e| OpenError::Open { path: path.clone(), source: rusqlite::Error::InvalidPath(e.to_string().into()) },
         )?;
-        Ok(Store { path, tx, readers: Mutex::new(Vec::new()) })
+        Ok(Store { _lock: lock, path, tx, readers: Mutex::new(Vec::new()) })
     }
 
     pub fn path(&self) -> &Path {
@@ -242,16 +295,24 @@ impl Store {
 
     /// Queues an event; ids follow the order of `submit` calls. Await the
     /// returned [`Pending`] for its id once it is committed (and published).
-    pub async fn submit(&self, session: Uuid, event: Event, hub: Arc<Hub>) -> Result<Pending, StoreError> {
+    pub async fn submit(
+        &self,
+        session: Uuid,
+        event: Event,
+        hub: Arc<Hub>,
+        fence: Option<Fence>,
+    ) -> Result<Pending, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Append { session, event, hub, reply }).await?;
+        self.send(Command::Append { session, event, hub, fence, reply }).await?;
         Ok(Pending(rx))
     }
 
-    /// Records (or clears) the process group of a session's running turn.
-    pub async fn set_turn_pgid(&self, session: Uuid, pgid: Option<i32>) -> Result<(), StoreError> {
+    /// Records how to find the running turn's processes after a crash: its
+    /// environment marker (before it starts) and its process group (once it
+    /// has one).
+    pub async fn set_turn(&self, session: Uuid, pgid: Option<i32>, marker: String) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::SetPgid { session, pgid, reply }).await?;
+        self.send(Command::SetTurn { session, pgid, marker, reply }).await?;
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
@@ -276,10 +337,17 @@ impl Store {
             let start = after.map_or(0, |a| a.saturating_add(1));
             let mut stmt = conn
                 .prepare_cached("SELECT id, json FROM events WHERE session = ?1 AND id >= ?2 ORDER BY id LIMIT ?3")?;
-            let rows = stmt.query_map(params![session.to_string(), to_sql(start), limit as i64], |row| {
-                Ok(Stored { id: row.get::<_, i64>(0)? as EventId, json: row.get::<_, String>(1)?.into() })
-            })?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            let mut rows = stmt.query(params![session.to_string(), to_sql(start), limit as i64])?;
+            let (mut page, mut bytes) = (Vec::new(), 0);
+            while let Some(row) = rows.next()? {
+                let json: String = row.get(1)?;
+                bytes += json.len();
+                page.push(Stored { id: row.get::<_, i64>(0)? as EventId, json: json.into() });
+                if bytes >= READ_BUDGET {
+                    break;
+                }
+            }
+            Ok(page)
         })
         .await
     }
@@ -292,14 +360,18 @@ impl Store {
         .await
     }
 
-    /// Newest first; `before` pages by creation time.
-    pub async fn sessions(&self, before_ms: Option<i64>, limit: usize) -> Result<Vec<SessionRow>, StoreError> {
+    /// Newest first; `before` (a session of the previous page, usually its
+    /// last) pages on creation time, then id, so that sessions created in
+    /// the same millisecond are neither skipped nor repeated.
+    pub async fn sessions(&self, before: Option<&SessionRow>, limit: usize) -> Result<Vec<SessionRow>, StoreError> {
+        let (before_ms, before_id) = before.map_or((i64::MAX, String::new()), |r| (r.created_ms, r.id.to_string()));
         self.read(move |conn| {
             let sql = format!(
-                "SELECT {SESSION_COLUMNS} FROM sessions WHERE created_ms < ?1 ORDER BY created_ms DESC, id LIMIT ?2"
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE (created_ms, id) < (?1, ?2)
+                 ORDER BY created_ms DESC, id DESC LIMIT ?3"
             );
             let mut stmt = conn.prepare_cached(&sql)?;
-            let rows = stmt.query_map(params![before_ms.unwrap_or(i64::MAX), limit as i64], session_row)?;
+            let rows = stmt.query_map(params![before_ms, before_id, limit as i64], session_row)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
@@ -405,7 +477,7 @@ fn chain_hash(prev: &str, seq: i64, at_ms: i64, r: &AuditRecord) -> String {
 }
 
 const SESSION_COLUMNS: &str =
-    "id, created_ms, title, agent_started, last_activity_ms, event_count, turn_running, turn_pgid";
+    "id, created_ms, title, agent_started, last_activity_ms, event_count, turn_running, turn_pgid, turn_marker";
 
 fn session_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
     let id: String = row.get(0)?;
@@ -419,6 +491,7 @@ fn session_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
         event_count: row.get::<_, i64>(5)? as u64,
         turn_running: row.get(6)?,
         turn_pgid: row.get(7)?,
+        turn_marker: row.get(8)?,
     })
 }
 
@@ -450,6 +523,23 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     Ok(conn)
+}
+
+/// An exclusive lock on `<dir>/breakglass.lock`, released when the process
+/// ends however it ends: two servers on one database would fight over ids.
+fn lock_dir(dir: &Path) -> Result<std::fs::File, OpenError> {
+    let path = dir.join("breakglass.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| OpenError::Lock { path: path.clone(), source })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::InUse { path: dir.to_owned() }),
+        Err(std::fs::TryLockError::Error(source)) => Err(OpenError::Lock { path, source }),
+    }
 }
 
 /// Refuses files that are not ours or are newer; creates or migrates ours.
@@ -523,7 +613,7 @@ impl Command {
                 hub.publish(stored.clone());
                 drop(reply.send(Ok(stored)));
             }
-            (Command::SetPgid { reply, .. }, Ok(Done::Nothing)) => drop(reply.send(Ok(()))),
+            (Command::SetTurn { reply, .. }, Ok(Done::Nothing)) => drop(reply.send(Ok(()))),
             (Command::Audit { reply, .. }, Ok(Done::Audit(entry))) => drop(reply.send(Ok(entry))),
             (command, Ok(Done::Refused(err)) | Err(err)) => command.fail(err),
             (command, Ok(_)) => command.fail(StoreError::Sqlite("internal: mismatched answer".into())),
@@ -534,7 +624,7 @@ impl Command {
         match self {
             Command::CreateSession { reply, .. } => drop(reply.send(Err(err))),
             Command::Append { reply, .. } => drop(reply.send(Err(err))),
-            Command::SetPgid { reply, .. } => drop(reply.send(Err(err))),
+            Command::SetTurn { reply, .. } => drop(reply.send(Err(err))),
             Command::Audit { reply, .. } => drop(reply.send(Err(err))),
         }
     }
@@ -578,6 +668,9 @@ impl Writer {
         })();
         match result {
             Ok(()) => {
+                if self.next_ids.len() > ID_CACHE {
+                    self.next_ids.clear();
+                }
                 self.next_ids.extend(staged.next_ids);
                 if staged.audit_tail.is_some() {
                     self.audit_tail = staged.audit_tail;
@@ -589,6 +682,9 @@ impl Writer {
             Err(err) => {
                 tracing::error!(%err, commands = batch.len(), "a storage transaction failed; its writes are refused");
                 for command in batch {
+                    if let Command::Append { fence: Some(fence), .. } = &command {
+                        fence.trip();
+                    }
                     command.answer(Err(err.clone()));
                 }
             }
@@ -618,8 +714,10 @@ fn execute(
                 event_count: 0,
                 turn_running: false,
                 turn_pgid: None,
+                turn_marker: None,
             }))
         }
+        Command::Append { fence: Some(fence), .. } if fence.is_tripped() => Ok(Done::Refused(StoreError::Fenced)),
         Command::Append { session, event, .. } => {
             let next = match staged.next_ids.get(session).or_else(|| next_ids.get(session)) {
                 Some(next) => Some(*next),
@@ -646,7 +744,7 @@ fn execute(
                 Event::User { text, .. } => {
                     let title: String = text.trim().chars().take(TITLE_CHARS).collect();
                     tx.prepare_cached(
-                        "UPDATE sessions SET turn_running = 1, turn_pgid = NULL, title = coalesce(title, ?2) WHERE id = ?1",
+                        "UPDATE sessions SET turn_running = 1, title = coalesce(title, ?2) WHERE id = ?1",
                     )?
                     .execute(params![sid, title])?;
                 }
@@ -654,17 +752,19 @@ fn execute(
                     tx.prepare_cached("UPDATE sessions SET agent_started = 1 WHERE id = ?1")?.execute([&sid])?;
                 }
                 Event::TurnEnd => {
-                    tx.prepare_cached("UPDATE sessions SET turn_running = 0, turn_pgid = NULL WHERE id = ?1")?
-                        .execute([&sid])?;
+                    tx.prepare_cached(
+                        "UPDATE sessions SET turn_running = 0, turn_pgid = NULL, turn_marker = NULL WHERE id = ?1",
+                    )?
+                    .execute([&sid])?;
                 }
                 _ => {}
             }
             staged.next_ids.insert(*session, id + 1);
             Ok(Done::Event(stored))
         }
-        Command::SetPgid { session, pgid, .. } => {
-            tx.prepare_cached("UPDATE sessions SET turn_pgid = ?2 WHERE id = ?1")?
-                .execute(params![session.to_string(), pgid])?;
+        Command::SetTurn { session, pgid, marker, .. } => {
+            tx.prepare_cached("UPDATE sessions SET turn_pgid = ?2, turn_marker = ?3 WHERE id = ?1")?
+                .execute(params![session.to_string(), pgid, marker])?;
             Ok(Done::Nothing)
         }
         Command::Audit { record, .. } => {
@@ -712,7 +812,7 @@ mod tests {
     }
 
     async fn append(store: &Store, session: Uuid, event: Event) -> Result<Stored, StoreError> {
-        store.submit(session, event, Arc::new(Hub::default())).await?.committed().await
+        store.submit(session, event, Arc::new(Hub::default()), None).await?.committed().await
     }
 
     #[tokio::test]
@@ -722,7 +822,7 @@ mod tests {
         let mut pending = Vec::new();
         for i in 0..1000 {
             let hub = Arc::new(Hub::default());
-            pending.push(store.submit(id, Event::Text { text: i.to_string() }, hub).await.unwrap());
+            pending.push(store.submit(id, Event::Text { text: i.to_string() }, hub, None).await.unwrap());
         }
         for (i, p) in pending.into_iter().enumerate() {
             assert_eq!(p.committed().await.unwrap().id, i as u64);
@@ -737,8 +837,8 @@ mod tests {
     async fn events_of_an_unknown_session_are_refused_alone() {
         let (_dir, store) = open();
         let id = store.create_session(Uuid::new_v4()).await.unwrap().id;
-        let stray = store.submit(Uuid::new_v4(), Event::TurnEnd, Arc::new(Hub::default())).await.unwrap();
-        let fine = store.submit(id, Event::TurnEnd, Arc::new(Hub::default())).await.unwrap();
+        let stray = store.submit(Uuid::new_v4(), Event::TurnEnd, Arc::new(Hub::default()), None).await.unwrap();
+        let fine = store.submit(id, Event::TurnEnd, Arc::new(Hub::default()), None).await.unwrap();
         assert!(matches!(stray.committed().await, Err(StoreError::NoSession)));
         assert_eq!(fine.committed().await.unwrap().id, 0);
     }
@@ -748,7 +848,7 @@ mod tests {
         let (_dir, store) = open();
         let id = store.create_session(Uuid::new_v4()).await.unwrap().id;
         append(&store, id, Event::User { text: "  disk full on devvm?  ".into(), by: "alice".into() }).await.unwrap();
-        store.set_turn_pgid(id, Some(4242)).await.unwrap();
+        store.set_turn(id, Some(4242), "BREAKGLASS_TURN=x".into()).await.unwrap();
         let row = store.session(id).await.unwrap().unwrap();
         assert_eq!(
             (row.title.as_deref(), row.turn_running, row.turn_pgid),

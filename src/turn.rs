@@ -21,8 +21,7 @@ use crate::agent::translate::translate;
 use crate::config::AgentConfig;
 use crate::event::Event;
 use crate::log::{Log, LogError};
-use crate::session::turn_marker;
-use crate::store::Pending;
+use crate::store::{Fence, Pending};
 
 /// Longest error message taken from the agent's stderr (SPEC §5).
 const ERROR_CHARS: usize = 500;
@@ -44,6 +43,8 @@ pub struct Request {
     pub model: String,
     /// `--resume` (the CLI knows this session) rather than `--session-id`.
     pub resume: bool,
+    /// In the agent's environment, for finding this turn's processes later.
+    pub marker: String,
 }
 
 /// Why a running turn is asked to stop early.
@@ -179,6 +180,11 @@ impl Runner {
             return Ending::CannotStart(format!("workspace {}: {err}", workspace.display()));
         }
         let spec = self.spec(request, workspace);
+        // Recorded first, so that a restart can find this turn's processes
+        // even if the server dies before it learns their process group.
+        if let Err(err) = log.store().set_turn(request.session_id, None, spec.marker.clone()).await {
+            return Ending::LogFailed(err);
+        }
         let mut agent = match AgentProcess::spawn(&spec) {
             Ok(agent) => agent,
             Err(err) => return Ending::CannotStart(format!("{}: {err}", spec.program.display())),
@@ -186,7 +192,7 @@ impl Runner {
         let began = Instant::now();
         tracing::info!(session = %request.session_id, pgid = agent.pgid(), resume = request.resume, "agent started");
         // Recorded so that a restart can kill what this turn leaves behind.
-        if let Err(err) = log.store().set_turn_pgid(request.session_id, Some(agent.pgid())).await {
+        if let Err(err) = log.store().set_turn(request.session_id, Some(agent.pgid()), spec.marker.clone()).await {
             agent.kill_group(Duration::ZERO).await;
             let _ = agent.reap().await;
             return Ending::LogFailed(err);
@@ -283,7 +289,7 @@ impl Runner {
         } else {
             Some(request.prompt.clone().into_bytes())
         };
-        Spec { program: self.agent.program.clone(), args, cwd, stdin, marker: turn_marker(request.session_id) }
+        Spec { program: self.agent.program.clone(), args, cwd, stdin, marker: request.marker.clone() }
     }
 }
 
@@ -295,6 +301,8 @@ const MAX_PROMPT_ARG: usize = 128 * 1024 - 1;
 /// transactions instead of waiting for one commit per event.
 struct Output<'a> {
     log: &'a Log,
+    /// Once a write of this turn fails, none after it is kept either.
+    fence: Fence,
     pending: VecDeque<Pending>,
     saw_result: bool,
     started: &'a mut bool,
@@ -305,7 +313,7 @@ const IN_FLIGHT: usize = 256;
 
 impl<'a> Output<'a> {
     fn new(log: &'a Log, started: &'a mut bool) -> Self {
-        Output { log, pending: VecDeque::new(), saw_result: false, started }
+        Output { log, fence: Fence::default(), pending: VecDeque::new(), saw_result: false, started }
     }
 
     /// Translates one line of the agent's output and submits its events.
@@ -328,7 +336,7 @@ impl<'a> Output<'a> {
             {
                 oldest.committed().await?;
             }
-            self.pending.push_back(self.log.submit(event).await?);
+            self.pending.push_back(self.log.submit(event, Some(self.fence.clone())).await?);
         }
         Ok(())
     }

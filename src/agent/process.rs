@@ -174,34 +174,51 @@ async fn read_stderr(mut pipe: ChildStderr, into: Arc<Mutex<Captured>>) {
     }
 }
 
-/// Kills, with SIGKILL, every process whose environment holds `marker`
-/// (`KEY=value`) and, when `pgid` is known, that is in that group: what a
-/// turn left running when the server died. The marker keeps an unrelated
-/// group that reused the id safe, and finds the turn's processes even when
-/// the server died before it could record the group. Returns how many.
+/// Kills, with SIGKILL, what a turn left running when the server died: its
+/// whole process group, if a member of it still carries the turn's `marker`
+/// (`KEY=value`, in its environment; a group id reused by someone else's
+/// processes carries none), and any process elsewhere that carries the
+/// marker (one that left the group). Returns how many processes were found.
 pub fn kill_leftovers(pgid: Option<i32>, marker: &str) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
+    let me = std::process::id() as i32;
+    let marked: Vec<(i32, Option<i32>)> =
+        processes().into_iter().filter(|(pid, _)| *pid != me && carries(*pid, marker)).collect();
     let mut killed = 0;
-    for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
-        let in_group = pgid.is_none_or(|pgid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|stat| {
-                stat.rsplit_once(") ").and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse::<i32>().ok())
-            }) == Some(pgid)
-        });
-        let marked = || {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == marker.as_bytes()))
-        };
-        if in_group && marked() && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+    if let Some(pgid) = pgid
+        && marked.iter().any(|(_, group)| *group == Some(pgid))
+    {
+        killed += processes().iter().filter(|(_, group)| *group == Some(pgid)).count();
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    }
+    for (pid, group) in marked {
+        if pgid.is_none() || group != pgid {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
             killed += 1;
         }
     }
     killed
+}
+
+/// Every process with its process group, from /proc.
+fn processes() -> Vec<(i32, Option<i32>)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .map(|pid| {
+            let group = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| stat.rsplit_once(") ")?.1.split_whitespace().nth(2)?.parse().ok());
+            (pid, group)
+        })
+        .collect()
+}
+
+fn carries(pid: i32, marker: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == marker.as_bytes()))
 }
 
 /// How the leader ended, and what it said on stderr.

@@ -21,6 +21,7 @@ use axum::routing::{any, get};
 use axum::{Json, Router, middleware};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
@@ -44,6 +45,24 @@ pub struct AppState {
     pub streams_end: CancellationToken,
     /// Audit records that could not be written (SPEC: logged and counted).
     pub audit_failures: Arc<AtomicU64>,
+    /// What requests started and must finish even if their client leaves.
+    pub tasks: TaskTracker,
+}
+
+impl AppState {
+    /// Runs the part of a request that changes state in a task of its own:
+    /// a client that goes away mid-request (a phone losing signal) drops the
+    /// handler, and must not cut a state change in half (a prompt logged but
+    /// its turn never started, a verb run but its result never audited).
+    pub async fn detach<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        self.tasks
+            .spawn(work)
+            .await
+            .unwrap_or_else(|err| Err(ApiError::Internal(format!("request task failed: {err}"))))
+    }
 }
 
 /// Milliseconds since the epoch as RFC 3339 (UTC, milliseconds).

@@ -31,22 +31,32 @@ async fn run_verb(
     Path(verb): Path<String>,
 ) -> Result<Response, ApiError> {
     let verb: Verb = verb.parse().map_err(|e: crate::power::UnknownVerb| ApiError::BadRequest(e.to_string()))?;
+    state
+        .detach({
+            let state = state.clone();
+            async move { run_audited(&state, &identity, verb).await }
+        })
+        .await
+}
+
+/// Audit "requested" (required for a mutating verb), run, audit the result.
+async fn run_audited(state: &AppState, identity: &Identity, verb: Verb) -> Result<Response, ApiError> {
     let action = format!("verb.{verb}");
     let target = state.config.power.host.clone().unwrap_or_default();
     if verb.is_mutating() {
-        if let Err(err) = record(&state, &identity, &action, &target, "requested").await {
+        if let Err(err) = record(state, identity, &action, &target, "requested").await {
             tracing::error!(%err, %verb, "refusing a mutating verb: the audit trail cannot be written");
             return Err(ApiError::Unavailable(format!(
                 "the audit trail cannot be written ({err}); refusing to run {verb}"
             )));
         }
     } else {
-        record_or_count(&state, &identity, &action, &target, "requested").await;
+        record_or_count(state, identity, &action, &target, "requested").await;
     }
     let outcome = match state.power.run(verb).await {
         Ok(outcome) => outcome,
         Err(err) => {
-            record_or_count(&state, &identity, &action, &target, &format!("not run: {err}")).await;
+            record_or_count(state, identity, &action, &target, &format!("not run: {err}")).await;
             return Err(match err {
                 PowerError::NotConfigured => ApiError::Unavailable(err.to_string()),
                 PowerError::Busy => ApiError::Conflict(err.to_string()),
@@ -58,7 +68,7 @@ async fn run_verb(
         Some(code) => format!("exit {code}"),
         None => "timed out".to_owned(),
     };
-    record_or_count(&state, &identity, &action, &target, &result).await;
+    record_or_count(state, identity, &action, &target, &result).await;
     tracing::info!(%verb, exit_code = ?outcome.exit_code, by = %identity.name, "power verb ran");
     let status = if outcome.exit_code == Some(0) { StatusCode::OK } else { StatusCode::BAD_GATEWAY };
     Ok((status, Json(outcome)).into_response())

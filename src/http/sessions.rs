@@ -47,26 +47,37 @@ async fn open(
     State(state): State<AppState>,
     Extension(identity): Extension<Identity>,
 ) -> Result<Json<Value>, ApiError> {
-    let session = match state.sessions.create().await {
-        Ok(session) => session,
-        Err(err) => {
-            record_or_count(&state, &identity, "session.open", "", &format!("failed: {err}")).await;
-            return Err(err.into());
-        }
-    };
-    tracing::info!(session = %session.id, by = %identity.name, "session opened");
-    record_or_count(&state, &identity, "session.open", &session.id.to_string(), "ok").await;
+    let session = state
+        .detach({
+            let state = state.clone();
+            async move {
+                match state.sessions.create().await {
+                    Ok(session) => {
+                        record_or_count(&state, &identity, "session.open", &session.id.to_string(), "ok").await;
+                        tracing::info!(session = %session.id, by = %identity.name, "session opened");
+                        Ok(session)
+                    }
+                    Err(err) => {
+                        record_or_count(&state, &identity, "session.open", "", &format!("failed: {err}")).await;
+                        Err(err.into())
+                    }
+                }
+            }
+        })
+        .await?;
     Ok(Json(json!({ "session_id": session.id.to_string() })))
 }
 
-/// What the API says of a session.
-fn session_json(row: &SessionRow) -> Value {
+/// What the API says of a session. "running" is whether a turn runs now,
+/// on this server (the store's flag can outlive a turn whose end a full
+/// disk swallowed).
+fn session_json(state: &AppState, row: &SessionRow) -> Value {
     json!({
         "id": row.id.to_string(),
         "title": row.title,
         "created": rfc3339(row.created_ms),
         "last_activity": rfc3339(row.last_activity_ms),
-        "running": row.turn_running,
+        "running": state.sessions.is_running(row.id),
         "event_count": row.event_count,
     })
 }
@@ -82,17 +93,17 @@ struct ListQuery {
 async fn list(State(state): State<AppState>, Query(query): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
     let limit = query.limit.unwrap_or(50).clamp(1, 500);
     let store = state.sessions.store();
-    let before_ms = match &query.before {
-        Some(id) => Some(store.session(parse_id(id)?).await?.ok_or_else(ApiError::session_not_found)?.created_ms),
+    let before = match &query.before {
+        Some(id) => Some(store.session(parse_id(id)?).await?.ok_or_else(ApiError::session_not_found)?),
         None => None,
     };
-    let rows = store.sessions(before_ms, limit).await?;
-    Ok(Json(json!({ "sessions": rows.iter().map(session_json).collect::<Vec<_>>() })))
+    let rows = store.sessions(before.as_ref(), limit).await?;
+    Ok(Json(json!({ "sessions": rows.iter().map(|row| session_json(&state, row)).collect::<Vec<_>>() })))
 }
 
 async fn one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let row = state.sessions.store().session(parse_id(&id)?).await?.ok_or_else(ApiError::session_not_found)?;
-    Ok(Json(session_json(&row)))
+    Ok(Json(session_json(&state, &row)))
 }
 
 /// Attach (SPEC §4): backlog, `caught-up`, live tail.
@@ -156,23 +167,29 @@ async fn prompt(
         }
         None => state.config.agent.default_model.clone(),
     };
-    let target = session.id.to_string();
-    let result = state.sessions.start_turn(&session, body.prompt, model, identity.name.clone()).await;
-    let outcome = match &result {
-        Ok(()) => "started".to_owned(),
-        Err(err) => format!("refused: {err}"),
-    };
-    // A prompt is never blocked by the audit trail: an incident comes first.
-    record_or_count(&state, &identity, "prompt", &target, &outcome).await;
-    match result {
-        Ok(()) => {
-            tracing::info!(session = %session.id, by = %identity.name, chars, "prompt accepted");
-            Ok(Json(json!({ "status": "started" })))
-        }
-        Err(StartError::Busy) => Err(ApiError::Conflict("a turn is already running".into())),
-        Err(err @ StartError::ShuttingDown) => Err(ApiError::Unavailable(err.to_string())),
-        Err(StartError::Log(err)) => Err(err.into()),
-    }
+    state
+        .detach({
+            let state = state.clone();
+            async move {
+                let result = state.sessions.start_turn(&session, body.prompt, model, identity.name.clone()).await;
+                let outcome = match &result {
+                    Ok(()) => "started".to_owned(),
+                    Err(err) => format!("refused: {err}"),
+                };
+                // A prompt is never blocked by the audit trail: the incident comes first.
+                record_or_count(&state, &identity, "prompt", &session.id.to_string(), &outcome).await;
+                match result {
+                    Ok(()) => {
+                        tracing::info!(session = %session.id, by = %identity.name, chars, "prompt accepted");
+                        Ok(Json(json!({ "status": "started" })))
+                    }
+                    Err(StartError::Busy) => Err(ApiError::Conflict("a turn is already running".into())),
+                    Err(err @ StartError::ShuttingDown) => Err(ApiError::Unavailable(err.to_string())),
+                    Err(StartError::Log(err)) => Err(err.into()),
+                }
+            }
+        })
+        .await
 }
 
 async fn cancel(
@@ -181,11 +198,18 @@ async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let session = find(&state, &id).await?;
-    let cancelled = state.sessions.cancel(&session).await;
-    tracing::info!(session = %session.id, by = %identity.name, cancelled, "cancel");
-    let outcome = if cancelled { "cancelled" } else { "no turn running" };
-    record_or_count(&state, &identity, "cancel", &session.id.to_string(), outcome).await;
-    Ok(Json(json!({ "cancelled": cancelled })))
+    state
+        .detach({
+            let state = state.clone();
+            async move {
+                let cancelled = state.sessions.cancel(&session).await;
+                tracing::info!(session = %session.id, by = %identity.name, cancelled, "cancel");
+                let outcome = if cancelled { "cancelled" } else { "no turn running" };
+                record_or_count(&state, &identity, "cancel", &session.id.to_string(), outcome).await;
+                Ok(Json(json!({ "cancelled": cancelled })))
+            }
+        })
+        .await
 }
 
 #[derive(Debug, Deserialize)]
