@@ -11,6 +11,13 @@ fn db_path(server: &Server) -> std::path::PathBuf {
     server.data_dir().join("breakglass.db")
 }
 
+/// The flood's lines in a log are 0, 1, 2, … with none missing in between:
+/// ids alone cannot show a hole, since the store numbers what it keeps.
+fn assert_flood_unbroken(log: &[Value]) {
+    let numbers: Vec<u64> = log.iter().filter_map(|e| e["text"].as_str()?.split_once(' ')?.0.parse().ok()).collect();
+    assert_eq!(numbers, (0..numbers.len() as u64).collect::<Vec<_>>(), "the flood has a hole");
+}
+
 fn integrity_check(server: &Server) -> String {
     let conn = rusqlite::Connection::open_with_flags(db_path(server), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .expect("open the database");
@@ -58,10 +65,10 @@ async fn killed_at_any_point_of_a_turn_nothing_is_lost() {
         let session = server.open_session().await;
         let mut stream = server.attach(&session, None).await;
         stream.until_caught_up().await;
-        server.start_turn(&session, "grandchild\nflood 400 200\nsleep 60").await;
+        server.start_turn(&session, "grandchild\nbare-grandchild\nflood 400 200\nsleep 60").await;
         // Kill after a different number of events each round: before the
         // agent said anything, in the middle of the flood, after it.
-        let kill_after = (round * 37) % 403; // the turn has 402 events before its sleep
+        let kill_after = (round * 37) % 404; // the turn has 403 events before its sleep
         let mut seen = Vec::new();
         while (seen.len() as u64) < kill_after {
             match stream.next().await.expect("stream ended") {
@@ -84,6 +91,7 @@ async fn killed_at_any_point_of_a_turn_nothing_is_lost() {
         let n = log.len() as u64;
         assert_eq!(ids(&log), (0..n).collect::<Vec<_>>(), "round {round}: no gaps");
         assert_eq!(&log[..seen.len()], &seen[..], "round {round}: what the client saw is there, unchanged");
+        assert_flood_unbroken(&log);
         assert_eq!(kinds(&log[log.len() - 2..]), ["error", "turn_end"], "round {round}");
         assert_eq!(log[log.len() - 2]["error"], "server stopped during the turn");
         for pid in leftovers {
@@ -280,6 +288,7 @@ async fn a_full_disk_ends_the_turn_visibly_and_writing_resumes() {
         .start_in(dir);
 
     let session = server.open_session().await;
+    let _ = &tmpfs;
     let mut stream = server.attach(&session, None).await;
     stream.until_caught_up().await;
     server.start_turn(&session, "say before the disk filled\nsleep 1\nflood 3000 2000\nresult").await;
@@ -319,11 +328,29 @@ async fn a_full_disk_ends_the_turn_visibly_and_writing_resumes() {
     let mut replay = server.attach(&session, None).await;
     let kept = replay.until_caught_up().await;
     assert_eq!(kept[1]["text"], "before the disk filled", "what was written stays readable");
+    assert_flood_unbroken(&kept);
+    let listed: Value = server.get(&format!("/api/session/{session}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["running"], false, "no turn runs, whatever the store could not record");
+
+    // A restart while the disk is still full must not keep the console down.
+    let mut server = server;
+    assert!(server.terminate().success());
+    server.restart();
+    assert_eq!(server.get("/api/sessions").send().await.unwrap().status(), 200);
 
     std::fs::remove_file(ballast).unwrap();
     assert_eq!(server.post("/api/session").send().await.unwrap().status(), 200, "writing resumes");
-    let events = server.run_turn(&session, "replay basic").await;
-    assert_eq!(kinds(&events).last(), Some(&"turn_end"));
+    let mut stream = server.attach(&session, None).await;
+    stream.until_caught_up().await;
+    server.start_turn(&session, "replay basic").await;
+    let mut after = Vec::new();
+    while !(after.iter().any(|e: &Value| e["kind"] == "user") && after.last().is_some_and(|e| e["kind"] == "turn_end"))
+    {
+        if let Some(Frame::Event { data, .. }) = stream.next().await {
+            after.push(data);
+        }
+    }
+    assert!(kinds(&after).ends_with(&BASIC), "the new turn ran whole: {:?}", kinds(&after));
     let mut replay = server.attach(&session, None).await;
     let log = replay.until_caught_up().await;
     let n = log.len() as u64;
@@ -337,4 +364,44 @@ async fn a_full_disk_ends_the_turn_visibly_and_writing_resumes() {
     assert_eq!(integrity_check(&server), "ok");
     drop(server);
     drop(tmpfs);
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_is_refused() {
+    let server = Server::start();
+    let log = spawn(server.dir.path(), &Server::options()).expect_err("two servers on one database");
+    assert!(log.contains("another breakglass is using this data directory"), "{log}");
+    assert_eq!(server.get("/api/sessions").send().await.unwrap().status(), 200, "the first one is unharmed");
+}
+
+#[tokio::test]
+async fn the_session_list_pages_without_skipping_or_repeating() {
+    let server = Server::start();
+    let mut opened = Vec::new();
+    for _ in 0..23 {
+        opened.push(server.open_session().await);
+    }
+    let mut listed: Vec<String> = Vec::new();
+    let mut created: Vec<String> = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let mut url = "/api/sessions?limit=5".to_owned();
+        if let Some(b) = &before {
+            url.push_str(&format!("&before={b}"));
+        }
+        let page: Value = server.get(&url).send().await.unwrap().json().await.unwrap();
+        let ids: Vec<String> =
+            page["sessions"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_owned()).collect();
+        if ids.is_empty() {
+            break;
+        }
+        before = ids.last().cloned();
+        listed.extend(ids);
+    }
+    let mut expected = opened.clone();
+    expected.sort();
+    let mut got = listed.clone();
+    got.sort();
+    assert_eq!(got, expected, "every session once");
+    assert!(created.windows(2).all(|w| w[0] >= w[1]), "newest first: {created:?}");
 }
