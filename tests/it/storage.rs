@@ -390,8 +390,9 @@ async fn the_session_list_pages_without_skipping_or_repeating() {
             url.push_str(&format!("&before={b}"));
         }
         let page: Value = server.get(&url).send().await.unwrap().json().await.unwrap();
-        let ids: Vec<String> =
-            page["sessions"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_owned()).collect();
+        let sessions = page["sessions"].as_array().unwrap();
+        let ids: Vec<String> = sessions.iter().map(|s| s["id"].as_str().unwrap().to_owned()).collect();
+        created.extend(sessions.iter().map(|s| s["created"].as_str().unwrap().to_owned()));
         if ids.is_empty() {
             break;
         }
