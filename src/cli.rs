@@ -71,6 +71,10 @@ pub struct ServeArgs {
     #[arg(long, env = "BREAKGLASS_AGENT_FILE")]
     pub agent_file: Option<PathBuf>,
 
+    /// The console's one-tap prompts, a .toml or .json file [default: built-in].
+    #[arg(long, env = "BREAKGLASS_PRESETS_FILE")]
+    pub presets_file: Option<PathBuf>,
+
     /// Model used when a prompt names none.
     #[arg(long, env = "BREAKGLASS_MODEL", default_value = "sonnet")]
     pub model: String,

@@ -31,6 +31,8 @@ pub struct Config {
     pub write_timeout: Duration,
     pub max_concurrent_turns: usize,
     pub power: PowerConfig,
+    /// The console's one-tap prompts.
+    pub presets: Vec<Preset>,
 }
 
 /// How turns start the agent CLI (SPEC §5).
@@ -51,15 +53,90 @@ pub struct AgentConfig {
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
     pub bearer_token: Option<String>,
+    /// On a first run, the token of the one-time login link (random).
+    pub login_token: Option<String>,
     pub trusted_proxies: Vec<IpNet>,
     pub user_header: HeaderName,
 }
 
 impl AuthConfig {
-    /// Neither a token nor a proxy: every `/api` request is refused.
-    pub fn is_closed(&self) -> bool {
+    /// Neither a token nor a proxy: a bare machine's first run. The console
+    /// is then reached through a one-time login link (SPEC §8) and every
+    /// other `/api` request is refused.
+    pub fn is_first_run(&self) -> bool {
         self.bearer_token.is_none() && self.trusted_proxies.is_empty()
     }
+}
+
+/// A one-tap diagnosis prompt of the console.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Preset {
+    pub label: String,
+    pub prompt: String,
+}
+
+/// The presets when `BREAKGLASS_PRESETS_FILE` names none.
+pub fn default_presets() -> Vec<Preset> {
+    let p = |label: &str, prompt: &str| Preset { label: label.into(), prompt: prompt.into() };
+    vec![
+        p(
+            "Triage",
+            "Triage devvm: is it reachable over SSH? Check uptime and load, memory and swap, disk usage, failed units \
+             and the last kernel messages. Report what is wrong in a few lines. Change nothing yet.",
+        ),
+        p(
+            "Memory/OOM",
+            "Check devvm for memory pressure: free -m, swap, the biggest processes, and OOM kills in the kernel log. \
+             Say what was killed and why, and what you would do about it.",
+        ),
+        p(
+            "Disk",
+            "Check devvm's disks: df -h and df -i, and what fills the fullest filesystem (logs, caches, core dumps, \
+             container images). Propose what can safely be freed; never user data.",
+        ),
+        p(
+            "Services",
+            "List devvm's failed and restarting units and, for the main one, its last errors from the journal. \
+             Would a restart fix it?",
+        ),
+        p(
+            "QEMU wedged?",
+            "devvm may be wedged below the guest. Without changing anything, run ssh pve status and ssh pve forensics: \
+             does QEMU answer, does the guest agent? Tell me whether a cycle is warranted.",
+        ),
+    ]
+}
+
+/// Presets from a TOML (`[[preset]]` tables) or JSON (a list, or
+/// `{"presets": [...]}`) file, by its extension.
+pub fn load_presets(path: &std::path::Path) -> anyhow::Result<Vec<Preset>> {
+    #[derive(serde::Deserialize)]
+    struct TomlFile {
+        preset: Vec<Preset>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum JsonFile {
+        List(Vec<Preset>),
+        Object { presets: Vec<Preset> },
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let presets = match path.extension().and_then(|e| e.to_str()) {
+        Some("toml") => toml::from_str::<TomlFile>(&text).with_context(|| format!("{}", path.display()))?.preset,
+        Some("json") => match serde_json::from_str::<JsonFile>(&text).with_context(|| format!("{}", path.display()))? {
+            JsonFile::List(list) | JsonFile::Object { presets: list } => list,
+        },
+        _ => bail!("{}: name a .toml or .json file", path.display()),
+    };
+    if presets.is_empty() || presets.len() > 20 {
+        bail!("{}: give between 1 and 20 presets", path.display());
+    }
+    for preset in &presets {
+        if preset.label.trim().is_empty() || preset.prompt.trim().is_empty() || preset.label.chars().count() > 40 {
+            bail!("{}: every preset needs a label (at most 40 characters) and a prompt", path.display());
+        }
+    }
+    Ok(presets)
 }
 
 /// How power verbs reach the hypervisor (SPEC §7).
@@ -106,7 +183,12 @@ impl Config {
             validate_ssh_word("BREAKGLASS_PVE_HOST", host)?;
         }
         validate_ssh_word("BREAKGLASS_PVE_USER", &args.pve_user)?;
+        let presets = match &args.presets_file {
+            Some(path) => load_presets(path).context("BREAKGLASS_PRESETS_FILE")?,
+            None => default_presets(),
+        };
         Ok(Config {
+            presets,
             listen,
             data_dir: args.data_dir,
             sessions_dir,
@@ -119,7 +201,10 @@ impl Config {
                 turn_timeout: positive_seconds("BREAKGLASS_TURN_TIMEOUT_SECONDS", args.turn_timeout_seconds)?,
                 kill_grace: Duration::from_secs(3),
             },
-            auth: AuthConfig { bearer_token, trusted_proxies, user_header },
+            auth: {
+                let first_run = bearer_token.is_none() && trusted_proxies.is_empty();
+                AuthConfig { login_token: first_run.then(random_token), bearer_token, trusted_proxies, user_header }
+            },
             sse_keepalive: positive_seconds("BREAKGLASS_SSE_KEEPALIVE_SECONDS", args.sse_keepalive_seconds)?,
             write_timeout: positive_seconds("BREAKGLASS_WRITE_TIMEOUT_SECONDS", args.write_timeout_seconds)?,
             max_concurrent_turns: match args.max_concurrent_turns {
@@ -136,6 +221,11 @@ impl Config {
             },
         })
     }
+}
+
+/// 244 random bits, hex: a token nobody guesses.
+pub fn random_token() -> String {
+    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
 }
 
 fn positive_seconds(name: &str, seconds: u64) -> anyhow::Result<Duration> {

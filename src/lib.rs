@@ -34,3 +34,4 @@ pub mod shutdown;
 pub mod sse;
 pub mod store;
 pub mod turn;
+pub mod web;

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::http::auth::Peer;
+use crate::http::auth::{Logins, Peer};
 use crate::http::{AppState, router};
 use crate::power::Power;
 use crate::session::Sessions;
@@ -71,18 +71,11 @@ fn announce(config: &Config, addr: SocketAddr) {
         let nets: Vec<_> = auth.trusted_proxies.iter().map(ToString::to_string).collect();
         lines.push(format!("auth: header '{}' believed from {}", auth.user_header, nets.join(", ")));
     }
-    if auth.is_closed() {
-        lines.push(
-            "auth: none configured; every /api request is refused (set API_BEARER_TOKEN or BREAKGLASS_TRUSTED_PROXIES)"
-                .into(),
-        );
-        tracing::warn!("no authentication configured: every /api request will be refused");
-    }
-    // Claude Code accepts exactly "1" here.
-    if nix::unistd::geteuid().is_root() && std::env::var_os("IS_SANDBOX").is_none_or(|v| v != "1") {
+    if let Some(token) = &auth.login_token {
+        let host = if addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr };
+        lines.push(format!("login: open http://{host}/login?token={token} (once; no API_BEARER_TOKEN or BREAKGLASS_TRUSTED_PROXIES is set)"));
         tracing::warn!(
-            "running as root: the claude CLI refuses --dangerously-skip-permissions as root; \
-             run as an unprivileged user, or set IS_SANDBOX=1 where the server runs in a container"
+            "no API_BEARER_TOKEN or BREAKGLASS_TRUSTED_PROXIES: the console is reached through the one-time login link on stdout"
         );
     }
     let mut stdout = std::io::stdout().lock();
@@ -117,6 +110,7 @@ pub async fn run(
     let state = AppState {
         audit_failures: Arc::default(),
         tasks: TaskTracker::new(),
+        logins: Arc::new(Logins::new(config.auth.login_token.clone())),
         power: Arc::new(Power::new(config.power.clone())),
         sessions: sessions.clone(),
         streams_end: CancellationToken::new(),

@@ -32,20 +32,21 @@ pub enum Via {
     /// Attached by the browser or the proxy on the browser's behalf, so a
     /// cross-site page could make the browser send it.
     ProxyHeader,
+    /// The first-run login's cookie: attached by the browser on its own too.
+    Cookie,
 }
 
 /// Peer address of the TCP connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
-/// Decides who is calling; `None` when nobody we trust is.
-pub fn authenticate(auth: &AuthConfig, headers: &HeaderMap, peer: IpAddr) -> Result<Identity, ApiError> {
-    if auth.is_closed() {
-        return Err(ApiError::Unauthorized(
-            "authentication is not configured on this server: set API_BEARER_TOKEN or BREAKGLASS_TRUSTED_PROXIES"
-                .into(),
-        ));
-    }
+/// Decides who is calling, or why nobody we trust is.
+pub fn authenticate(
+    auth: &AuthConfig,
+    logins: &Logins,
+    headers: &HeaderMap,
+    peer: IpAddr,
+) -> Result<Identity, ApiError> {
     if let (Some(expected), Some(given)) = (&auth.bearer_token, bearer(headers))
         && bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
     {
@@ -59,7 +60,66 @@ pub fn authenticate(auth: &AuthConfig, headers: &HeaderMap, peer: IpAddr) -> Res
             return Ok(Identity { name: user.chars().take(256).collect(), via: Via::ProxyHeader, peer });
         }
     }
+    if let Some(secret) = cookie(headers, COOKIE)
+        && logins.knows(secret)
+    {
+        return Ok(Identity { name: "console".into(), via: Via::Cookie, peer });
+    }
+    if auth.is_first_run() {
+        return Err(ApiError::Unauthorized(
+            "not authenticated: open the login link printed at start-up, \
+             or configure API_BEARER_TOKEN or BREAKGLASS_TRUSTED_PROXIES"
+                .into(),
+        ));
+    }
     Err(ApiError::Unauthorized("not authenticated".into()))
+}
+
+/// The console's session cookie.
+pub const COOKIE: &str = "breakglass";
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find_map(|(k, v)| (k == name).then_some(v))
+}
+
+/// First-run login (SPEC §8): a one-time link carrying a random token, which
+/// becomes an HttpOnly, SameSite=Strict cookie when opened.
+#[derive(Debug, Default)]
+pub struct Logins {
+    /// The token of the printed link, until it is used.
+    token: std::sync::Mutex<Option<String>>,
+    /// Secrets of the cookies the link has handed out.
+    cookies: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Logins {
+    pub fn new(token: Option<String>) -> Self {
+        Logins { token: std::sync::Mutex::new(token), cookies: Default::default() }
+    }
+
+    /// Exchanges the link's token, once, for a cookie secret.
+    pub fn redeem(&self, given: &str) -> Option<String> {
+        let mut token = self.token.lock().unwrap_or_else(|p| p.into_inner());
+        let matches = token.as_deref().is_some_and(|t| bool::from(t.as_bytes().ct_eq(given.as_bytes())));
+        if !matches {
+            return None;
+        }
+        *token = None;
+        let secret = crate::config::random_token();
+        self.cookies.lock().unwrap_or_else(|p| p.into_inner()).insert(secret.clone());
+        Some(secret)
+    }
+
+    fn knows(&self, secret: &str) -> bool {
+        let cookies = self.cookies.lock().unwrap_or_else(|p| p.into_inner());
+        cookies.iter().any(|known| bool::from(known.as_bytes().ct_eq(secret.as_bytes())))
+    }
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -110,7 +170,7 @@ pub async fn require(
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let identity = authenticate(&state.config.auth, request.headers(), peer.ip())?;
+    let identity = authenticate(&state.config.auth, &state.logins, request.headers(), peer.ip())?;
     check_same_site(request.method(), request.headers(), &identity)?;
     request.extensions_mut().insert(identity);
     Ok(next.run(request).await)
@@ -123,6 +183,7 @@ mod tests {
 
     fn config(token: Option<&str>, proxies: &[&str]) -> AuthConfig {
         AuthConfig {
+            login_token: None,
             bearer_token: token.map(str::to_owned),
             trusted_proxies: proxies.iter().map(|p| p.parse().unwrap()).collect(),
             user_header: "x-authentik-username".parse().unwrap(),
@@ -142,7 +203,12 @@ mod tests {
 
     #[test]
     fn nothing_configured_refuses_even_a_token() {
-        let err = authenticate(&config(None, &[]), &headers(&[("authorization", "Bearer x")]), INSIDE.parse().unwrap());
+        let err = authenticate(
+            &config(None, &[]),
+            &Logins::default(),
+            &headers(&[("authorization", "Bearer x")]),
+            INSIDE.parse().unwrap(),
+        );
         assert!(matches!(err, Err(ApiError::Unauthorized(m)) if m.contains("API_BEARER_TOKEN")));
     }
 
@@ -151,12 +217,20 @@ mod tests {
         let auth = config(Some("s3cret"), &[]);
         let peer = OUTSIDE.parse().unwrap();
         assert_eq!(
-            authenticate(&auth, &headers(&[("authorization", "Bearer s3cret")]), peer).unwrap().via,
+            authenticate(&auth, &Logins::default(), &headers(&[("authorization", "Bearer s3cret")]), peer).unwrap().via,
             Via::Bearer
         );
-        assert_eq!(authenticate(&auth, &headers(&[("authorization", "bearer s3cret")]), peer).unwrap().name, "bearer");
+        assert_eq!(
+            authenticate(&auth, &Logins::default(), &headers(&[("authorization", "bearer s3cret")]), peer)
+                .unwrap()
+                .name,
+            "bearer"
+        );
         for wrong in ["Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret", "Bearer "] {
-            assert!(authenticate(&auth, &headers(&[("authorization", wrong)]), peer).is_err(), "{wrong}");
+            assert!(
+                authenticate(&auth, &Logins::default(), &headers(&[("authorization", wrong)]), peer).is_err(),
+                "{wrong}"
+            );
         }
     }
 
@@ -164,11 +238,19 @@ mod tests {
     fn proxy_header_only_from_a_trusted_peer() {
         let auth = config(None, &["10.0.0.0/8"]);
         let h = headers(&[("x-authentik-username", "alice")]);
-        assert_eq!(authenticate(&auth, &h, INSIDE.parse().unwrap()).unwrap().name, "alice");
-        assert!(authenticate(&auth, &h, OUTSIDE.parse().unwrap()).is_err());
+        assert_eq!(authenticate(&auth, &Logins::default(), &h, INSIDE.parse().unwrap()).unwrap().name, "alice");
+        assert!(authenticate(&auth, &Logins::default(), &h, OUTSIDE.parse().unwrap()).is_err());
         let mapped: IpAddr = "::ffff:10.9.9.9".parse().unwrap();
-        assert_eq!(authenticate(&auth, &h, mapped).unwrap().via, Via::ProxyHeader);
-        assert!(authenticate(&auth, &headers(&[("x-authentik-username", " ")]), INSIDE.parse().unwrap()).is_err());
+        assert_eq!(authenticate(&auth, &Logins::default(), &h, mapped).unwrap().via, Via::ProxyHeader);
+        assert!(
+            authenticate(
+                &auth,
+                &Logins::default(),
+                &headers(&[("x-authentik-username", " ")]),
+                INSIDE.parse().unwrap()
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -193,5 +275,33 @@ mod tests {
             assert!(check_same_site(&post, &h, &bearer).is_ok(), "bearer {pairs:?}");
             assert!(check_same_site(&Method::GET, &h, &proxy).is_ok(), "GET {pairs:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod login_tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn the_login_token_works_once_and_its_cookie_identifies_the_console() {
+        let logins = Logins::new(Some("t0ken".into()));
+        assert_eq!(logins.redeem("wrong"), None);
+        let secret = logins.redeem("t0ken").expect("the right token");
+        assert_eq!(logins.redeem("t0ken"), None, "one time only");
+        let auth = AuthConfig {
+            login_token: Some("t0ken".into()),
+            bearer_token: None,
+            trusted_proxies: vec![],
+            user_header: "x-authentik-username".parse().unwrap(),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(header::COOKIE, HeaderValue::from_str(&format!("other=1; breakglass={secret}")).unwrap());
+        let peer = "127.0.0.1".parse().unwrap();
+        let identity = authenticate(&auth, &logins, &headers, peer).unwrap();
+        assert_eq!((identity.name.as_str(), identity.via), ("console", Via::Cookie));
+        headers.insert(header::COOKIE, HeaderValue::from_static("breakglass=forged"));
+        let refused = authenticate(&auth, &logins, &headers, peer);
+        assert!(matches!(refused, Err(ApiError::Unauthorized(m)) if m.contains("login link")));
     }
 }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
 use axum::http::{Method, Request, StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::{Json, Router, middleware};
 use serde_json::json;
@@ -47,6 +47,8 @@ pub struct AppState {
     pub audit_failures: Arc<AtomicU64>,
     /// What requests started and must finish even if their client leaves.
     pub tasks: TaskTracker,
+    /// The first-run login link and the cookies it handed out.
+    pub logins: Arc<auth::Logins>,
 }
 
 impl AppState {
@@ -75,6 +77,8 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .merge(sessions::router())
         .merge(audit::router())
+        .route("/whoami", get(whoami))
+        .route("/presets", get(presets))
         .merge(power::router())
         .fallback(api_not_found)
         .method_not_allowed_fallback(api_method_not_allowed)
@@ -82,11 +86,11 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .route("/", get(index))
+        .route("/login", get(login))
         .nest("/api", api)
         // `nest` leaves these two to the outer fallback; they are API paths too.
         .route("/api/", any(api_not_found))
-        .fallback(not_found)
+        .fallback(crate::web::asset)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(
             TraceLayer::new_for_http()
@@ -114,11 +118,58 @@ async fn metrics(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
-async fn index() -> Html<&'static str> {
-    Html(concat!(
-        "<!doctype html><meta charset=utf-8><title>breakglass</title>",
-        "<p>breakglass is running. The API is under <code>/api</code>; see <a href=/health>/health</a>.</p>"
-    ))
+/// Who the server sees, and what the console needs to know of it.
+async fn whoami(
+    State(state): State<AppState>,
+    axum::extract::Extension(identity): axum::extract::Extension<auth::Identity>,
+) -> Json<serde_json::Value> {
+    let via = match identity.via {
+        auth::Via::Bearer => "bearer",
+        auth::Via::ProxyHeader => "proxy",
+        auth::Via::Cookie => "login",
+    };
+    Json(json!({
+        "identity": identity.name,
+        "via": via,
+        "keepalive_seconds": state.config.sse_keepalive.as_secs(),
+        "power_configured": state.config.power.host.is_some(),
+    }))
+}
+
+async fn presets(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({ "presets": state.config.presets }))
+}
+
+#[derive(serde::Deserialize)]
+struct LoginQuery {
+    token: Option<String>,
+}
+
+/// The first-run login link (SPEC §8): sets the console's cookie and sends
+/// the browser to `/`, so the token leaves the address bar and history.
+async fn login(
+    State(state): State<AppState>,
+    axum::extract::Query(query): axum::extract::Query<LoginQuery>,
+) -> Response {
+    let Some(secret) = query.token.as_deref().and_then(|t| state.logins.redeem(t)) else {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, "no-store")],
+            "This login link is wrong or was already used. Restart breakglass for a new one, \
+             or configure API_BEARER_TOKEN or BREAKGLASS_TRUSTED_PROXIES.\n",
+        )
+            .into_response();
+    };
+    let cookie = format!("{}={secret}; HttpOnly; SameSite=Strict; Path=/; Max-Age=2592000", auth::COOKIE);
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::LOCATION, "/".to_owned()),
+            (header::SET_COOKIE, cookie),
+            (header::CACHE_CONTROL, "no-store".to_owned()),
+        ],
+    )
+        .into_response()
 }
 
 async fn api_not_found() -> ApiError {
@@ -127,8 +178,4 @@ async fn api_not_found() -> ApiError {
 
 async fn api_method_not_allowed(method: Method) -> ApiError {
     ApiError::MethodNotAllowed(format!("method {method} is not allowed here"))
-}
-
-async fn not_found() -> Response {
-    (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "not found\n").into_response()
 }

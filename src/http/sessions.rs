@@ -110,10 +110,15 @@ async fn one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Js
 async fn attach(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    Query(query): Query<AttachQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let session = find(&state, &id).await?;
-    let mut last = sse::parse_last_event_id(headers.get("last-event-id").map(HeaderValue::as_bytes));
+    // The header is what EventSource sends on its own reconnects; the query
+    // parameter lets a page that opens a new EventSource say the same.
+    let given =
+        headers.get("last-event-id").map(HeaderValue::as_bytes).or(query.last_event_id.as_deref().map(str::as_bytes));
+    let mut last = sse::parse_last_event_id(given);
     // An id this log never issued (a log from another life): replay it all.
     if let Some(id) = last {
         let next = session.log.next_id().await?;
@@ -132,6 +137,12 @@ async fn attach(
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct AttachQuery {
+    #[serde(rename = "lastEventId")]
+    last_event_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -61,14 +61,48 @@ async fn a_custom_user_header_name() {
     assert_eq!(status_of(server.client.get(&url).header("X-authentik-username", "bob")).await.0, 401);
 }
 
+/// A bare machine's first run (SPEC §8): nothing configured, so the API
+/// refuses everyone but the holder of the one-time login link's cookie.
 #[tokio::test]
-async fn with_nothing_configured_every_api_request_is_refused() {
+async fn first_run_login_link_sets_a_strict_cookie_once() {
     let server = Server::options().no_token().start();
     let (status, body) = status_of(server.client.get(server.url("/api/pve/verbs")).bearer_auth(TOKEN)).await;
     assert_eq!(status, 401);
+    assert!(body["detail"].as_str().unwrap().contains("login link"), "{body}");
     assert!(body["detail"].as_str().unwrap().contains("API_BEARER_TOKEN"), "{body}");
-    assert!(server.log().contains("no authentication configured"), "start-up warning");
     assert_eq!(status_of(server.client.get(server.url("/health"))).await.0, 200);
+
+    let printed = server.stdout.lock().unwrap().clone();
+    let link = printed
+        .iter()
+        .find_map(|l| l.strip_prefix("login: open ")?.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no login link in {printed:?}"))
+        .to_owned();
+    assert!(link.starts_with(&format!("{}/login?token=", server.base)), "{link}");
+    let no_redirects = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let opened = no_redirects.get(&link).send().await.unwrap();
+    assert_eq!(opened.status(), 303);
+    assert_eq!(opened.headers()["location"], "/", "the token leaves the address bar");
+    let set_cookie = opened.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        set_cookie.starts_with("breakglass=")
+            && set_cookie.contains("HttpOnly")
+            && set_cookie.contains("SameSite=Strict"),
+        "{set_cookie}"
+    );
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+
+    let again = no_redirects.get(&link).send().await.unwrap();
+    assert_eq!(again.status(), 401, "the link works once");
+
+    let with_cookie = |r: reqwest::RequestBuilder| r.header("Cookie", cookie.clone());
+    let (status, me) = status_of(with_cookie(server.client.get(server.url("/api/whoami")))).await;
+    assert_eq!((status, me["identity"].as_str(), me["via"].as_str()), (200, Some("console"), Some("login")));
+    assert_eq!(status_of(with_cookie(server.client.post(server.url("/api/session")))).await.0, 200);
+    let cross = with_cookie(server.client.post(server.url("/api/session"))).header("Sec-Fetch-Site", "cross-site");
+    assert_eq!(status_of(cross).await.0, 403, "the cookie is ambient: cross-site posts are refused");
+    let forged = server.client.get(server.url("/api/whoami")).header("Cookie", "breakglass=guess");
+    assert_eq!(status_of(forged).await.0, 401);
 }
 
 #[tokio::test]

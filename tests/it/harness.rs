@@ -22,6 +22,8 @@ pub fn repo() -> PathBuf {
 /// A running `breakglass serve`, killed and reaped on drop.
 pub struct Server {
     child: Option<Child>,
+    /// Every line the server printed on stdout, so far.
+    pub stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     pub base: String,
     pub dir: tempfile::TempDir,
     pub client: reqwest::Client,
@@ -58,14 +60,20 @@ impl Options {
 
     /// Starts on a directory the test has prepared (its `data` inside).
     pub fn start_in(self, dir: tempfile::TempDir) -> Server {
-        let (child, base) = spawn(dir.path(), &self).unwrap_or_else(|log| panic!("{log}"));
-        Server { child: Some(child), base, dir, client: reqwest::Client::new(), options: self }
+        let (child, base, stdout) = spawn_capturing(dir.path(), &self).unwrap_or_else(|log| panic!("{log}"));
+        Server { child: Some(child), stdout, base, dir, client: reqwest::Client::new(), options: self }
     }
 }
 
 /// Starts the binary on `dir` (its data, log and agent records live there)
 /// and returns it with its base URL, or its log if it did not come up.
 pub fn spawn(dir: &std::path::Path, options: &Options) -> Result<(Child, String), String> {
+    spawn_capturing(dir, options).map(|(child, base, _)| (child, base))
+}
+
+type Lines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+fn spawn_capturing(dir: &std::path::Path, options: &Options) -> Result<(Child, String, Lines), String> {
     let path = format!("{}:{}", repo().join("tests/fake-bin").display(), std::env::var("PATH").unwrap_or_default());
     let log_path = dir.join("server.log");
     let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).expect("log file");
@@ -93,10 +101,13 @@ pub fn spawn(dir: &std::path::Path, options: &Options) -> Result<(Child, String)
     let mut child = command.spawn().expect("start breakglass");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
+    let lines = Lines::default();
+    let kept = lines.clone();
     std::thread::spawn(move || {
         // Keep reading after the address is found, so the server's later
         // lines have somewhere to go.
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            kept.lock().unwrap().push(line.clone());
             let _ = tx.send(line);
         }
     });
@@ -108,7 +119,7 @@ pub fn spawn(dir: &std::path::Path, options: &Options) -> Result<(Child, String)
             return Err(format!("breakglass did not say where it listens; its log:\n{log}"));
         };
         if let Some(url) = line.strip_prefix("breakglass listening on ") {
-            return Ok((child, url.to_owned()));
+            return Ok((child, url.to_owned(), lines));
         }
     }
 }
@@ -133,9 +144,11 @@ impl Server {
     /// Starts the binary again on the same data directory.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the server before restarting it");
-        let (child, base) = spawn(self.dir.path(), &self.options).unwrap_or_else(|log| panic!("{log}"));
+        let (child, base, stdout) =
+            spawn_capturing(self.dir.path(), &self.options).unwrap_or_else(|log| panic!("{log}"));
         self.child = Some(child);
         self.base = base;
+        self.stdout = stdout;
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -79,6 +79,10 @@ fn help_lists_every_setting_with_its_variable() {
         "BREAKGLASS_PVE_KNOWN_HOSTS",
         "BREAKGLASS_SSH_BIN",
         "BREAKGLASS_PVE_VERB_TIMEOUT_SECONDS",
+        "BREAKGLASS_PVE_PORT",
+        "BREAKGLASS_DURABILITY",
+        "BREAKGLASS_PRESETS_FILE",
+        "BREAKGLASS_WRITE_TIMEOUT_SECONDS",
     ] {
         assert!(help.contains(&format!("[env: {var}")), "{var} missing from --help");
     }
@@ -101,7 +105,7 @@ async fn serve_is_the_default_subcommand() {
     let first = tokio::time::timeout(crate::harness::DEADLINE, lines.next_line()).await.unwrap().unwrap().unwrap();
     let url = first.strip_prefix("breakglass listening on ").expect(&first).to_owned();
     let auth = tokio::time::timeout(crate::harness::DEADLINE, lines.next_line()).await.unwrap().unwrap().unwrap();
-    assert!(auth.contains("every /api request is refused"), "{auth}");
+    assert!(auth.starts_with("login: open http://127.0.0.1:") && auth.contains("/login?token="), "{auth}");
     let health = reqwest::get(format!("{url}/health")).await.unwrap();
     assert_eq!(health.status(), 200);
     child.kill().await.unwrap();

@@ -17,3 +17,4 @@ mod real_claude;
 mod storage;
 mod translate;
 mod turns;
+mod web;

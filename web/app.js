@@ -1,0 +1,403 @@
+// The console: attaches to the session's event stream, renders the
+// transcript, sends prompts, and drives the VM controls. The transcript fold
+// itself lives in transcript.js (pure, unit-tested).
+import { emptyTranscript, apply, lastId, turnRunning, preview, toolSummary, resultFacts } from "./transcript.js";
+
+const $ = (id) => document.getElementById(id);
+const SESSION_KEY = "breakglass.session";
+
+const state = {
+  session: localStorage.getItem(SESSION_KEY),
+  transcript: emptyTranscript(),
+  source: null,
+  caughtUp: false,
+  linkDown: false,
+  keepaliveMs: 15000,
+  lastSignal: Date.now(),
+};
+
+// ---- API -----------------------------------------------------------------
+
+async function api(method, path, body) {
+  const init = { method, headers: {}, credentials: "same-origin" };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, init);
+  let data = null;
+  try {
+    data = await response.json();
+  } catch {
+    data = null;
+  }
+  return { status: response.status, ok: response.ok, data };
+}
+
+// ---- The lamp and the banner ---------------------------------------------
+
+function lamp() {
+  let mode = "connecting";
+  if (state.linkDown) mode = "down";
+  else if (state.caughtUp) mode = turnRunning(state.transcript) ? "working" : "attached";
+  const text = { connecting: "connecting", attached: "attached", working: "agent working", down: "link down" }[mode];
+  $("lamp").dataset.state = mode;
+  $("lamp-text").textContent = text;
+  $("banner").hidden = !state.linkDown;
+  const running = turnRunning(state.transcript);
+  $("send").disabled = running;
+  $("prompt").disabled = running;
+  $("stop").hidden = !running;
+  for (const b of $("presets").querySelectorAll("button")) b.disabled = running;
+}
+
+// ---- Attach --------------------------------------------------------------
+
+function attach() {
+  if (state.source) state.source.close();
+  state.caughtUp = false;
+  lamp();
+  if (!state.session) return;
+  // A new EventSource does not send Last-Event-ID on its own: say it in the URL.
+  const last = lastId(state.transcript);
+  const query = last === null ? "" : `?lastEventId=${last}`;
+  const source = new EventSource(`/api/session/${state.session}/stream${query}`);
+  state.source = source;
+  source.onopen = () => {
+    state.linkDown = false;
+    state.lastSignal = Date.now();
+    lamp();
+  };
+  source.onmessage = (message) => {
+    state.lastSignal = Date.now();
+    let event;
+    try {
+      event = JSON.parse(message.data);
+    } catch {
+      return;
+    }
+    apply(state.transcript, event);
+    render();
+  };
+  source.addEventListener("caught-up", () => {
+    state.caughtUp = true;
+    state.linkDown = false;
+    state.lastSignal = Date.now();
+    lamp();
+  });
+  source.onerror = async () => {
+    state.linkDown = true;
+    lamp();
+    if (source.readyState === EventSource.CLOSED) {
+      // The browser gave up: the session may be gone (404), or we are logged out.
+      const probe = await api("GET", `/api/session/${state.session}`);
+      if (probe.status === 404) await newSession();
+      else setTimeout(attach, 2000);
+    }
+  };
+}
+
+// Phones freeze background tabs; a stream that has been silent for longer
+// than two keepalive periods is re-attached (from the last id we have).
+function watchdog() {
+  if (document.visibilityState === "visible" && state.source && Date.now() - state.lastSignal > 2 * state.keepaliveMs) {
+    state.lastSignal = Date.now();
+    attach();
+  }
+}
+
+async function newSession() {
+  const opened = await api("POST", "/api/session");
+  if (!opened.ok) {
+    state.linkDown = true;
+    lamp();
+    return false;
+  }
+  switchTo(opened.data.session_id);
+  return true;
+}
+
+function switchTo(id) {
+  state.session = id;
+  localStorage.setItem(SESSION_KEY, id);
+  state.transcript = emptyTranscript();
+  $("transcript").replaceChildren();
+  attach();
+}
+
+// ---- Rendering -----------------------------------------------------------
+
+const rendered = new Map(); // message object -> element
+
+function render() {
+  const list = $("transcript");
+  const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+  let previous = null;
+  for (const message of state.transcript.messages) {
+    let element = rendered.get(message);
+    if (!element || element.dataset.version !== version(message)) {
+      const fresh = draw(message);
+      fresh.dataset.version = version(message);
+      if (element) element.replaceWith(fresh);
+      element = fresh;
+      rendered.set(message, element);
+    }
+    // Keep DOM order equal to transcript order (out-of-order ids land in place).
+    const expected = previous ? previous.nextSibling : list.firstChild;
+    if (expected !== element) list.insertBefore(element, expected);
+    previous = element;
+  }
+  if (nearBottom) list.scrollTop = list.scrollHeight;
+  lamp();
+}
+
+function version(message) {
+  return message.role === "tool" ? (message.result ? "answered" : "asked") : "1";
+}
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function draw(m) {
+  const item = el("li", `msg ${m.role}`);
+  if (m.id !== null) item.dataset.id = String(m.id);
+  switch (m.role) {
+    case "user":
+      item.append(el("span", "meta", m.by ? `you (${m.by})` : "you"), document.createTextNode(m.text));
+      break;
+    case "agent":
+      item.append(el("span", "meta", "agent"), document.createTextNode(m.text));
+      break;
+    case "tool": {
+      const details = el("details");
+      const summary = el("summary");
+      summary.append(el("span", "", `${m.name}:`), el("code", "", toolSummary(m)));
+      details.append(summary);
+      if (m.result) details.append(output(m.result.content, m.result.isError));
+      else details.append(el("p", "meta", "running…"));
+      item.append(details);
+      break;
+    }
+    case "result": {
+      if (m.isError) item.classList.add("failed");
+      item.append(el("span", "meta", `${m.isError ? "failed" : "done"} · ${resultFacts(m)}`), document.createTextNode(m.text));
+      break;
+    }
+    case "error":
+      item.append(el("span", "meta is-error", "error"), document.createTextNode(m.text));
+      break;
+    default:
+      item.textContent = m.text ?? "";
+  }
+  return item;
+}
+
+/** Tool output, capped, with "show all" for the rest. */
+function output(text, isError) {
+  const wrap = el("div");
+  const cut = preview(text);
+  const pre = el("pre", isError ? "is-error" : "", cut.text);
+  wrap.append(pre);
+  if (cut.more) {
+    const more = el("button", "", `Show all (${text.length} characters)`);
+    more.type = "button";
+    more.addEventListener("click", () => {
+      pre.textContent = text;
+      more.remove();
+    });
+    wrap.append(more);
+  }
+  return wrap;
+}
+
+// ---- Prompts -------------------------------------------------------------
+
+async function send(text) {
+  const prompt = text.trim();
+  if (!prompt) return;
+  if (!state.session && !(await newSession())) return;
+  let sent = await api("POST", `/api/session/${state.session}/prompt`, { prompt });
+  if (sent.status === 404) {
+    // The session is gone (another server, a wiped database): start afresh,
+    // keeping what the operator typed.
+    if (!(await newSession())) return;
+    sent = await api("POST", `/api/session/${state.session}/prompt`, { prompt });
+  }
+  if (sent.ok) {
+    if ($("prompt").value.trim() === prompt) $("prompt").value = "";
+    autosize();
+  } else {
+    flash(sent.data?.detail ?? `could not send (${sent.status})`);
+  }
+}
+
+function flash(text) {
+  apply(state.transcript, { kind: "error", error: text });
+  render();
+}
+
+function autosize() {
+  const area = $("prompt");
+  area.style.height = "auto";
+  area.style.height = `${Math.min(area.scrollHeight, window.innerHeight * 0.4)}px`;
+}
+
+// ---- Presets -------------------------------------------------------------
+
+async function loadPresets() {
+  const got = await api("GET", "/api/presets");
+  const box = $("presets");
+  box.replaceChildren();
+  for (const preset of got.data?.presets ?? []) {
+    const button = el("button", "", preset.label);
+    button.type = "button";
+    button.title = preset.prompt;
+    button.addEventListener("click", () => send(preset.prompt));
+    box.append(button);
+  }
+  lamp();
+}
+
+// ---- VM controls ---------------------------------------------------------
+
+const HINTS = {
+  cycle: "Cycle: stop, then start a fresh QEMU. The fix for a wedged VM (I/O stalled, no SSH, no guest agent); also applies staged config.",
+  reset: "Reset only for a guest hang while QEMU itself is healthy.",
+};
+
+async function loadVerbs() {
+  const got = await api("GET", "/api/pve/verbs");
+  const box = $("verbs");
+  box.replaceChildren();
+  if (!got.ok) {
+    box.append(el("p", "hint", got.data?.detail ?? "the verbs could not be loaded"));
+    return;
+  }
+  const mutating = new Set(got.data.mutating);
+  const readOnly = got.data.verbs.filter((v) => !mutating.has(v));
+  const order = [...readOnly, "cycle", ...got.data.mutating.filter((v) => v !== "cycle")];
+  for (const verb of order) {
+    const button = el("button", mutating.has(verb) ? "danger" : "", verb);
+    button.type = "button";
+    button.dataset.verb = verb;
+    if (verb === "cycle") button.classList.add("headline");
+    button.addEventListener("click", () => (mutating.has(verb) ? confirmVerb(verb) : runVerb(verb)));
+    box.append(button);
+    if (HINTS[verb]) box.append(el("p", "hint", HINTS[verb]));
+  }
+}
+
+function confirmVerb(verb) {
+  $("confirm-text").textContent = `Run ${verb} on the VM? Forensics are taken first.`;
+  $("confirm-run").textContent = `Run ${verb}`;
+  $("confirm-run").dataset.verb = verb;
+  $("confirm").hidden = false;
+  $("confirm-cancel").focus();
+}
+
+async function runVerb(verb) {
+  $("confirm").hidden = true;
+  const out = $("verb-output");
+  out.hidden = false;
+  out.textContent = `${verb}: running…`;
+  for (const b of $("verbs").querySelectorAll("button")) b.disabled = true;
+  try {
+    const got = await api("POST", `/api/pve/${verb}`);
+    const d = got.data ?? {};
+    const head = d.verb ? `${d.verb}: exit ${d.exit_code ?? "none"}${d.rejected ? " (refused by the host)" : ""}` : `${verb}: ${d.detail ?? got.status}`;
+    out.textContent = [head, d.stdout, d.stderr].filter(Boolean).join("\n\n");
+  } catch (err) {
+    out.textContent = `${verb}: no answer (${err})`;
+  } finally {
+    for (const b of $("verbs").querySelectorAll("button")) b.disabled = false;
+  }
+}
+
+// ---- Sheets --------------------------------------------------------------
+
+function openSheet(id) {
+  $(id).hidden = false;
+  $(id).querySelector("button")?.focus();
+}
+
+function closeSheet(id) {
+  $(id).hidden = true;
+}
+
+async function loadSessions() {
+  const list = $("session-list");
+  list.replaceChildren(el("li", "note", "loading…"));
+  const got = await api("GET", "/api/sessions?limit=50");
+  list.replaceChildren();
+  for (const s of got.data?.sessions ?? []) {
+    const item = el("li");
+    const open = el("button", "open", `${s.title ?? "(no prompt yet)"} · ${s.created.slice(0, 16).replace("T", " ")}${s.running ? " · running" : ""}`);
+    open.type = "button";
+    open.addEventListener("click", () => {
+      closeSheet("sessions-sheet");
+      switchTo(s.id);
+    });
+    const md = el("a", "", "export");
+    md.href = `/api/session/${s.id}/export?format=md`;
+    md.setAttribute("download", "");
+    md.setAttribute("aria-label", `Export ${s.title ?? "session"} as Markdown`);
+    item.append(open, md);
+    list.append(item);
+  }
+  if (!list.childElementCount) list.append(el("li", "note", got.ok ? "no sessions yet" : got.data?.detail ?? "unavailable"));
+}
+
+// ---- Start ---------------------------------------------------------------
+
+async function start() {
+  $("composer").addEventListener("submit", (e) => {
+    e.preventDefault();
+    send($("prompt").value);
+  });
+  $("prompt").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      send($("prompt").value);
+    }
+  });
+  $("prompt").addEventListener("input", autosize);
+  $("stop").addEventListener("click", () => api("POST", `/api/session/${state.session}/cancel`));
+  $("new-session").addEventListener("click", newSession);
+  $("open-vm").addEventListener("click", () => openSheet("vm-sheet"));
+  $("banner-vm").addEventListener("click", () => openSheet("vm-sheet"));
+  $("open-sessions").addEventListener("click", () => {
+    openSheet("sessions-sheet");
+    loadSessions();
+  });
+  for (const close of document.querySelectorAll("[data-close]")) {
+    close.addEventListener("click", () => closeSheet(close.dataset.close));
+  }
+  $("confirm-cancel").addEventListener("click", () => ($("confirm").hidden = true));
+  $("confirm-run").addEventListener("click", () => runVerb($("confirm-run").dataset.verb));
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Escape") for (const id of ["vm-sheet", "sessions-sheet"]) closeSheet(id);
+  });
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible" && state.session) attach();
+  });
+  setInterval(watchdog, 5000);
+
+  const me = await api("GET", "/api/whoami");
+  if (me.ok) {
+    $("who").textContent = `signed in as ${me.data.identity}`;
+    state.keepaliveMs = (me.data.keepalive_seconds || 15) * 1000;
+  } else {
+    $("who").textContent = me.data?.detail ?? "not signed in";
+  }
+  loadPresets();
+  loadVerbs();
+  if (state.session) attach();
+  else await newSession();
+  if ("serviceWorker" in navigator) navigator.serviceWorker.register("/sw.js").catch(() => {});
+}
+
+start();

@@ -1,0 +1,149 @@
+// The transcript: a pure fold of a session's events (SPEC §5) into the
+// messages the console shows. No DOM, no network: the same events in any
+// order, any number of times, give the same messages.
+//
+// - Events are identified by `id`; one seen before is ignored, so a replay
+//   or a reconnect never renders anything twice.
+// - Messages are kept in id order, whatever order events arrive in.
+// - Events without an id (notices the server could not log) are never
+//   dropped; they follow the events that had arrived before them.
+// - A `tool_result` is folded under the `tool` call it answers, even when it
+//   arrives first.
+
+/** A fresh, empty transcript. */
+export function emptyTranscript() {
+  return { messages: [], seen: new Set(), orphans: new Map(), noticeSeq: 0 };
+}
+
+/** Output shown before "show more" (characters). */
+export const OUTPUT_PREVIEW = 2000;
+
+/**
+ * Folds one event into the transcript (in place) and returns it.
+ * @param {ReturnType<typeof emptyTranscript>} t
+ * @param {object} event as received on the attach stream
+ */
+export function apply(t, event) {
+  if (!event || typeof event !== "object") return t;
+  const hasId = Number.isInteger(event.id) && event.id >= 0;
+  if (hasId) {
+    if (t.seen.has(event.id)) return t;
+    t.seen.add(event.id);
+  }
+  // Where the message sorts: its id; a notice sorts just after what came before it.
+  const order = hasId ? event.id : lastOrder(t) + 0.5 / (1 + t.noticeSeq++);
+  const message = toMessage(event, order);
+  if (message === null) return t;
+  if (message.role === "tool_result") {
+    const tool = t.messages.find((m) => m.role === "tool" && m.toolUseId === message.toolUseId);
+    if (tool) tool.result = message;
+    else t.orphans.set(message.toolUseId, message);
+    return t;
+  }
+  if (message.role === "tool" && t.orphans.has(message.toolUseId)) {
+    message.result = t.orphans.get(message.toolUseId);
+    t.orphans.delete(message.toolUseId);
+  }
+  insertSorted(t.messages, message);
+  return t;
+}
+
+/** Folds many events. */
+export function applyAll(t, events) {
+  for (const e of events) apply(t, e);
+  return t;
+}
+
+/** The highest id seen, or null: what Last-Event-ID would say. */
+export function lastId(t) {
+  let max = null;
+  for (const id of t.seen) if (max === null || id > max) max = id;
+  return max;
+}
+
+/** True while the last prompt's turn has not ended. */
+export function turnRunning(t) {
+  for (let i = t.messages.length - 1; i >= 0; i--) {
+    const role = t.messages[i].role;
+    if (role === "turn_end") return false;
+    if (role === "user") return true;
+  }
+  return false;
+}
+
+/** Tool output cut for display, and whether there is more. */
+export function preview(text, limit = OUTPUT_PREVIEW) {
+  const s = typeof text === "string" ? text : "";
+  return s.length <= limit ? { text: s, more: false } : { text: s.slice(0, limit), more: true };
+}
+
+function lastOrder(t) {
+  return t.messages.length ? t.messages[t.messages.length - 1].order : -1;
+}
+
+function insertSorted(list, message) {
+  let i = list.length;
+  while (i > 0 && list[i - 1].order > message.order) i--;
+  list.splice(i, 0, message);
+}
+
+const str = (v) => (typeof v === "string" ? v : "");
+const num = (v) => (typeof v === "number" && Number.isFinite(v) ? v : null);
+
+function toMessage(e, order) {
+  const base = { id: Number.isInteger(e.id) ? e.id : null, order, at: str(e.at) };
+  switch (e.kind) {
+    case "user":
+      return { ...base, role: "user", text: str(e.text), by: str(e.by) };
+    case "text":
+      return { ...base, role: "agent", text: str(e.text) };
+    case "tool":
+      return { ...base, role: "tool", name: str(e.name), input: e.input ?? null, toolUseId: str(e.tool_use_id), result: null };
+    case "tool_result":
+      return { ...base, role: "tool_result", toolUseId: str(e.tool_use_id), isError: e.is_error === true, content: str(e.content) };
+    case "status":
+      return { ...base, role: "status", text: str(e.text) };
+    case "result":
+      return {
+        ...base,
+        role: "result",
+        isError: e.is_error === true,
+        text: str(e.result),
+        subtype: str(e.subtype),
+        durationMs: num(e.duration_ms),
+        numTurns: num(e.num_turns),
+        costUsd: num(e.total_cost_usd),
+      };
+    case "error":
+      return { ...base, role: "error", text: str(e.error) };
+    case "cancelled":
+      return { ...base, role: "cancelled", text: "Stopped by the operator" };
+    case "turn_end":
+      return { ...base, role: "turn_end" };
+    case "session":
+      return null;
+    default:
+      // A kind this console does not know yet: say so rather than hide it.
+      return { ...base, role: "status", text: `(${str(e.kind) || "unknown"} event)` };
+  }
+}
+
+/** A one-line summary of a tool call's input: the command, the path, or JSON. */
+export function toolSummary(message) {
+  const input = message.input;
+  if (input && typeof input === "object") {
+    for (const key of ["command", "file_path", "path", "pattern"]) {
+      if (typeof input[key] === "string") return input[key];
+    }
+  }
+  return input === null || input === undefined ? "" : JSON.stringify(input);
+}
+
+/** "8.1 s · 2 turns · $0.0213" for a result. */
+export function resultFacts(m) {
+  const facts = [];
+  if (m.durationMs !== null) facts.push(`${(m.durationMs / 1000).toFixed(1)} s`);
+  if (m.numTurns !== null) facts.push(`${m.numTurns} turn${m.numTurns === 1 ? "" : "s"}`);
+  if (m.costUsd !== null) facts.push(`$${m.costUsd.toFixed(4)}`);
+  return facts.join(" · ");
+}
