@@ -183,6 +183,13 @@ impl Config {
             validate_ssh_word("BREAKGLASS_PVE_HOST", host)?;
         }
         validate_ssh_word("BREAKGLASS_PVE_USER", &args.pve_user)?;
+        if let Some(file) = &args.pve_known_hosts {
+            // ssh splits that option's value on spaces and expands % and ~.
+            let text = file.to_string_lossy();
+            if text.chars().any(|c| c.is_whitespace() || c == '%' || c == '~' || c.is_control()) {
+                bail!("BREAKGLASS_PVE_KNOWN_HOSTS: {text:?}: use a path without spaces, '%' or '~'");
+            }
+        }
         let presets = match &args.presets_file {
             Some(path) => load_presets(path).context("BREAKGLASS_PRESETS_FILE")?,
             None => default_presets(),

@@ -92,6 +92,8 @@ pub struct VerbOutcome {
     pub stderr: String,
     /// The host's forced command refused the verb.
     pub rejected: bool,
+    /// ssh was killed after `BREAKGLASS_PVE_VERB_TIMEOUT_SECONDS`.
+    pub timed_out: bool,
 }
 
 #[derive(Debug, Error)]
@@ -194,7 +196,8 @@ async fn run_ssh(config: &PowerConfig, verb: Verb) -> Result<VerbOutcome, PowerE
     Ok(match tokio::time::timeout(timeout, collect).await {
         Ok((stdout, stderr, status)) => {
             let exit_code = status.ok().and_then(|s| s.code());
-            VerbOutcome { verb: verb.as_str(), rejected: exit_code == Some(REFUSED), exit_code, stdout, stderr }
+            let rejected = exit_code == Some(REFUSED);
+            VerbOutcome { verb: verb.as_str(), rejected, exit_code, stdout, stderr, timed_out: false }
         }
         Err(_) => {
             // Dropping the future dropped the child, and kill_on_drop kills
@@ -205,6 +208,7 @@ async fn run_ssh(config: &PowerConfig, verb: Verb) -> Result<VerbOutcome, PowerE
                 stdout: String::new(),
                 stderr: timed_out(timeout),
                 rejected: false,
+                timed_out: true,
             }
         }
     })

@@ -64,9 +64,10 @@ async fn run_audited(state: &AppState, identity: &Identity, verb: Verb) -> Resul
             });
         }
     };
-    let result = match outcome.exit_code {
-        Some(code) => format!("exit {code}"),
-        None => "timed out".to_owned(),
+    let result = match (outcome.exit_code, outcome.timed_out) {
+        (Some(code), _) => format!("exit {code}"),
+        (None, true) => "timed out".to_owned(),
+        (None, false) => "ssh killed by a signal".to_owned(),
     };
     record_or_count(state, identity, &action, &target, &result).await;
     tracing::info!(%verb, exit_code = ?outcome.exit_code, by = %identity.name, "power verb ran");

@@ -248,7 +248,8 @@ fn one_mutating_verb_at_a_time_on_the_host() {
     let pve = Pve::new();
     let lock = pve.dir.path().join("lock");
     // Another verb holds the lock (as flock(1) would for breakglass-pve itself).
-    let mut holder = Command::new("flock").arg(&lock).args(["sleep", "30"]).spawn().unwrap();
+    let mut holder =
+        Command::new("sh").args(["-c", "exec 9>>\"$1\"; flock 9; exec sleep 30", "holder"]).arg(&lock).spawn().unwrap();
     crate::harness::wait_until("the lock to be held", || {
         Command::new("flock").args(["-n"]).arg(&lock).arg("true").status().is_ok_and(|s| !s.success())
     });
@@ -259,6 +260,41 @@ fn one_mutating_verb_at_a_time_on_the_host() {
     assert!(stderr(&output).contains("busy"));
     assert!(pve.calls().is_empty(), "nothing ran: {:?}", pve.calls());
     assert!(pve.run(Some("status")).status.success(), "read-only verbs need no lock");
+}
+
+/// Regression: QEMU, daemonized by `qm start`, inherited the lock's
+/// descriptor and held the lock for as long as the VM ran.
+#[test]
+fn a_daemon_started_by_qm_does_not_keep_the_lock() {
+    let pve = Pve::new();
+    pve.set("state", "stopped");
+    pve.set("start-daemon", "");
+    let started = pve.run(Some("start"));
+    assert!(started.status.success(), "{}", stderr(&started));
+    let stopped = pve.run(Some("stop"));
+    let daemon = std::fs::read_to_string(pve.qm_dir().join("daemon.pid")).unwrap();
+    let _ = Command::new("kill").arg(daemon.trim()).status();
+    assert!(stopped.status.success(), "the lock is free again: {}", stderr(&stopped));
+}
+
+/// Regression: a client that went away mid-`cycle` (timeout, lost network)
+/// killed the script at its next write, after the stop and before the start.
+#[test]
+fn a_cycle_finishes_when_its_client_goes_away() {
+    let pve = Pve::new();
+    pve.set("stop-polls", "5");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{} exec sh {}", pve.env_prefix(), Pve::script().display()))
+        .env("SSH_ORIGINAL_COMMAND", "cycle")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // nobody reads what it prints any more
+    let status = child.wait().unwrap();
+    assert!(pve.calls().iter().any(|c| c == "qm start 101"), "the VM was started again: {:?} ({status})", pve.calls());
+    assert_eq!(std::fs::read_to_string(pve.qm_dir().join("state")).unwrap().trim(), "running");
 }
 
 #[test]
@@ -273,7 +309,7 @@ fn a_failing_qm_is_reported_with_its_message() {
 #[test]
 fn a_bad_configuration_is_refused() {
     let pve = Pve::new();
-    pve.configure("VMID=101; touch /tmp/x\nVMID='1 2'");
+    pve.configure("VMID='1 2'");
     let output = pve.run(Some("status"));
     assert_eq!(output.status.code(), Some(78), "{}", stderr(&output));
     assert!(pve.calls().is_empty());
@@ -443,6 +479,13 @@ async fn every_verb_end_to_end_through_sshd() {
         if name != "status" {
             assert_eq!(ran[..5], FORENSICS_CALLS, "{name}: forensics first");
         }
+        let verb_call = match name {
+            "status" => "qm status 101 --verbose",
+            "forensics" => "qm guest cmd 101 ping",
+            "cycle" => "qm start 101",
+            other => &format!("qm {other} 101"),
+        };
+        assert!(ran.iter().any(|c| c == verb_call), "{name} ran {verb_call}: {ran:?}");
         timings.push(format!("{name}: {} ({} ms)", ran.join(", "), took.as_millis()));
     }
     eprintln!("verbs end to end:\n  {}", timings.join("\n  "));
