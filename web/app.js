@@ -45,7 +45,9 @@ function lamp() {
   $("lamp-text").textContent = text;
   $("banner").hidden = !state.linkDown;
   const running = turnRunning(state.transcript);
+  // While a turn runs, Stop takes Send's place (one big target on a phone).
   $("send").disabled = running;
+  $("send").hidden = running;
   $("prompt").disabled = running;
   $("stop").hidden = !running;
   for (const b of $("presets").querySelectorAll("button")) b.disabled = running;

@@ -1,0 +1,200 @@
+// The console in Debian's Chromium, driven by playwright-core, against the
+// real binary (target/debug/breakglass) with the fake agent CLI and the real
+// forced-command script behind a local ssh stand-in. Phone viewport 390×844.
+//
+// Run by scripts/test after `cargo test` has built the binary:
+//   node --test tests/browser/
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdtempSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { createInterface } from "node:readline";
+import { chromium } from "playwright-core";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const repo = path.resolve(here, "../..");
+const shots = path.join(repo, "target/browser-screenshots");
+const DEADLINE = 30_000;
+
+let server;
+let base;
+let loginUrl;
+let browser;
+let context;
+let page;
+let qmDir;
+
+function startServer() {
+  const dir = mkdtempSync(path.join(tmpdir(), "breakglass-browser-"));
+  qmDir = path.join(dir, "qm");
+  mkdirSync(qmDir);
+  const conf = path.join(dir, "pve.conf");
+  writeFileSync(
+    conf,
+    `VMID=101\nFORENSICS_DIR=${dir}/forensics\nSTOP_TIMEOUT=10\nGUEST_PING_TIMEOUT=1\nPOLL_INTERVAL=0.05\nLOCK_FILE=${dir}/lock\n`,
+  );
+  const child = spawn(path.join(repo, "target/debug/breakglass"), ["serve", "--listen", "127.0.0.1:0", "--data-dir", path.join(dir, "data")], {
+    env: {
+      PATH: `${path.join(repo, "tests/fake-bin")}:${process.env.PATH}`,
+      HOME: dir,
+      RUST_LOG: "info",
+      BREAKGLASS_PVE_HOST: "192.0.2.10",
+      BREAKGLASS_SSH_BIN: path.join(here, "fake-ssh"),
+      BREAKGLASS_PVE_CONF: conf,
+      FAKE_QM_DIR: qmDir,
+      BREAKGLASS_SSE_KEEPALIVE_SECONDS: "2",
+    },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("breakglass did not start")), DEADLINE);
+    const lines = createInterface({ input: child.stdout });
+    lines.on("line", (line) => {
+      const listening = line.match(/^breakglass listening on (\S+)/);
+      if (listening) base = listening[1];
+      const login = line.match(/^login: open (\S+)/);
+      if (login) {
+        loginUrl = login[1];
+        clearTimeout(timer);
+        resolve(child);
+      }
+    });
+    child.on("exit", (code) => reject(new Error(`breakglass exited ${code}`)));
+  });
+}
+
+before(async () => {
+  mkdirSync(shots, { recursive: true });
+  server = await startServer();
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+    headless: true,
+    args: [
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+  });
+  context = await browser.newContext({ viewport: { width: 390, height: 844 }, hasTouch: true, isMobile: true, deviceScaleFactor: 2 });
+  page = await context.newPage();
+});
+
+after(async () => {
+  await browser?.close();
+  server?.kill("SIGTERM");
+});
+
+/** Messages of one role whose text contains `text`. */
+const count = (role, text) => page.locator(`.msg.${role}`, { hasText: text }).count();
+
+async function sendPrompt(text) {
+  await page.fill("#prompt", text);
+  await page.press("#prompt", "Enter");
+}
+
+test("the first-run login link signs the browser in and leaves the address bar clean", async () => {
+  await page.goto(loginUrl);
+  await page.waitForURL(`${base}/`);
+  assert.ok(!page.url().includes("token"), page.url());
+  const cookies = await context.cookies();
+  const cookie = cookies.find((c) => c.name === "breakglass");
+  assert.ok(cookie && cookie.httpOnly && cookie.sameSite === "Strict", JSON.stringify(cookies));
+  await page.waitForSelector("#lamp[data-state=attached]", { timeout: DEADLINE });
+  assert.match(await page.textContent("#who"), /signed in as console/);
+});
+
+test("the composer is on screen, 16px, and the page at rest", async () => {
+  const box = await page.locator("#prompt").boundingBox();
+  assert.ok(box.y >= 0 && box.y + box.height <= 844, JSON.stringify(box));
+  assert.equal(await page.$eval("#prompt", (e) => getComputedStyle(e).fontSize), "16px");
+  assert.equal(await page.locator("#presets button").count(), 5);
+  await page.screenshot({ path: path.join(shots, "1-at-rest.png") });
+});
+
+test("a preset starts a turn whose text and tool calls stream in", async () => {
+  await page.click("#presets button:has-text('Triage')");
+  // The fake agent replays the `basic` transcript for a prompt that is not a directive.
+  await page.waitForSelector(".msg.tool:has-text('ssh devvm')", { timeout: DEADLINE });
+  await page.waitForSelector(".msg.result", { timeout: DEADLINE });
+  assert.equal(await count("user", "Triage devvm"), 1);
+  assert.equal(await count("agent", "Checking load and memory"), 1);
+  await page.click(".msg.tool summary");
+  assert.match(await page.textContent(".msg.tool pre"), /load average/);
+});
+
+test("a reload in the middle of a turn shows each message once and keeps streaming", async () => {
+  await sendPrompt("say first of three\nsleep 2\nsay second of three\nsleep 1\nsay third of three\nresult");
+  await page.waitForSelector(".msg.agent:has-text('first of three')", { timeout: DEADLINE });
+  await page.waitForSelector("#lamp[data-state=working]");
+  await page.screenshot({ path: path.join(shots, "2-mid-turn.png") });
+  // Regression: long tool output widened the page and pushed Send off screen.
+  const widths = await page.evaluate(() => [document.documentElement.scrollWidth, window.innerWidth]);
+  assert.ok(widths[0] <= widths[1], `no sideways scrolling: ${widths}`);
+  await page.reload();
+  await page.waitForSelector(".msg.agent:has-text('third of three')", { timeout: DEADLINE });
+  for (const n of ["first", "second", "third"]) assert.equal(await count("agent", `${n} of three`), 1, n);
+  assert.equal(await count("user", "say first of three"), 1);
+});
+
+test("a cut network link resumes with nothing missing or doubled", async () => {
+  await sendPrompt("say before the cut\nsleep 2\nsay during the cut\nsleep 2\nsay after the cut\nresult");
+  await page.waitForSelector(".msg.agent:has-text('before the cut')", { timeout: DEADLINE });
+  await context.setOffline(true);
+  await page.waitForSelector("#lamp[data-state=down]", { timeout: DEADLINE });
+  assert.equal(await page.isVisible("#banner"), true, "the banner points to the VM controls");
+  await context.setOffline(false);
+  await page.waitForSelector(".msg.agent:has-text('after the cut')", { timeout: DEADLINE });
+  for (const what of ["before", "during", "after"]) assert.equal(await count("agent", `${what} the cut`), 1, what);
+  await page.waitForSelector("#banner", { state: "hidden" });
+});
+
+test("Stop ends a turn", async () => {
+  await page.waitForSelector("#send:not([disabled])");
+  await sendPrompt("say a long job\nsleep 60");
+  await page.waitForSelector("#stop:not([hidden])", { timeout: DEADLINE });
+  assert.equal(await page.isDisabled("#prompt"), true, "no second prompt while a turn runs");
+  await page.click("#stop");
+  await page.waitForSelector(".msg.cancelled", { timeout: DEADLINE });
+  await page.waitForSelector("#stop", { state: "hidden" });
+  await page.waitForSelector("#send:not([disabled])");
+});
+
+test("a mutating verb needs its confirm and shows its output", async () => {
+  await page.click("#open-vm");
+  await page.waitForSelector("#vm-sheet:not([hidden])");
+  const labels = await page.locator("#verbs button").allTextContents();
+  assert.deepEqual(labels.slice(0, 3), ["forensics", "status", "cycle"], "read-only verbs first, then cycle");
+  await page.click("#verbs button[data-verb=cycle]");
+  await page.waitForSelector("#confirm:not([hidden])");
+  assert.equal(readFileSync(path.join(qmDir, "calls"), { encoding: "utf8", flag: "a+" }).includes("qm stop"), false, "nothing ran before the confirm");
+  await page.screenshot({ path: path.join(shots, "3-vm-sheet.png") });
+  await page.click("#confirm-run");
+  await page.waitForSelector("#verb-output:has-text('cycle done')", { timeout: DEADLINE });
+  assert.match(await page.textContent("#verb-output"), /cycle: exit 0/);
+  const calls = readFileSync(path.join(qmDir, "calls"), "utf8");
+  assert.ok(calls.indexOf("qm config 101") < calls.indexOf("qm stop 101"), "forensics before the stop");
+  const box = await page.locator("#verb-output").boundingBox();
+  assert.ok(box.height <= 844 * 0.46 + 1, `output capped in height: ${box.height}`);
+});
+
+test("axe finds no serious or critical accessibility violations", async () => {
+  const axe = readFileSync(path.join(here, "node_modules/axe-core/axe.min.js"), "utf8");
+  for (const state of ["vm sheet open", "at rest"]) {
+    if (state === "at rest") await page.click("[data-close=vm-sheet]");
+    // Evaluated through the DevTools protocol, so the page's CSP need not allow it.
+    await page.evaluate(axe);
+    const result = await page.evaluate(async () => {
+      const r = await globalThis.axe.run(document, { resultTypes: ["violations"] });
+      return r.violations.map((v) => ({ id: v.id, impact: v.impact, nodes: v.nodes.map((n) => n.target.join(" ")) }));
+    });
+    const bad = result.filter((v) => v.impact === "serious" || v.impact === "critical");
+    assert.deepEqual(bad, [], `${state}: ${JSON.stringify(bad, null, 1)}`);
+  }
+});
