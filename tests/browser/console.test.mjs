@@ -198,3 +198,29 @@ test("axe finds no serious or critical accessibility violations", async () => {
     assert.deepEqual(bad, [], `${state}: ${JSON.stringify(bad, null, 1)}`);
   }
 });
+
+test("New starts a fresh session and the list reopens an earlier incident", async () => {
+  const before = await page.evaluate(() => localStorage.getItem("breakglass.session"));
+  await page.click("#new-session");
+  await page.waitForFunction((old) => localStorage.getItem("breakglass.session") !== old, before);
+  await page.waitForSelector("#lamp[data-state=attached]");
+  assert.equal(await page.locator(".msg").count(), 0, "a fresh transcript");
+  await page.click("#open-sessions");
+  const earlier = page.locator("#session-list .open", { hasText: "Triage devvm" });
+  await earlier.waitFor({ timeout: DEADLINE });
+  const exportLink = page.locator("#session-list li", { hasText: "Triage devvm" }).locator("a");
+  assert.equal(await exportLink.getAttribute("href"), `/api/session/${before}/export?format=md`);
+  await earlier.click();
+  await page.waitForSelector(".msg.agent:has-text('third of three')", { timeout: DEADLINE });
+  assert.equal(await page.evaluate(() => localStorage.getItem("breakglass.session")), before);
+  assert.equal(await count("agent", "first of three"), 1);
+});
+
+test("a session that is gone is replaced by a fresh one", async () => {
+  await page.evaluate(() => localStorage.setItem("breakglass.session", "00000000-0000-0000-0000-000000000000"));
+  await page.reload();
+  await page.waitForFunction(() => localStorage.getItem("breakglass.session") !== "00000000-0000-0000-0000-000000000000", null, { timeout: DEADLINE });
+  await page.waitForSelector("#lamp[data-state=attached]", { timeout: DEADLINE });
+  await sendPrompt("say still working after the reset");
+  await page.waitForSelector(".msg.agent:has-text('still working after the reset')", { timeout: DEADLINE });
+});
