@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::http::auth::{Logins, Peer};
+use crate::http::auth::{Logins, Peer, login_key};
 use crate::http::{AppState, router};
 use crate::power::Power;
 use crate::session::Sessions;
@@ -110,7 +110,10 @@ pub async fn run(
     let state = AppState {
         audit_failures: Arc::default(),
         tasks: TaskTracker::new(),
-        logins: Arc::new(Logins::new(config.auth.login_token.clone())),
+        logins: Arc::new(Logins::new(
+            config.auth.login_token.clone(),
+            login_key(&config.data_dir).context("while reading the login key")?,
+        )),
         power: Arc::new(Power::new(config.power.clone())),
         sessions: sessions.clone(),
         streams_end: CancellationToken::new(),

@@ -27,7 +27,10 @@ use crate::log::Log;
 const PAGE: usize = 256;
 
 pub const CAUGHT_UP: &str = "event: caught-up\ndata: {}\n\n";
-pub const KEEPALIVE: &str = ": keepalive\n\n";
+/// A comment (SPEC §4) that also dispatches a `keepalive` event: pages using
+/// `EventSource` never see comments, and need some sign that a silent link
+/// is alive.
+pub const KEEPALIVE: &str = ": keepalive\nevent: keepalive\ndata: {}\n\n";
 
 /// The `Last-Event-ID` request header: a non-negative integer, or absent.
 /// Anything else means a full replay, never an error.

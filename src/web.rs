@@ -44,7 +44,7 @@ pub async fn asset(method: Method, uri: Uri, headers: HeaderMap) -> Response {
     let fresh = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|tag| tag.trim() == etag));
+        .is_some_and(|v| v.split(',').any(|tag| tag.trim().trim_start_matches("W/") == etag));
     let mut response = if fresh {
         StatusCode::NOT_MODIFIED.into_response()
     } else {

@@ -14,6 +14,8 @@ const state = {
   linkDown: false,
   keepaliveMs: 15000,
   lastSignal: Date.now(),
+  sending: false,
+  signedOut: false,
 };
 
 // ---- API -----------------------------------------------------------------
@@ -24,7 +26,16 @@ async function api(method, path, body) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }
-  const response = await fetch(path, init);
+  let response;
+  try {
+    response = await fetch(path, init);
+  } catch {
+    // No network at all: the caller sees a failure, never an exception.
+    state.linkDown = true;
+    lamp();
+    return { status: 0, ok: false, data: { detail: "no connection to the server" } };
+  }
+  if (response.status === 401 && path !== "/api/whoami") signedOut(true);
   let data = null;
   try {
     data = await response.json();
@@ -36,21 +47,37 @@ async function api(method, path, body) {
 
 // ---- The lamp and the banner ---------------------------------------------
 
+function signedOut(yes) {
+  state.signedOut = yes;
+  lamp();
+}
+
 function lamp() {
   let mode = "connecting";
-  if (state.linkDown) mode = "down";
+  if (state.signedOut) mode = "signed-out";
+  else if (state.linkDown) mode = "down";
   else if (state.caughtUp) mode = turnRunning(state.transcript) ? "working" : "attached";
-  const text = { connecting: "connecting", attached: "attached", working: "agent working", down: "link down" }[mode];
-  $("lamp").dataset.state = mode;
-  $("lamp-text").textContent = text;
-  $("banner").hidden = !state.linkDown;
+  const text = {
+    connecting: "connecting",
+    attached: "attached",
+    working: "agent working",
+    down: "link down",
+    "signed-out": "signed out",
+  }[mode];
+  if ($("lamp").dataset.state !== mode) {
+    $("lamp").dataset.state = mode;
+    $("lamp-text").textContent = text;
+  }
+  $("banner").hidden = !state.linkDown || state.signedOut;
+  $("signed-out").hidden = !state.signedOut;
   const running = turnRunning(state.transcript);
+  const busy = running || state.sending;
   // While a turn runs, Stop takes Send's place (one big target on a phone).
-  $("send").disabled = running;
+  $("send").disabled = busy;
   $("send").hidden = running;
-  $("prompt").disabled = running;
+  $("prompt").disabled = busy;
   $("stop").hidden = !running;
-  for (const b of $("presets").querySelectorAll("button")) b.disabled = running;
+  for (const b of $("presets").querySelectorAll("button")) b.disabled = busy;
 }
 
 // ---- Attach --------------------------------------------------------------
@@ -65,6 +92,11 @@ function attach() {
   const query = last === null ? "" : `?lastEventId=${last}`;
   const source = new EventSource(`/api/session/${state.session}/stream${query}`);
   state.source = source;
+  // Comments (": keepalive") never reach the page; the server's keepalive
+  // frame also carries this named event, so the page knows the link lives.
+  source.addEventListener("keepalive", () => {
+    state.lastSignal = Date.now();
+  });
   source.onopen = () => {
     state.linkDown = false;
     state.lastSignal = Date.now();
@@ -79,7 +111,7 @@ function attach() {
       return;
     }
     apply(state.transcript, event);
-    render();
+    scheduleRender();
   };
   source.addEventListener("caught-up", () => {
     state.caughtUp = true;
@@ -91,10 +123,11 @@ function attach() {
     state.linkDown = true;
     lamp();
     if (source.readyState === EventSource.CLOSED) {
-      // The browser gave up: the session may be gone (404), or we are logged out.
+      // The browser gave up: the session may be gone (404), or we are signed out.
       const probe = await api("GET", `/api/session/${state.session}`);
+      if (source !== state.source) return; // the operator moved on meanwhile
       if (probe.status === 404) await newSession();
-      else setTimeout(attach, 2000);
+      else if (probe.status !== 401) setTimeout(() => source === state.source && attach(), 2000);
     }
   };
 }
@@ -108,21 +141,30 @@ function watchdog() {
   }
 }
 
-async function newSession() {
-  const opened = await api("POST", "/api/session");
-  if (!opened.ok) {
-    state.linkDown = true;
-    lamp();
-    return false;
-  }
-  switchTo(opened.data.session_id);
-  return true;
+let opening = null;
+
+/** Opens a new session and switches to it; concurrent callers share one. */
+function newSession() {
+  opening ??= (async () => {
+    const opened = await api("POST", "/api/session");
+    if (!opened.ok) {
+      state.linkDown = opened.status === 0 || state.linkDown;
+      lamp();
+      return false;
+    }
+    switchTo(opened.data.session_id);
+    return true;
+  })().finally(() => {
+    opening = null;
+  });
+  return opening;
 }
 
 function switchTo(id) {
   state.session = id;
   localStorage.setItem(SESSION_KEY, id);
   state.transcript = emptyTranscript();
+  rendered.clear();
   $("transcript").replaceChildren();
   attach();
 }
@@ -130,6 +172,17 @@ function switchTo(id) {
 // ---- Rendering -----------------------------------------------------------
 
 const rendered = new Map(); // message object -> element
+let renderQueued = false;
+
+/** Renders at most once a frame, however many events arrive (a replay). */
+function scheduleRender() {
+  if (renderQueued) return;
+  renderQueued = true;
+  requestAnimationFrame(() => {
+    renderQueued = false;
+    render();
+  });
+}
 
 function render() {
   const list = $("transcript");
@@ -192,6 +245,9 @@ function draw(m) {
     case "error":
       item.append(el("span", "meta is-error", "error"), document.createTextNode(m.text));
       break;
+    case "output":
+      item.append(el("span", "meta", "tool output"), output(m.content, m.isError));
+      break;
     default:
       item.textContent = m.text ?? "";
   }
@@ -220,20 +276,27 @@ function output(text, isError) {
 
 async function send(text) {
   const prompt = text.trim();
-  if (!prompt) return;
-  if (!state.session && !(await newSession())) return;
-  let sent = await api("POST", `/api/session/${state.session}/prompt`, { prompt });
-  if (sent.status === 404) {
-    // The session is gone (another server, a wiped database): start afresh,
-    // keeping what the operator typed.
-    if (!(await newSession())) return;
-    sent = await api("POST", `/api/session/${state.session}/prompt`, { prompt });
-  }
-  if (sent.ok) {
-    if ($("prompt").value.trim() === prompt) $("prompt").value = "";
-    autosize();
-  } else {
-    flash(sent.data?.detail ?? `could not send (${sent.status})`);
+  if (!prompt || state.sending) return;
+  state.sending = true; // a double tap sends once
+  lamp();
+  try {
+    if (!state.session && !(await newSession())) return;
+    let sent = await api("POST", `/api/session/${state.session}/prompt`, { prompt });
+    if (sent.status === 404) {
+      // The session is gone (another server, a wiped database): start afresh,
+      // keeping what the operator typed.
+      if (!(await newSession())) return;
+      sent = await api("POST", `/api/session/${state.session}/prompt`, { prompt });
+    }
+    if (sent.ok) {
+      if ($("prompt").value.trim() === prompt) $("prompt").value = "";
+      autosize();
+    } else {
+      flash(sent.data?.detail ?? `could not send (${sent.status})`);
+    }
+  } finally {
+    state.sending = false;
+    lamp();
   }
 }
 
@@ -355,6 +418,18 @@ async function loadSessions() {
 
 // ---- Start ---------------------------------------------------------------
 
+async function whoami() {
+  const me = await api("GET", "/api/whoami");
+  if (me.ok) {
+    signedOut(false);
+    $("who").textContent = `signed in as ${me.data.identity}${me.data.power_configured ? "" : " · no hypervisor configured"}`;
+    state.keepaliveMs = (me.data.keepalive_seconds || 15) * 1000;
+  } else if (me.status === 401) {
+    signedOut(true);
+    $("who").textContent = "signed out";
+  }
+}
+
 async function start() {
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -369,8 +444,16 @@ async function start() {
   $("prompt").addEventListener("input", autosize);
   $("stop").addEventListener("click", () => api("POST", `/api/session/${state.session}/cancel`));
   $("new-session").addEventListener("click", newSession);
-  $("open-vm").addEventListener("click", () => openSheet("vm-sheet"));
-  $("banner-vm").addEventListener("click", () => openSheet("vm-sheet"));
+  $("open-vm").addEventListener("click", () => {
+    openSheet("vm-sheet");
+    loadVerbs();
+  });
+  $("banner").addEventListener("click", (e) => {
+    if (e.target.id === "banner-vm") {
+      openSheet("vm-sheet");
+      loadVerbs();
+    }
+  });
   $("open-sessions").addEventListener("click", () => {
     openSheet("sessions-sheet");
     loadSessions();
@@ -381,24 +464,32 @@ async function start() {
   $("confirm-cancel").addEventListener("click", () => ($("confirm").hidden = true));
   $("confirm-run").addEventListener("click", () => runVerb($("confirm-run").dataset.verb));
   document.addEventListener("keydown", (e) => {
-    if (e.key === "Escape") for (const id of ["vm-sheet", "sessions-sheet"]) closeSheet(id);
+    if (e.key === "Escape") {
+      $("confirm").hidden = true;
+      for (const id of ["vm-sheet", "sessions-sheet"]) closeSheet(id);
+    }
   });
+  // Back from the background, or back online: catch up on everything.
+  const refresh = () => {
+    whoami();
+    loadPresets();
+    loadVerbs();
+    if (state.session) attach();
+    else newSession();
+  };
   document.addEventListener("visibilitychange", () => {
-    if (document.visibilityState === "visible" && state.session) attach();
+    if (document.visibilityState === "visible") refresh();
   });
+  window.addEventListener("online", refresh);
   setInterval(watchdog, 5000);
 
-  const me = await api("GET", "/api/whoami");
-  if (me.ok) {
-    $("who").textContent = `signed in as ${me.data.identity}`;
-    state.keepaliveMs = (me.data.keepalive_seconds || 15) * 1000;
-  } else {
-    $("who").textContent = me.data?.detail ?? "not signed in";
-  }
-  loadPresets();
+  // Nothing waits on anything else: the VM controls must come up even when
+  // the chat cannot.
   loadVerbs();
+  loadPresets();
+  whoami();
   if (state.session) attach();
-  else await newSession();
+  else newSession();
   if ("serviceWorker" in navigator) navigator.serviceWorker.register("/sw.js").catch(() => {});
 }
 

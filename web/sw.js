@@ -1,6 +1,6 @@
 // The service worker keeps the app shell (never /api) so the console opens
 // on a flaky network; the API always goes to the network.
-const CACHE = "breakglass-shell-v1";
+const CACHE = "breakglass-shell-v2";
 const SHELL = ["/", "/app.js", "/transcript.js", "/style.css", "/manifest.webmanifest", "/icon.svg", "/icon-192.png", "/icon-512.png"];
 
 self.addEventListener("install", (event) => {
@@ -18,16 +18,21 @@ self.addEventListener("fetch", (event) => {
   if (event.request.method !== "GET" || url.origin !== self.location.origin) return;
   if (url.pathname.startsWith("/api/") || url.pathname === "/login" || url.pathname === "/health" || url.pathname === "/metrics") return;
   if (!SHELL.includes(url.pathname)) return;
-  // Network first (a fresh console after an upgrade), the cached shell when offline.
+  // Network first (a fresh console after an upgrade), but never for long: a
+  // stalled link gets the cached shell after 3 s, and offline at once.
   event.respondWith(
-    fetch(event.request)
-      .then((response) => {
+    (async () => {
+      const network = fetch(event.request).then((response) => {
         if (response.ok) {
           const copy = response.clone();
           caches.open(CACHE).then((cache) => cache.put(event.request, copy));
         }
         return response;
-      })
-      .catch(() => caches.match(event.request)),
+      });
+      const cached = await caches.match(event.request);
+      if (!cached) return network;
+      const slow = new Promise((resolve) => setTimeout(() => resolve(cached), 3000));
+      return Promise.race([network.catch(() => cached), slow]);
+    })(),
   );
 });

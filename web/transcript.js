@@ -12,7 +12,7 @@
 
 /** A fresh, empty transcript. */
 export function emptyTranscript() {
-  return { messages: [], seen: new Set(), orphans: new Map(), noticeSeq: 0 };
+  return { messages: [], seen: new Set(), orphans: new Map(), noticeSeq: 0, maxId: -1 };
 }
 
 /** Output shown before "show more" (characters). */
@@ -29,9 +29,11 @@ export function apply(t, event) {
   if (hasId) {
     if (t.seen.has(event.id)) return t;
     t.seen.add(event.id);
+    t.maxId = Math.max(t.maxId, event.id);
   }
-  // Where the message sorts: its id; a notice sorts just after what came before it.
-  const order = hasId ? event.id : lastOrder(t) + 0.5 / (1 + t.noticeSeq++);
+  // Where the message sorts: [its id, 0]; a notice sorts after every event
+  // that had arrived before it and before any later id: [highest id, n].
+  const order = hasId ? [event.id, 0] : [t.maxId, ++t.noticeSeq];
   const message = toMessage(event, order);
   if (message === null) return t;
   if (message.role === "tool_result") {
@@ -39,6 +41,11 @@ export function apply(t, event) {
     if (tool) tool.result = message;
     else t.orphans.set(message.toolUseId, message);
     return t;
+  }
+  // A turn's end: output whose call never came is shown on its own.
+  if (message.role === "turn_end") {
+    for (const orphan of t.orphans.values()) insertSorted(t.messages, { ...orphan, role: "output" });
+    t.orphans.clear();
   }
   if (message.role === "tool" && t.orphans.has(message.toolUseId)) {
     message.result = t.orphans.get(message.toolUseId);
@@ -77,13 +84,11 @@ export function preview(text, limit = OUTPUT_PREVIEW) {
   return s.length <= limit ? { text: s, more: false } : { text: s.slice(0, limit), more: true };
 }
 
-function lastOrder(t) {
-  return t.messages.length ? t.messages[t.messages.length - 1].order : -1;
-}
+const after = (a, b) => a[0] > b[0] || (a[0] === b[0] && a[1] > b[1]);
 
 function insertSorted(list, message) {
   let i = list.length;
-  while (i > 0 && list[i - 1].order > message.order) i--;
+  while (i > 0 && after(list[i - 1].order, message.order)) i--;
   list.splice(i, 0, message);
 }
 

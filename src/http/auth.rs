@@ -90,20 +90,24 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// First-run login (SPEC §8): a one-time link carrying a random token, which
 /// becomes an HttpOnly, SameSite=Strict cookie when opened.
-#[derive(Debug, Default)]
+///
+/// The cookie is signed (HMAC-SHA256) with a key kept in the data directory,
+/// so it stays valid across restarts; the link itself works once.
+#[derive(Debug)]
 pub struct Logins {
     /// The token of the printed link, until it is used.
     token: std::sync::Mutex<Option<String>>,
-    /// Secrets of the cookies the link has handed out.
-    cookies: std::sync::Mutex<std::collections::HashSet<String>>,
+    key: Vec<u8>,
 }
 
+type Mac = hmac::Hmac<sha2::Sha256>;
+
 impl Logins {
-    pub fn new(token: Option<String>) -> Self {
-        Logins { token: std::sync::Mutex::new(token), cookies: Default::default() }
+    pub fn new(token: Option<String>, key: Vec<u8>) -> Self {
+        Logins { token: std::sync::Mutex::new(token), key }
     }
 
-    /// Exchanges the link's token, once, for a cookie secret.
+    /// Exchanges the link's token, once, for a cookie value.
     pub fn redeem(&self, given: &str) -> Option<String> {
         let mut token = self.token.lock().unwrap_or_else(|p| p.into_inner());
         let matches = token.as_deref().is_some_and(|t| bool::from(t.as_bytes().ct_eq(given.as_bytes())));
@@ -111,15 +115,40 @@ impl Logins {
             return None;
         }
         *token = None;
-        let secret = crate::config::random_token();
-        self.cookies.lock().unwrap_or_else(|p| p.into_inner()).insert(secret.clone());
-        Some(secret)
+        let id = crate::config::random_token();
+        Some(format!("{id}.{}", self.sign(&id)))
     }
 
-    fn knows(&self, secret: &str) -> bool {
-        let cookies = self.cookies.lock().unwrap_or_else(|p| p.into_inner());
-        cookies.iter().any(|known| bool::from(known.as_bytes().ct_eq(secret.as_bytes())))
+    fn sign(&self, id: &str) -> String {
+        use hmac::{KeyInit, Mac as _};
+        let mut mac = Mac::new_from_slice(&self.key).expect("HMAC takes keys of any length");
+        mac.update(id.as_bytes());
+        mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
     }
+
+    fn knows(&self, cookie: &str) -> bool {
+        let Some((id, signature)) = cookie.split_once('.') else {
+            return false;
+        };
+        bool::from(self.sign(id).as_bytes().ct_eq(signature.as_bytes()))
+    }
+}
+
+/// The key that signs login cookies: `<data dir>/login.key`, created (mode
+/// 0600) on first use.
+pub fn login_key(data_dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("login.key");
+    match std::fs::read(&path) {
+        Ok(key) if key.len() >= 32 => return Ok(key),
+        Ok(_) | Err(_) => {}
+    }
+    let key = crate::config::random_token().into_bytes();
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+    file.write_all(&key)?;
+    file.sync_all()?;
+    Ok(key)
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -205,7 +234,7 @@ mod tests {
     fn nothing_configured_refuses_even_a_token() {
         let err = authenticate(
             &config(None, &[]),
-            &Logins::default(),
+            &Logins::new(None, vec![1; 32]),
             &headers(&[("authorization", "Bearer x")]),
             INSIDE.parse().unwrap(),
         );
@@ -217,18 +246,21 @@ mod tests {
         let auth = config(Some("s3cret"), &[]);
         let peer = OUTSIDE.parse().unwrap();
         assert_eq!(
-            authenticate(&auth, &Logins::default(), &headers(&[("authorization", "Bearer s3cret")]), peer).unwrap().via,
+            authenticate(&auth, &Logins::new(None, vec![1; 32]), &headers(&[("authorization", "Bearer s3cret")]), peer)
+                .unwrap()
+                .via,
             Via::Bearer
         );
         assert_eq!(
-            authenticate(&auth, &Logins::default(), &headers(&[("authorization", "bearer s3cret")]), peer)
+            authenticate(&auth, &Logins::new(None, vec![1; 32]), &headers(&[("authorization", "bearer s3cret")]), peer)
                 .unwrap()
                 .name,
             "bearer"
         );
         for wrong in ["Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret", "Bearer "] {
             assert!(
-                authenticate(&auth, &Logins::default(), &headers(&[("authorization", wrong)]), peer).is_err(),
+                authenticate(&auth, &Logins::new(None, vec![1; 32]), &headers(&[("authorization", wrong)]), peer)
+                    .is_err(),
                 "{wrong}"
             );
         }
@@ -238,14 +270,17 @@ mod tests {
     fn proxy_header_only_from_a_trusted_peer() {
         let auth = config(None, &["10.0.0.0/8"]);
         let h = headers(&[("x-authentik-username", "alice")]);
-        assert_eq!(authenticate(&auth, &Logins::default(), &h, INSIDE.parse().unwrap()).unwrap().name, "alice");
-        assert!(authenticate(&auth, &Logins::default(), &h, OUTSIDE.parse().unwrap()).is_err());
+        assert_eq!(
+            authenticate(&auth, &Logins::new(None, vec![1; 32]), &h, INSIDE.parse().unwrap()).unwrap().name,
+            "alice"
+        );
+        assert!(authenticate(&auth, &Logins::new(None, vec![1; 32]), &h, OUTSIDE.parse().unwrap()).is_err());
         let mapped: IpAddr = "::ffff:10.9.9.9".parse().unwrap();
-        assert_eq!(authenticate(&auth, &Logins::default(), &h, mapped).unwrap().via, Via::ProxyHeader);
+        assert_eq!(authenticate(&auth, &Logins::new(None, vec![1; 32]), &h, mapped).unwrap().via, Via::ProxyHeader);
         assert!(
             authenticate(
                 &auth,
-                &Logins::default(),
+                &Logins::new(None, vec![1; 32]),
                 &headers(&[("x-authentik-username", " ")]),
                 INSIDE.parse().unwrap()
             )
@@ -285,7 +320,7 @@ mod login_tests {
 
     #[test]
     fn the_login_token_works_once_and_its_cookie_identifies_the_console() {
-        let logins = Logins::new(Some("t0ken".into()));
+        let logins = Logins::new(Some("t0ken".into()), b"a key of thirty-two bytes or more".to_vec());
         assert_eq!(logins.redeem("wrong"), None);
         let secret = logins.redeem("t0ken").expect("the right token");
         assert_eq!(logins.redeem("t0ken"), None, "one time only");
@@ -300,7 +335,9 @@ mod login_tests {
         let peer = "127.0.0.1".parse().unwrap();
         let identity = authenticate(&auth, &logins, &headers, peer).unwrap();
         assert_eq!((identity.name.as_str(), identity.via), ("console", Via::Cookie));
-        headers.insert(header::COOKIE, HeaderValue::from_static("breakglass=forged"));
+        let (id, _) = secret.split_once('.').unwrap();
+        let forged = format!("breakglass={id}.{}", "0".repeat(64));
+        headers.insert(header::COOKIE, HeaderValue::from_str(&forged).unwrap());
         let refused = authenticate(&auth, &logins, &headers, peer);
         assert!(matches!(refused, Err(ApiError::Unauthorized(m)) if m.contains("login link")));
     }

@@ -4,6 +4,9 @@
 //
 // Run by scripts/test after `cargo test` has built the binary:
 //   node --test tests/browser/
+//
+// The tests are one operator's journey through a single page, in order:
+// each builds on the session the earlier ones left.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
@@ -12,6 +15,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { createInterface } from "node:readline";
+import net from "node:net";
 import { chromium } from "playwright-core";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -26,6 +30,36 @@ let browser;
 let context;
 let page;
 let qmDir;
+let proxy;
+
+/** A TCP proxy in front of the server whose connections the test can cut. */
+function startProxy(target) {
+  const sockets = new Set();
+  const server = net.createServer((client) => {
+    const upstream = net.connect(target.port, target.hostname);
+    for (const s of [client, upstream]) {
+      sockets.add(s);
+      s.on("close", () => sockets.delete(s));
+      s.on("error", () => {});
+    }
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  return new Promise((resolve) => {
+    server.listen(0, "127.0.0.1", () => {
+      resolve({
+        base: `http://127.0.0.1:${server.address().port}`,
+        cut() {
+          for (const s of sockets) s.destroy();
+        },
+        close() {
+          this.cut();
+          server.close();
+        },
+      });
+    });
+  });
+}
 
 function startServer() {
   const dir = mkdtempSync(path.join(tmpdir(), "breakglass-browser-"));
@@ -69,6 +103,10 @@ function startServer() {
 before(async () => {
   mkdirSync(shots, { recursive: true });
   server = await startServer();
+  // The browser reaches the server through the proxy, so a test can cut the link.
+  proxy = await startProxy(new URL(base));
+  loginUrl = loginUrl.replace(base, proxy.base);
+  base = proxy.base;
   browser = await chromium.launch({
     executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
     headless: true,
@@ -88,6 +126,7 @@ before(async () => {
 
 after(async () => {
   await browser?.close();
+  proxy?.close();
   server?.kill("SIGTERM");
 });
 
@@ -119,12 +158,14 @@ test("the composer is on screen, 16px, and the page at rest", async () => {
 });
 
 test("a preset starts a turn whose text and tool calls stream in", async () => {
-  await page.click("#presets button:has-text('Triage')");
+  // A double tap sends once.
+  await page.dblclick("#presets button:has-text('Triage')");
   // The fake agent replays the `basic` transcript for a prompt that is not a directive.
   await page.waitForSelector(".msg.tool:has-text('ssh devvm')", { timeout: DEADLINE });
   await page.waitForSelector(".msg.result", { timeout: DEADLINE });
   assert.equal(await count("user", "Triage devvm"), 1);
   assert.equal(await count("agent", "Checking load and memory"), 1);
+  assert.equal(await page.locator(".msg.error").count(), 0, "no 'a turn is already running'");
   await page.click(".msg.tool summary");
   assert.match(await page.textContent(".msg.tool pre"), /load average/);
 });
@@ -146,13 +187,31 @@ test("a reload in the middle of a turn shows each message once and keeps streami
 test("a cut network link resumes with nothing missing or doubled", async () => {
   await sendPrompt("say before the cut\nsleep 2\nsay during the cut\nsleep 2\nsay after the cut\nresult");
   await page.waitForSelector(".msg.agent:has-text('before the cut')", { timeout: DEADLINE });
-  await context.setOffline(true);
+  proxy.cut(); // every open connection, the attach stream among them
   await page.waitForSelector("#lamp[data-state=down]", { timeout: DEADLINE });
-  assert.equal(await page.isVisible("#banner"), true, "the banner points to the VM controls");
-  await context.setOffline(false);
+  assert.equal(await page.isVisible("#banner-vm"), true, "the banner points to the VM controls");
+  // EventSource reconnects by itself with Last-Event-ID.
   await page.waitForSelector(".msg.agent:has-text('after the cut')", { timeout: DEADLINE });
   for (const what of ["before", "during", "after"]) assert.equal(await count("agent", `${what} the cut`), 1, what);
   await page.waitForSelector("#banner", { state: "hidden" });
+});
+
+test("a prompt to a session that has gone is sent to a fresh one, as typed", async () => {
+  await page.waitForSelector("#send:not([disabled])");
+  const old = await page.evaluate(() => localStorage.getItem("breakglass.session"));
+  // The server answers 404 for this one prompt, as if the session had vanished.
+  await page.route(`**/api/session/${old}/prompt`, (route) =>
+    route.fulfill({ status: 404, contentType: "application/json", body: '{"detail":"session not found"}' }),
+  );
+  await sendPrompt("say typed before the session vanished\nresult");
+  await page.waitForSelector(".msg.agent:has-text('typed before the session vanished')", { timeout: DEADLINE });
+  await page.unroute(`**/api/session/${old}/prompt`);
+  assert.notEqual(await page.evaluate(() => localStorage.getItem("breakglass.session")), old);
+  assert.equal(await page.inputValue("#prompt"), "", "cleared once it was accepted");
+  // Back to the session the later tests expect.
+  await page.evaluate((id) => localStorage.setItem("breakglass.session", id), old);
+  await page.reload();
+  await page.waitForSelector(".msg.agent:has-text('after the cut')", { timeout: DEADLINE });
 });
 
 test("Stop ends a turn", async () => {
@@ -186,8 +245,12 @@ test("a mutating verb needs its confirm and shows its output", async () => {
 
 test("axe finds no serious or critical accessibility violations", async () => {
   const axe = readFileSync(path.join(here, "node_modules/axe-core/axe.min.js"), "utf8");
-  for (const state of ["vm sheet open", "at rest"]) {
+  for (const state of ["vm sheet open", "at rest", "sessions open"]) {
     if (state === "at rest") await page.click("[data-close=vm-sheet]");
+    if (state === "sessions open") {
+      await page.click("#open-sessions");
+      await page.waitForSelector("#session-list .open");
+    }
     // Evaluated through the DevTools protocol, so the page's CSP need not allow it.
     await page.evaluate(axe);
     const result = await page.evaluate(async () => {
@@ -200,6 +263,7 @@ test("axe finds no serious or critical accessibility violations", async () => {
 });
 
 test("New starts a fresh session and the list reopens an earlier incident", async () => {
+  await page.click("[data-close=sessions-sheet]");
   const before = await page.evaluate(() => localStorage.getItem("breakglass.session"));
   await page.click("#new-session");
   await page.waitForFunction((old) => localStorage.getItem("breakglass.session") !== old, before);

@@ -183,9 +183,10 @@ async fn an_idle_stream_gets_keepalive_comments() {
     assert!(stream.until_caught_up().await.is_empty());
     assert_eq!(stream.next().await, Some(Frame::Keepalive));
     assert_eq!(stream.next().await, Some(Frame::Keepalive));
-    assert!(
-        String::from_utf8_lossy(&stream.raw).ends_with("event: caught-up\ndata: {}\n\n: keepalive\n\n: keepalive\n\n")
-    );
+    // A comment (SPEC §4) that also names a `keepalive` event for EventSource pages.
+    let keepalive = ": keepalive\nevent: keepalive\ndata: {}\n\n";
+    let raw = String::from_utf8_lossy(&stream.raw).into_owned();
+    assert!(raw.ends_with(&format!("event: caught-up\ndata: {{}}\n\n{keepalive}{keepalive}")), "{raw:?}");
 }
 
 #[tokio::test]

@@ -103,6 +103,16 @@ async fn first_run_login_link_sets_a_strict_cookie_once() {
     assert_eq!(status_of(cross).await.0, 403, "the cookie is ambient: cross-site posts are refused");
     let forged = server.client.get(server.url("/api/whoami")).header("Cookie", "breakglass=guess");
     assert_eq!(status_of(forged).await.0, 401);
+
+    // The cookie is signed with a key kept in the data directory: it
+    // outlives a restart (the link does not).
+    let mut server = server;
+    assert!(server.terminate().success());
+    server.restart();
+    let me = server.client.get(server.url("/api/whoami")).header("Cookie", cookie.clone());
+    assert_eq!(status_of(me).await.0, 200, "still signed in after a restart");
+    let key = std::fs::metadata(server.data_dir().join("login.key")).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777, 0o600);
 }
 
 #[tokio::test]

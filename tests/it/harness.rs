@@ -367,7 +367,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 fn parse_frame(block: &[u8]) -> Frame {
     let text = std::str::from_utf8(block).expect("frames are UTF-8");
-    if text == ": keepalive" {
+    if text == ": keepalive\nevent: keepalive\ndata: {}" {
         return Frame::Keepalive;
     }
     if text == "event: caught-up\ndata: {}" {

@@ -93,3 +93,27 @@ test("long output is previewed with a way to see more", () => {
   assert.equal(long.text.length, 100);
   assert.equal(long.more, true);
 });
+
+test("many notices in a row stay between the ids around them", () => {
+  const t = applyAll(emptyTranscript(), [{ id: 0, kind: "user", text: "x" }, { id: 1, kind: "text", text: "a" }]);
+  for (let i = 0; i < 6; i++) apply(t, { kind: "status", text: `notice ${i}` });
+  apply(t, { kind: "turn_end" });
+  apply(t, { id: 2, kind: "user", text: "next" });
+  apply(t, { id: 3, kind: "text", text: "b" });
+  assert.deepEqual(
+    t.messages.map((m) => m.text ?? m.role),
+    ["x", "a", "notice 0", "notice 1", "notice 2", "notice 3", "notice 4", "notice 5", "turn_end", "next", "b"],
+  );
+  assert.equal(turnRunning(t), true, "the new turn runs");
+});
+
+test("output whose call never came is shown when the turn ends", () => {
+  const t = applyAll(emptyTranscript(), [
+    { id: 0, kind: "user", text: "x" },
+    { id: 1, kind: "tool_result", tool_use_id: "lost", content: "orphaned output" },
+  ]);
+  assert.equal(t.messages.some((m) => m.content === "orphaned output"), false, "held while its call may still come");
+  apply(t, { id: 2, kind: "turn_end" });
+  const shown = t.messages.find((m) => m.content === "orphaned output");
+  assert.equal(shown.role, "output");
+});
