@@ -13,7 +13,7 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use harness::{Server, eventually};
+use harness::Server;
 use serde_json::Value;
 
 fn rss_kib(pid: u32) -> u64 {
@@ -135,8 +135,7 @@ async fn main() {
     println!("resident memory, restarted on that history:    {restarted:>7} KiB");
     // Replaying one old session reads it from the database, not from memory.
     let mut stream = server.attach(&ids[0], None).await;
-    let replayed = stream.until_caught_up().await.len();
-    eventually("the replay", || replayed == events).await;
+    assert_eq!(stream.until_caught_up().await.len(), events);
     println!("resident memory, after replaying one session:  {:>7} KiB", rss_kib(server.pid()));
     let db = std::fs::metadata(server.data_dir().join("breakglass.db")).map(|m| m.len()).unwrap_or(0);
     println!("database size: {:.1} MiB", db as f64 / 1048576.0);

@@ -78,31 +78,41 @@ impl Event {
 
     /// The JSON object of this event with its log position, as clients see it.
     pub fn to_json(&self, id: EventId) -> Value {
-        let mut fields = match self {
-            Event::User { text, by } => json!({ "text": text, "by": by }),
-            Event::Session { session_id } => json!({ "session_id": session_id }),
-            Event::Status { text } | Event::Text { text } => json!({ "text": text }),
+        let mut obj = Map::new();
+        obj.insert("kind".into(), self.kind().into());
+        let mut put = |key: &str, value: Value| {
+            obj.insert(key.into(), value);
+        };
+        match self {
+            Event::User { text, by } => {
+                put("text", json!(text));
+                put("by", json!(by));
+            }
+            Event::Session { session_id } => put("session_id", json!(session_id)),
+            Event::Status { text } | Event::Text { text } => put("text", json!(text)),
             Event::Tool { name, input, tool_use_id } => {
-                json!({ "name": name, "input": input, "tool_use_id": tool_use_id })
+                put("name", json!(name));
+                put("input", input.clone());
+                put("tool_use_id", json!(tool_use_id));
             }
             Event::ToolResult { tool_use_id, is_error, content } => {
-                json!({ "tool_use_id": tool_use_id, "is_error": is_error, "content": content })
+                put("tool_use_id", json!(tool_use_id));
+                put("is_error", json!(is_error));
+                put("content", json!(content));
             }
-            Event::Result(r) => json!({
-                "is_error": r.is_error,
-                "result": r.result,
-                "subtype": r.subtype,
-                "duration_ms": r.duration_ms,
-                "num_turns": r.num_turns,
-                "total_cost_usd": r.total_cost_usd,
-            }),
-            Event::Error { error } => json!({ "error": error }),
-            Event::Cancelled | Event::TurnEnd => Value::Object(Map::new()),
-        };
-        let obj = fields.as_object_mut().expect("every event encodes as an object");
-        obj.insert("kind".into(), self.kind().into());
+            Event::Result(r) => {
+                put("is_error", json!(r.is_error));
+                put("result", json!(r.result));
+                put("subtype", json!(r.subtype));
+                put("duration_ms", json!(r.duration_ms));
+                put("num_turns", json!(r.num_turns));
+                put("total_cost_usd", json!(r.total_cost_usd));
+            }
+            Event::Error { error } => put("error", json!(error)),
+            Event::Cancelled | Event::TurnEnd => {}
+        }
         obj.insert("id".into(), id.into());
-        fields
+        Value::Object(obj)
     }
 }
 

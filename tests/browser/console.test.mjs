@@ -155,6 +155,15 @@ test("the composer is on screen, 16px, and the page at rest", async () => {
   assert.equal(await page.$eval("#prompt", (e) => getComputedStyle(e).fontSize), "16px");
   assert.equal(await page.locator("#presets button").count(), 5);
   await page.screenshot({ path: path.join(shots, "1-at-rest.png") });
+  // With the on-screen keyboard open (the page resizes to what is left),
+  // the composer and Send stay in view.
+  await page.setViewportSize({ width: 390, height: 450 });
+  await page.focus("#prompt");
+  for (const id of ["#prompt", "#send"]) {
+    const b = await page.locator(id).boundingBox();
+    assert.ok(b.y >= 0 && b.y + b.height <= 450 && b.x + b.width <= 390, `${id} with the keyboard open: ${JSON.stringify(b)}`);
+  }
+  await page.setViewportSize({ width: 390, height: 844 });
 });
 
 test("a preset starts a turn whose text and tool calls stream in", async () => {

@@ -218,6 +218,21 @@ impl Server {
         Attached::new(response)
     }
 
+    /// Opens a session and attaches to it, past its (empty) backlog.
+    pub async fn attached(&self) -> (String, Attached) {
+        let session = self.open_session().await;
+        let mut stream = self.attach(&session, None).await;
+        stream.until_caught_up().await;
+        (session, stream)
+    }
+
+    /// `POST /api/session/{id}/cancel`, and its answer.
+    pub async fn cancel(&self, session: &str) -> Value {
+        let response = self.post(&format!("/api/session/{session}/cancel")).send().await.expect("POST cancel");
+        assert_eq!(response.status(), 200);
+        response.json().await.expect("json")
+    }
+
     /// Attaches, runs one turn, and returns its events (`user` to `turn_end`).
     pub async fn run_turn(&self, session: &str, prompt: &str) -> Vec<Value> {
         let mut stream = self.attach(session, None).await;

@@ -7,9 +7,7 @@ use crate::harness::{Frame, Server, alive, eventually, kinds};
 #[tokio::test]
 async fn sigterm_closes_running_turns_ends_streams_and_exits_zero() {
     let mut server = Server::start();
-    let session = server.open_session().await;
-    let mut stream = server.attach(&session, None).await;
-    stream.until_caught_up().await;
+    let (session, mut stream) = server.attached().await;
     server.start_turn(&session, "grandchild\nsleep 60").await;
     let pid = loop {
         if let Some(Frame::Event { data, .. }) = stream.next().await

@@ -62,9 +62,7 @@ async fn killed_at_any_point_of_a_turn_nothing_is_lost() {
     const ROUNDS: u64 = 50;
     let mut server = Server::start();
     for round in 0..ROUNDS {
-        let session = server.open_session().await;
-        let mut stream = server.attach(&session, None).await;
-        stream.until_caught_up().await;
+        let (session, mut stream) = server.attached().await;
         server.start_turn(&session, "grandchild\nbare-grandchild\nflood 400 200\nsleep 60").await;
         // Kill after a different number of events each round: before the
         // agent said anything, in the middle of the flood, after it.
@@ -148,8 +146,7 @@ async fn the_audit_trail_records_each_action_and_verify_detects_an_edit() {
     let mut server = Server::start();
     let session = server.open_session().await;
     server.run_turn(&session, "replay basic").await;
-    let cancel = server.post(&format!("/api/session/{session}/cancel")).send().await.unwrap();
-    assert_eq!(cancel.status(), 200);
+    assert_eq!(server.cancel(&session).await["cancelled"], false);
     let verb = server.post("/api/pve/status").send().await.unwrap();
     assert_eq!(verb.status(), 503, "no hypervisor configured");
 
@@ -287,10 +284,7 @@ async fn a_full_disk_ends_the_turn_visibly_and_writing_resumes() {
         .env("BREAKGLASS_SSH_BIN", fake_ssh.display().to_string())
         .start_in(dir);
 
-    let session = server.open_session().await;
-    let _ = &tmpfs;
-    let mut stream = server.attach(&session, None).await;
-    stream.until_caught_up().await;
+    let (session, mut stream) = server.attached().await;
     server.start_turn(&session, "say before the disk filled\nsleep 1\nflood 3000 2000\nresult").await;
     loop {
         if let Some(Frame::Event { data, .. }) = stream.next().await

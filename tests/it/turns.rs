@@ -139,21 +139,17 @@ async fn a_prompt_too_long_for_one_argument_reaches_the_agent_on_stdin() {
 #[tokio::test]
 async fn a_second_prompt_while_a_turn_runs_is_409_and_cancel_stops_it() {
     let server = Server::start();
-    let session = server.open_session().await;
-    let mut stream = server.attach(&session, None).await;
-    stream.until_caught_up().await;
+    let (session, mut stream) = server.attached().await;
     server.start_turn(&session, "say working\nsleep 60").await;
     wait_for_text(&mut stream, "working").await;
     let second = server.prompt(&session, "again").await;
     assert_eq!(second.status(), 409);
     assert_eq!(second.json::<Value>().await.unwrap()["detail"], "a turn is already running");
 
-    let cancel = server.post(&format!("/api/session/{session}/cancel")).send().await.unwrap();
-    assert_eq!(cancel.json::<Value>().await.unwrap(), json!({"cancelled": true}));
+    assert_eq!(server.cancel(&session).await, json!({"cancelled": true}));
     let events = stream.until_turn_end().await;
     assert_eq!(kinds(&events), ["cancelled", "turn_end"]);
-    let again = server.post(&format!("/api/session/{session}/cancel")).send().await.unwrap();
-    assert_eq!(again.json::<Value>().await.unwrap(), json!({"cancelled": false}));
+    assert_eq!(server.cancel(&session).await, json!({"cancelled": false}));
     // The session takes a new prompt at once.
     assert_eq!(server.prompt(&session, "replay basic").await.status(), 200);
 }
@@ -161,9 +157,7 @@ async fn a_second_prompt_while_a_turn_runs_is_409_and_cancel_stops_it() {
 #[tokio::test]
 async fn cancel_kills_the_whole_process_group() {
     let server = Server::start();
-    let session = server.open_session().await;
-    let mut stream = server.attach(&session, None).await;
-    stream.until_caught_up().await;
+    let (session, mut stream) = server.attached().await;
     // The agent ignores SIGTERM, so the group needs the SIGKILL that follows.
     server.start_turn(&session, "ignore-term\ngrandchild\nsleep 60").await;
     let mut seen = Vec::new();
@@ -178,7 +172,7 @@ async fn cancel_kills_the_whole_process_group() {
     };
     let agent = server.agent_runs()[0]["pid"].as_u64().unwrap() as u32;
     assert!(alive(pid) && alive(agent));
-    server.post(&format!("/api/session/{session}/cancel")).send().await.unwrap();
+    server.cancel(&session).await;
     assert_eq!(kinds(&stream.until_turn_end().await), ["cancelled", "turn_end"]);
     assert!(!alive(agent), "the agent is gone when cancel answers");
     eventually("the grandchild to die", || !alive(pid)).await;
@@ -271,7 +265,7 @@ async fn turns_beyond_the_server_limit_wait_for_a_slot() {
     assert_eq!(kinds(&waiting), ["user", "status"]);
     assert_eq!(waiting[1]["text"], "waiting for a free agent slot");
     assert_eq!(server.agent_runs().len(), 1, "the second agent has not started");
-    server.post(&format!("/api/session/{a}/cancel")).send().await.unwrap();
+    server.cancel(&a).await;
     let rest = stream_b.until_turn_end().await;
     assert_eq!(kinds(&rest).last(), Some(&"turn_end"));
     assert!(kinds(&rest).contains(&"result"));
