@@ -96,6 +96,11 @@ pub struct ServeArgs {
     #[arg(long, env = "BREAKGLASS_WRITE_TIMEOUT_SECONDS", default_value_t = 30)]
     pub write_timeout_seconds: u64,
 
+    /// A connection that has not sent complete request headers this long
+    /// after connecting, or after its last response, is closed.
+    #[arg(long, env = "BREAKGLASS_HEADER_TIMEOUT_SECONDS", default_value_t = 10)]
+    pub header_timeout_seconds: u64,
+
     /// Turns running at once across all sessions; more wait for a slot.
     #[arg(long, env = "BREAKGLASS_MAX_CONCURRENT_TURNS", default_value_t = 2)]
     pub max_concurrent_turns: usize,
@@ -138,17 +143,6 @@ pub struct ServeArgs {
     pub pve_verb_timeout_seconds: u64,
 }
 
-/// Logs go to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
-
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
@@ -158,7 +152,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let config = Config::from_args(args)?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("while starting the async runtime")?;
-    runtime.block_on(crate::server::serve(config))
+    let served = runtime.block_on(crate::server::serve(config));
+    // Blocking tasks stuck on a frozen disk must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
 }
 
 /// `breakglass audit verify`: exit 0 when the chain is intact, 1 otherwise.

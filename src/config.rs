@@ -29,6 +29,9 @@ pub struct Config {
     pub sse_keepalive: Duration,
     /// How long a connection may refuse our bytes before it is closed.
     pub write_timeout: Duration,
+    /// How long a connection may take to send a request head, or sit idle
+    /// between keep-alive requests.
+    pub header_timeout: Duration,
     pub max_concurrent_turns: usize,
     pub power: PowerConfig,
     /// The console's one-tap prompts.
@@ -214,6 +217,7 @@ impl Config {
             },
             sse_keepalive: positive_seconds("BREAKGLASS_SSE_KEEPALIVE_SECONDS", args.sse_keepalive_seconds)?,
             write_timeout: positive_seconds("BREAKGLASS_WRITE_TIMEOUT_SECONDS", args.write_timeout_seconds)?,
+            header_timeout: positive_seconds("BREAKGLASS_HEADER_TIMEOUT_SECONDS", args.header_timeout_seconds)?,
             max_concurrent_turns: match args.max_concurrent_turns {
                 0 => bail!("BREAKGLASS_MAX_CONCURRENT_TURNS must be at least 1"),
                 n => n,

@@ -15,18 +15,21 @@
 //! process group, [`capture`] reads child output with a cap,
 //! [`power`] is the only place `ssh` is started, [`config`]
 //! validates the command line, [`cli`] dispatches subcommands, [`export`]
-//! renders a transcript for people, [`server`] wires everything to a
-//! listener and [`shutdown`] drains it.
+//! renders a transcript for people, [`connections`] accepts and bounds
+//! HTTP connections, [`server`] wires everything to a listener and orders
+//! the drain, and [`shutdown`] listens for the signals.
 
 pub mod agent;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod event;
 pub mod export;
 pub mod http;
 pub mod hub;
 pub mod log;
+pub mod logging;
 pub mod power;
 pub mod server;
 pub mod session;

@@ -6,7 +6,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = breakglass::cli::Cli::parse();
-    breakglass::cli::init_tracing();
+    let _logging = breakglass::logging::init();
     match breakglass::cli::dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

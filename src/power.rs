@@ -14,6 +14,7 @@ use std::sync::Arc;
 use thiserror::Error;
 use tokio::process::Command;
 use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::capture::read_capped;
@@ -106,6 +107,11 @@ pub enum PowerError {
     Lost(String),
     #[error("could not start {program}: {source}")]
     CannotStart { program: String, source: std::io::Error },
+    #[error(
+        "the server is shutting down: ssh was killed before the verb finished; what the host did is unknown \
+         (check with status)"
+    )]
+    CutOff,
 }
 
 #[derive(Debug)]
@@ -117,11 +123,19 @@ pub struct Power {
     /// asked for it goes away: a `cycle` cut between stop and start would
     /// leave the VM stopped.
     tracker: TaskTracker,
+    /// Fired when shutdown can wait no longer: verbs still running are cut
+    /// off, recorded and answered rather than dropped with the process.
+    cut_off: CancellationToken,
 }
 
 impl Power {
     pub fn new(config: PowerConfig) -> Self {
-        Power { config: Arc::new(config), mutating: Arc::new(Mutex::new(())), tracker: TaskTracker::new() }
+        Power {
+            config: Arc::new(config),
+            mutating: Arc::new(Mutex::new(())),
+            tracker: TaskTracker::new(),
+            cut_off: CancellationToken::new(),
+        }
     }
 
     /// Runs a verb in a task of its own and waits for its outcome.
@@ -134,20 +148,29 @@ impl Power {
         } else {
             None
         };
-        let config = self.config.clone();
+        let (config, cut_off) = (self.config.clone(), self.cut_off.clone());
         let task = self.tracker.spawn(async move {
-            let outcome = run_ssh(&config, verb).await;
+            // Dropping ssh's future kills it (kill_on_drop); it has no
+            // children of its own.
+            let outcome = tokio::select! {
+                outcome = run_ssh(&config, verb) => outcome,
+                () = cut_off.cancelled() => Err(PowerError::CutOff),
+            };
             drop(guard);
             outcome
         });
         task.await.unwrap_or_else(|err| Err(PowerError::Lost(err.to_string())))
     }
 
-    /// Waits (bounded) for verbs in flight, at shutdown.
-    pub async fn drain(&self, within: Duration) {
+    /// Waits (bounded by `within`) for verbs in flight at shutdown, then
+    /// cuts off those still running and gives them `cut_off` to be
+    /// recorded and answered.
+    pub async fn drain(&self, within: Duration, cut_off: Duration) {
         self.tracker.close();
         if tokio::time::timeout(within, self.tracker.wait()).await.is_err() {
-            tracing::warn!("a power verb was still running at shutdown");
+            tracing::warn!("a power verb was still running {within:?} into shutdown; cutting it off");
+            self.cut_off.cancel();
+            let _ = tokio::time::timeout(cut_off, self.tracker.wait()).await;
         }
     }
 }

@@ -5,22 +5,19 @@
 //! clients see how their turn ended before the connection closes.
 
 use std::future::Future;
-use std::io::{self, Write};
+use std::io::Write;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_io_timeout::TimeoutStream;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::http::auth::{Logins, Peer, login_key};
+use crate::connections::{Limits, Stopping, accept_loop, connection_cap};
+use crate::http::auth::{Logins, login_key};
 use crate::http::{AppState, router};
 use crate::power::Power;
 use crate::session::Sessions;
@@ -31,6 +28,10 @@ use crate::store::Store;
 const CONNECTION_GRACE: Duration = Duration::from_secs(5);
 /// How long shutdown waits for a power verb in flight.
 const VERB_GRACE: Duration = Duration::from_secs(15);
+/// How long a verb cut off at shutdown gets to be recorded and answered.
+const VERB_CUT_OFF: Duration = Duration::from_secs(2);
+/// The whole drain, whatever happens.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 /// `breakglass serve`: bind, say where and how to authenticate, run until a
 /// signal. A second signal during the drain exits at once.
@@ -94,7 +95,8 @@ pub fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
     Ok(Arc::new(Store::open(&config.data_dir, config.durability)?))
 }
 
-/// Serves on `listener` until `shutdown` resolves, then drains.
+/// Serves on `listener` until `shutdown` resolves, then drains, within
+/// [`DRAIN_LIMIT`] whatever is connected and whatever the disk does.
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -119,73 +121,43 @@ pub async fn run(
         streams_end: CancellationToken::new(),
         config: config.clone(),
     };
-    let stop_accepting = CancellationToken::new();
-    let drain = {
-        let (stop_accepting, streams_end, power, tasks) =
-            (stop_accepting.clone(), state.streams_end.clone(), state.power.clone(), state.tasks.clone());
-        async move {
-            shutdown.await;
-            stop_accepting.cancel();
-            tasks.close();
-            let requests = async {
-                if tokio::time::timeout(VERB_GRACE, tasks.wait()).await.is_err() {
-                    tracing::warn!("requests still running at shutdown");
-                }
-            };
-            tokio::join!(sessions.shutdown(), power.drain(VERB_GRACE), requests);
-            streams_end.cancel();
-            tokio::time::sleep(CONNECTION_GRACE).await;
-        }
-    };
-    let app = router(state).into_make_service_with_connect_info::<Peer>();
-    let listener = GuardedListener { inner: listener, write_timeout: config.write_timeout };
-    let serve = axum::serve(listener, app).with_graceful_shutdown(stop_accepting.cancelled_owned());
-    tokio::select! {
-        served = serve.into_future() => served.context("while serving")?,
-        () = drain => tracing::warn!("connections still open {CONNECTION_GRACE:?} after the drain; closing them"),
+    let limits =
+        Limits { max: connection_cap(), header_timeout: config.header_timeout, write_timeout: config.write_timeout };
+    tracing::info!(max_connections = limits.max, "accepting connections");
+    let stopping = Stopping::default();
+    let connections = TaskTracker::new();
+    let accepting =
+        tokio::spawn(accept_loop(listener, router(state.clone()), limits, stopping.clone(), connections.clone()));
+
+    shutdown.await;
+    // Bounded as a whole: a frozen disk or a verb that never returns must
+    // not keep the process from exiting (README "Stopping").
+    if tokio::time::timeout(DRAIN_LIMIT, drain(&state, &stopping, &connections)).await.is_err() {
+        tracing::error!("the drain did not finish within {DRAIN_LIMIT:?}; exiting anyway");
     }
+    stopping.now.cancel();
+    let _ = accepting.await;
     tracing::info!("drained; bye");
     Ok(())
 }
 
-/// Accepts TCP connections whose writes time out: a client that stops
-/// reading is cut off once the kernel's buffers are full for
-/// `write_timeout`, instead of holding its connection for ever. It
-/// reconnects with Last-Event-ID and loses nothing.
-struct GuardedListener {
-    inner: TcpListener,
-    write_timeout: Duration,
-}
-
-impl Listener for GuardedListener {
-    type Io = Pin<Box<TimeoutStream<TcpStream>>>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.inner.accept().await {
-                Ok((stream, addr)) => {
-                    let _ = stream.set_nodelay(true);
-                    let mut stream = TimeoutStream::new(stream);
-                    stream.set_write_timeout(Some(self.write_timeout));
-                    return (Box::pin(stream), addr);
-                }
-                Err(err) => {
-                    // Out of file descriptors and the like: wait rather than spin.
-                    tracing::warn!(%err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-            }
+/// The order of a drain: no new connections; turns stopped and their ends
+/// logged, verbs in flight finished (or cut off and answered); then attach
+/// streams end after sending what the log holds; then each connection
+/// finishes its request and closes.
+async fn drain(state: &AppState, stopping: &Stopping, connections: &TaskTracker) {
+    stopping.accept.cancel();
+    state.tasks.close();
+    let requests = async {
+        if tokio::time::timeout(VERB_GRACE + VERB_CUT_OFF, state.tasks.wait()).await.is_err() {
+            tracing::warn!("requests still running at shutdown");
         }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
-impl Connected<IncomingStream<'_, GuardedListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, GuardedListener>) -> Self {
-        Peer(*stream.remote_addr())
+    };
+    tokio::join!(state.sessions.shutdown(), state.power.drain(VERB_GRACE, VERB_CUT_OFF), requests);
+    state.streams_end.cancel();
+    stopping.graceful.cancel();
+    connections.close();
+    if tokio::time::timeout(CONNECTION_GRACE, connections.wait()).await.is_err() {
+        tracing::warn!("connections still open {CONNECTION_GRACE:?} after the drain; closing them");
     }
 }

@@ -27,6 +27,9 @@ use crate::turn::{Ending, Request, Runner, Stops};
 
 /// How long shutdown waits for running turns to write their last events.
 const DRAIN_TURNS: Duration = Duration::from_secs(15);
+/// How long cancel waits for the turn's end to be logged before answering
+/// (the agent is killed well within it: its kill grace).
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct Session {
@@ -271,17 +274,25 @@ impl Sessions {
             turn.cancel.cancel();
             turn.done.clone()
         };
-        match done.wait_for(Option::is_some).await {
-            Ok(ended) => ended.unwrap_or(false),
-            Err(_) => false,
+        // The agent is killed whatever storage does; logging its end can
+        // wait on a stalled disk, and the answer does not (README "Bad
+        // storage").
+        match tokio::time::timeout(CANCEL_WAIT, done.wait_for(Option::is_some)).await {
+            Ok(Ok(ended)) => ended.unwrap_or(false),
+            Ok(Err(_)) => false,
+            Err(_) => {
+                tracing::warn!(session = %session.id, "cancelled, but the turn's end is not logged yet");
+                true
+            }
         }
     }
 
     /// Refuses new turns, stops running ones and waits (bounded) until each
     /// has logged its `turn_end`.
     pub async fn shutdown(&self) {
-        *self.accepting.write().await = false;
+        // Turns are told first: a prompt stuck on storage holds `accepting`.
         self.shutdown.cancel();
+        *self.accepting.write().await = false;
         self.tracker.close();
         if tokio::time::timeout(DRAIN_TURNS, self.tracker.wait()).await.is_err() {
             tracing::warn!("some turns did not finish within {DRAIN_TURNS:?} of shutdown");

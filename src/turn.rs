@@ -182,7 +182,11 @@ impl Runner {
         let spec = self.spec(request, workspace);
         // Recorded first, so that a restart can find this turn's processes
         // even if the server dies before it learns their process group.
-        if let Err(err) = log.store().set_turn(request.session_id, None, spec.marker.clone()).await {
+        let recorded = tokio::select! {
+            recorded = log.store().set_turn(request.session_id, None, spec.marker.clone()) => recorded,
+            ending = stop_or_shutdown(stops) => return ending,
+        };
+        if let Err(err) = recorded {
             return Ending::LogFailed(err);
         }
         let mut agent = match AgentProcess::spawn(&spec) {
@@ -192,36 +196,40 @@ impl Runner {
         let began = Instant::now();
         tracing::info!(session = %request.session_id, pgid = agent.pgid(), resume = request.resume, "agent started");
         // Recorded so that a restart can kill what this turn leaves behind.
-        if let Err(err) = log.store().set_turn(request.session_id, Some(agent.pgid()), spec.marker.clone()).await {
-            agent.kill_group(Duration::ZERO).await;
+        let recorded = tokio::select! {
+            recorded = log.store().set_turn(request.session_id, Some(agent.pgid()), spec.marker.clone()) => {
+                recorded.map_err(Ending::LogFailed)
+            }
+            ending = stop_or_shutdown(stops) => Err(ending),
+        };
+        if let Err(ending) = recorded {
+            agent.kill_group(self.agent.kill_grace).await;
             let _ = agent.reap().await;
-            return Ending::LogFailed(err);
+            return ending;
         }
         let mut output = Output::new(log, started);
 
         let deadline = tokio::time::sleep(self.agent.turn_timeout);
         tokio::pin!(deadline);
+        // Every wait below also watches Stop, shutdown and the deadline, so a
+        // stalled disk (a write waiting for its commit) never delays killing
+        // the agent.
         let stopped = loop {
             tokio::select! {
-                _ = stops.cancel.cancelled() => break Some(Ending::Cancelled),
-                _ = stops.shutdown.cancelled() => break Some(Ending::Shutdown),
-                _ = &mut deadline => break Some(Ending::TimedOut(self.agent.turn_timeout)),
+                ending = stop_requested(stops, &mut deadline, self.agent.turn_timeout) => break Some(ending),
                 _ = agent.exit.wait() => break None,
                 line = agent.stdout.next_line() => match line {
-                    Ok(Some(line)) => {
-                        if let Err(err) = output.line(line).await {
+                    Ok(Some(line)) => tokio::select! {
+                        written = output.line(line) => if let Err(err) = written {
                             break Some(Ending::LogFailed(err));
-                        }
-                    }
+                        },
+                        ending = stop_requested(stops, &mut deadline, self.agent.turn_timeout) => break Some(ending),
+                    },
                     // End of output: the leader may still be running.
-                    Ok(None) | Err(_) => {
-                        tokio::select! {
-                            _ = stops.cancel.cancelled() => break Some(Ending::Cancelled),
-                            _ = stops.shutdown.cancelled() => break Some(Ending::Shutdown),
-                            _ = &mut deadline => break Some(Ending::TimedOut(self.agent.turn_timeout)),
-                            _ = agent.exit.wait() => break None,
-                        }
-                    }
+                    Ok(None) | Err(_) => tokio::select! {
+                        ending = stop_requested(stops, &mut deadline, self.agent.turn_timeout) => break Some(ending),
+                        _ = agent.exit.wait() => break None,
+                    },
                 },
             }
         };
@@ -290,6 +298,27 @@ impl Runner {
             Some(request.prompt.clone().into_bytes())
         };
         Spec { program: self.agent.program.clone(), args, cwd, stdin, marker: request.marker.clone() }
+    }
+}
+
+/// Resolves on Stop or shutdown.
+async fn stop_or_shutdown(stops: &Stops) -> Ending {
+    tokio::select! {
+        _ = stops.cancel.cancelled() => Ending::Cancelled,
+        _ = stops.shutdown.cancelled() => Ending::Shutdown,
+    }
+}
+
+/// Resolves when the turn must stop early: Stop, shutdown, or its deadline.
+async fn stop_requested(
+    stops: &Stops,
+    deadline: &mut std::pin::Pin<&mut tokio::time::Sleep>,
+    timeout: Duration,
+) -> Ending {
+    tokio::select! {
+        _ = stops.cancel.cancelled() => Ending::Cancelled,
+        _ = stops.shutdown.cancelled() => Ending::Shutdown,
+        _ = deadline.as_mut() => Ending::TimedOut(timeout),
     }
 }
 

@@ -5,8 +5,11 @@
 //! The group id is the leader's pid. It stays reserved while the leader is a
 //! zombie, so the group is signalled only before the leader is reaped: exit
 //! is observed with `waitid(WNOWAIT)`, which leaves the zombie in place.
-//! A descendant that calls `setsid` leaves the group and escapes this; the
-//! agent CLI and its tools do not.
+//! A descendant that calls `setsid` (or double-forks into a session of its
+//! own) leaves the group; it still carries the turn's environment marker,
+//! which it inherited, so every kill ends with a sweep of the processes
+//! carrying it, repeated until none is left (README "How a turn runs the
+//! agent").
 
 use std::ffi::OsString;
 use std::io;
@@ -60,6 +63,8 @@ pub struct AgentProcess {
     _stdin: Option<AbortOnDropHandle<()>>,
     /// Set once the leader is reaped; until then its group id is ours.
     reaped: bool,
+    /// The turn's `KEY=value` environment marker.
+    marker: String,
 }
 
 /// Watches for the leader's exit without reaping it.
@@ -113,6 +118,7 @@ impl AgentProcess {
             stderr_reader: Some(AbortOnDropHandle::new(tokio::spawn(read_stderr(stderr, captured.clone())))),
             stderr: captured,
             reaped: false,
+            marker: spec.marker.clone(),
             _stdin: stdin,
             exit: ExitWatch(Some(tokio::task::spawn_blocking(move || wait_for_exit(pid)))),
         })
@@ -127,12 +133,21 @@ impl AgentProcess {
     /// (SIGTERM to the group) and waits that long for the leader before
     /// SIGKILL. The leader is not reaped yet, so its group id cannot have been
     /// reused by another process.
+    /// Then kills every process that carries the turn's marker, in the
+    /// group or not.
     pub async fn kill_group(&mut self, grace: Duration) {
         if !grace.is_zero() && !self.exit.seen() {
             self.signal(Signal::SIGTERM);
+            let marker = self.marker.clone();
+            let _ = tokio::task::spawn_blocking(move || signal_marked(&marker, Signal::SIGTERM)).await;
             let _ = tokio::time::timeout(grace, self.exit.wait()).await;
         }
         self.signal(Signal::SIGKILL);
+        let marker = self.marker.clone();
+        let killed = tokio::task::spawn_blocking(move || kill_marked(&marker)).await.unwrap_or(0);
+        if killed > 0 {
+            tracing::info!(pgid = self.pgid.as_raw(), killed, "killed processes of the turn outside its group");
+        }
     }
 
     /// Reaps the leader (after [`kill_group`](Self::kill_group)) and returns
@@ -163,6 +178,7 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         if !self.reaped {
             self.signal(Signal::SIGKILL);
+            kill_marked(&self.marker);
         }
     }
 }
@@ -177,26 +193,52 @@ async fn read_stderr(mut pipe: ChildStderr, into: Arc<Mutex<Captured>>) {
 /// Kills, with SIGKILL, what a turn left running when the server died: its
 /// whole process group, if a member of it still carries the turn's `marker`
 /// (`KEY=value`, in its environment; a group id reused by someone else's
-/// processes carries none), and any process elsewhere that carries the
+/// processes carries none), and every process elsewhere that carries the
 /// marker (one that left the group). Returns how many processes were found.
 pub fn kill_leftovers(pgid: Option<i32>, marker: &str) -> usize {
-    let me = std::process::id() as i32;
-    let marked: Vec<(i32, Option<i32>)> =
-        processes().into_iter().filter(|(pid, _)| *pid != me && carries(*pid, marker)).collect();
     let mut killed = 0;
     if let Some(pgid) = pgid
-        && marked.iter().any(|(_, group)| *group == Some(pgid))
+        && marked(marker).iter().any(|(_, group)| *group == Some(pgid))
     {
         killed += processes().iter().filter(|(_, group)| *group == Some(pgid)).count();
         let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
     }
-    for (pid, group) in marked {
-        if pgid.is_none() || group != pgid {
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-            killed += 1;
+    killed + kill_marked(marker)
+}
+
+/// Most sweeps before giving up on a process that keeps forking.
+const SWEEPS: usize = 100;
+
+/// SIGKILLs every process carrying `marker`, sweeping again until a sweep
+/// finds none: a child forked between two sweeps inherits the marker and is
+/// found by the next one; a killed process forks no more. Returns how many
+/// were killed.
+pub fn kill_marked(marker: &str) -> usize {
+    let mut killed = 0;
+    for _ in 0..SWEEPS {
+        let found = signal_marked(marker, Signal::SIGKILL);
+        if found == 0 {
+            return killed;
         }
+        killed += found;
     }
+    tracing::error!(marker, killed, "processes of a turn kept appearing; gave up killing them");
     killed
+}
+
+/// Sends `signal` to every process carrying `marker`; returns how many.
+fn signal_marked(marker: &str, signal: Signal) -> usize {
+    let found = marked(marker);
+    for (pid, _) in &found {
+        let _ = nix::sys::signal::kill(Pid::from_raw(*pid), signal);
+    }
+    found.len()
+}
+
+/// Processes (not this one, not zombies) carrying `marker`, with their groups.
+fn marked(marker: &str) -> Vec<(i32, Option<i32>)> {
+    let me = std::process::id() as i32;
+    processes().into_iter().filter(|(pid, _)| *pid != me && carries(*pid, marker)).collect()
 }
 
 /// Every process with its process group, from /proc.

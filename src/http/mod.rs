@@ -112,8 +112,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let body = format!(
         "# HELP breakglass_audit_failures_total Audit records that could not be written.\n\
          # TYPE breakglass_audit_failures_total counter\n\
-         breakglass_audit_failures_total {}\n",
-        state.audit_failures.load(Ordering::Relaxed)
+         breakglass_audit_failures_total {}\n\
+         # HELP breakglass_log_lines_dropped_total Log lines dropped because stderr could not keep up.\n\
+         # TYPE breakglass_log_lines_dropped_total counter\n\
+         breakglass_log_lines_dropped_total {}\n",
+        state.audit_failures.load(Ordering::Relaxed),
+        crate::logging::dropped_lines(),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }

@@ -56,9 +56,13 @@ async fn run_audited(state: &AppState, identity: &Identity, verb: Verb) -> Resul
     let outcome = match state.power.run(verb).await {
         Ok(outcome) => outcome,
         Err(err) => {
-            record_or_count(state, identity, &action, &target, &format!("not run: {err}")).await;
+            let outcome = match err {
+                PowerError::CutOff => "cut off by shutdown".to_owned(),
+                _ => format!("not run: {err}"),
+            };
+            record_or_count(state, identity, &action, &target, &outcome).await;
             return Err(match err {
-                PowerError::NotConfigured => ApiError::Unavailable(err.to_string()),
+                PowerError::NotConfigured | PowerError::CutOff => ApiError::Unavailable(err.to_string()),
                 PowerError::Busy => ApiError::Conflict(err.to_string()),
                 PowerError::CannotStart { .. } | PowerError::Lost(_) => ApiError::Internal(err.to_string()),
             });

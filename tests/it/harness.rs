@@ -22,6 +22,8 @@ pub fn repo() -> PathBuf {
 /// A running `breakglass serve`, killed and reaped on drop.
 pub struct Server {
     child: Option<Child>,
+    /// The read end of an unread stderr pipe, held open (see `Options::stderr_unread`).
+    _stderr: Option<std::process::ChildStderr>,
     /// Every line the server printed on stdout, so far.
     pub stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     pub base: String,
@@ -36,6 +38,11 @@ pub struct Options {
     pub args: Vec<String>,
     /// Leave out the bearer token.
     pub no_token: bool,
+    /// A program (and its arguments) that runs the server, such as
+    /// `prlimit --nofile=256:256 --`.
+    pub wrapper: Vec<String>,
+    /// Send the server's stderr into a pipe nobody reads.
+    pub stderr_unread: bool,
 }
 
 impl Options {
@@ -54,14 +61,25 @@ impl Options {
         self
     }
 
+    pub fn wrapper(mut self, command: &[&str]) -> Self {
+        self.wrapper = command.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    pub fn stderr_unread(mut self) -> Self {
+        self.stderr_unread = true;
+        self
+    }
+
     pub fn start(self) -> Server {
         self.start_in(tempfile::tempdir().expect("temp dir"))
     }
 
     /// Starts on a directory the test has prepared (its `data` inside).
     pub fn start_in(self, dir: tempfile::TempDir) -> Server {
-        let (child, base, stdout) = spawn_capturing(dir.path(), &self).unwrap_or_else(|log| panic!("{log}"));
-        Server { child: Some(child), stdout, base, dir, client: reqwest::Client::new(), options: self }
+        let (mut child, base, stdout) = spawn_capturing(dir.path(), &self).unwrap_or_else(|log| panic!("{log}"));
+        let stderr = child.stderr.take();
+        Server { child: Some(child), _stderr: stderr, stdout, base, dir, client: reqwest::Client::new(), options: self }
     }
 }
 
@@ -77,7 +95,14 @@ fn spawn_capturing(dir: &std::path::Path, options: &Options) -> Result<(Child, S
     let path = format!("{}:{}", repo().join("tests/fake-bin").display(), std::env::var("PATH").unwrap_or_default());
     let log_path = dir.join("server.log");
     let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).expect("log file");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_breakglass"));
+    let mut command = match options.wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(env!("CARGO_BIN_EXE_breakglass"));
+            command
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_breakglass")),
+    };
     command
         .arg("serve")
         .args(["--listen", "127.0.0.1:0"])
@@ -91,7 +116,7 @@ fn spawn_capturing(dir: &std::path::Path, options: &Options) -> Result<(Child, S
         .env("FAKE_CLAUDE_RECORD", dir.join("argv.jsonl"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(log_file);
+        .stderr(if options.stderr_unread { Stdio::piped() } else { Stdio::from(log_file) });
     if !options.no_token {
         command.env("API_BEARER_TOKEN", TOKEN);
     }
@@ -144,8 +169,9 @@ impl Server {
     /// Starts the binary again on the same data directory.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the server before restarting it");
-        let (child, base, stdout) =
+        let (mut child, base, stdout) =
             spawn_capturing(self.dir.path(), &self.options).unwrap_or_else(|log| panic!("{log}"));
+        self._stderr = child.stderr.take();
         self.child = Some(child);
         self.base = base;
         self.stdout = stdout;
@@ -243,9 +269,45 @@ impl Server {
 
     /// SIGTERM, and the exit status once it has drained.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.terminate_within(DEADLINE)
+    }
+
+    /// SIGTERM, and the exit status, waiting at most `within`.
+    pub fn terminate_within(&mut self, within: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
         signal(child.id(), nix::sys::signal::Signal::SIGTERM);
-        wait_child(&mut child, DEADLINE).expect("breakglass did not exit after SIGTERM")
+        wait_child(&mut child, within).expect("breakglass did not exit after SIGTERM")
+    }
+
+    /// SIGTERM without waiting for the exit; `wait` reaps it later.
+    pub fn send_sigterm(&self) {
+        signal(self.child.as_ref().expect("running").id(), nix::sys::signal::Signal::SIGTERM);
+    }
+
+    /// Waits at most `within` for the server to exit, and reaps it.
+    pub fn wait(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let status = wait_child(self.child.as_mut().expect("running"), within)?;
+        self.child = None;
+        Some(status)
+    }
+
+    /// A client that opens a connection per request and keeps none open
+    /// afterwards, so the server is left with no connection at all.
+    pub fn one_shot_client() -> reqwest::Client {
+        reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client")
+    }
+
+    /// The server's CPU time so far (user + system), from /proc.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("stat");
+        let fields: Vec<&str> = stat.rsplit_once(") ").expect("stat format").1.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        Duration::from_millis(ticks * 10)
+    }
+
+    /// Descriptors the server has open.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, |d| d.count())
     }
 }
 

@@ -298,3 +298,40 @@ fn sha256_hex(data: &[u8]) -> String {
         .expect("sha256sum");
     String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
 }
+
+/// Regression: cancel killed the agent's process group only; a descendant
+/// that called `setsid`, or double-forked, survived every Stop.
+#[tokio::test]
+async fn cancel_kills_descendants_that_left_the_process_group() {
+    let server = Server::start();
+    let session = server.open_session().await;
+    let pids = crate::lifecycle::start_escaping_turn(&server, &session).await;
+    assert_eq!(server.cancel(&session).await["cancelled"], true);
+    for pid in pids {
+        eventually("every process of the turn to die", || !alive(pid)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_turn_timeout_kills_descendants_that_left_the_process_group() {
+    let server = Server::options().arg("--turn-timeout-seconds").arg("3").start();
+    let (session, mut stream) = server.attached().await;
+    let pids = crate::lifecycle::start_escaping_turn(&server, &session).await;
+    let events = stream.until_turn_end().await;
+    assert_eq!(error_of(&events), "turn timed out after 3s");
+    for pid in pids {
+        eventually("every process of the turn to die", || !alive(pid)).await;
+    }
+}
+
+/// An agent that exits normally and leaves a daemon behind outside its
+/// group: the daemon goes with the turn.
+#[tokio::test]
+async fn a_turn_that_ends_normally_leaves_no_daemon_behind() {
+    let server = Server::start();
+    let session = server.open_session().await;
+    let events = server.run_turn(&session, "double-fork\nresult").await;
+    assert_eq!(kinds(&events).last(), Some(&"turn_end"));
+    let pid = grandchild_pid(&events).unwrap();
+    eventually("the daemon to die", || !alive(pid)).await;
+}

@@ -1,0 +1,49 @@
+//! Logging that never blocks the server (README "Logs").
+//!
+//! Log lines go to stderr through a bounded queue drained by a thread of
+//! its own. When stderr stalls (a full disk behind a journal, a pipe nobody
+//! reads), lines are dropped and counted rather than stalling the async
+//! threads that wrote them; the count is on `GET /metrics`.
+
+use std::sync::OnceLock;
+
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
+
+/// Lines waiting for stderr; beyond this they are dropped.
+const QUEUE_LINES: usize = 8192;
+
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Keeps the log thread running; dropping it flushes what is queued, for a
+/// bounded time.
+pub struct Guard(Option<WorkerGuard>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // The flush waits a bounded time, and may print to stdout, which can
+        // be closed: on a thread of its own, a failure there stays there.
+        if let Some(guard) = self.0.take() {
+            let _ = std::thread::Builder::new().name("breakglass-log-flush".into()).spawn(move || drop(guard));
+        }
+    }
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init() -> Guard {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(QUEUE_LINES)
+        .thread_name("breakglass-log")
+        .finish(std::io::stderr());
+    let _ = DROPPED.set(writer.error_counter());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi).init();
+    Guard(Some(guard))
+}
+
+/// Log lines dropped because stderr could not keep up.
+pub fn dropped_lines() -> u64 {
+    DROPPED.get().map_or(0, |counter| counter.dropped_lines() as u64)
+}
