@@ -100,6 +100,8 @@ pub enum StoreError {
     Closed,
     #[error("not written: an earlier write of this turn failed")]
     Fenced,
+    #[error("storage is not answering (a stalled or frozen disk); the write is still queued")]
+    Stalled,
 }
 
 impl From<rusqlite::Error> for StoreError {

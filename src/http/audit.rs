@@ -34,8 +34,13 @@ pub async fn record(
         target: target.into(),
         outcome: outcome.into(),
     };
-    state.sessions.store().audit(record).await
+    // A stalled disk must not hold the request (a Stop, a verb) for ever:
+    // the record stays queued and lands when storage answers again.
+    tokio::time::timeout(AUDIT_WAIT, state.sessions.store().audit(record)).await.unwrap_or(Err(StoreError::Stalled))
 }
+
+/// Longest a request waits for its audit record to be committed.
+const AUDIT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Writes one record; a failure is logged and counted, never passed on.
 pub async fn record_or_count(state: &AppState, identity: &Identity, action: &str, target: &str, outcome: &str) {
