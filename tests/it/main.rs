@@ -10,6 +10,7 @@ mod harness;
 
 mod attach;
 mod auth;
+mod crash;
 mod lifecycle;
 mod limits;
 mod pve;
