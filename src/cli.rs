@@ -139,7 +139,7 @@ pub struct ServeArgs {
     pub ssh_bin: PathBuf,
 
     /// A power verb taking longer than this is killed.
-    #[arg(long, env = "BREAKGLASS_PVE_VERB_TIMEOUT_SECONDS", default_value_t = 120)]
+    #[arg(long, env = "BREAKGLASS_PVE_VERB_TIMEOUT_SECONDS", default_value_t = 660)]
     pub pve_verb_timeout_seconds: u64,
 }
 

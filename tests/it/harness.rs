@@ -195,12 +195,52 @@ impl Server {
         self.dir.path().join("data")
     }
 
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir().join("breakglass.db")
+    }
+
+    /// SQLite's `PRAGMA integrity_check` on the database, opened read-only: "ok".
+    pub fn integrity_check(&self) -> String {
+        let conn = rusqlite::Connection::open_with_flags(self.db_path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open the database");
+        conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("integrity_check")
+    }
+
+    /// Live processes started by this server's agents, however far down:
+    /// every one inherits the fake agent's `FAKE_CLAUDE_RECORD` (the server
+    /// itself carries it too, and is left out).
+    pub fn agent_processes(&self) -> Vec<u32> {
+        let marker = format!("FAKE_CLAUDE_RECORD={}", self.dir.path().join("argv.jsonl").display());
+        let server = self.child.as_ref().map(Child::id);
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| Some(*pid) != server && alive(*pid))
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == marker.as_bytes()))
+            })
+            .collect()
+    }
+
     /// Every run of the fake agent so far: {argv, cwd, stdin, prompt, pid}.
     pub fn agent_runs(&self) -> Vec<Value> {
         std::fs::read_to_string(self.dir.path().join("argv.jsonl"))
             .unwrap_or_default()
             .lines()
             .map(|l| serde_json::from_str(l).expect("record line"))
+            .collect()
+    }
+
+    /// The pids of a session's turns: each run of the fake agent in its
+    /// workspace, and each grandchild it announced in `events`.
+    pub fn turn_pids(&self, session: &str, events: &[Value]) -> Vec<u32> {
+        self.agent_runs()
+            .iter()
+            .filter(|r| r["cwd"].as_str().is_some_and(|c| c.ends_with(session)))
+            .map(|r| r["pid"].as_u64().expect("pid") as u32)
+            .chain(events.iter().filter_map(|e| e["text"].as_str()?.strip_prefix("grandchild ")?.parse().ok()))
             .collect()
     }
 
@@ -436,6 +476,39 @@ impl Attached {
             }
         }
     }
+}
+
+impl Attached {
+    /// Reads what is left of the stream into `raw` until the server ends or
+    /// breaks it, as a killed server does: what reached the client.
+    pub async fn read_until_broken(&mut self) {
+        while let Ok(Some(Ok(chunk))) = tokio::time::timeout(DEADLINE, self.body.next()).await {
+            self.raw.extend_from_slice(&chunk);
+            self.buffer.extend_from_slice(&chunk);
+        }
+    }
+}
+
+/// The events in an attach stream's bytes as sent: each whole `id:`/`data:`
+/// frame's id and its data JSON, byte for byte. A frame cut short is left out.
+pub fn event_frames(raw: &[u8]) -> Vec<(u64, String)> {
+    let text = String::from_utf8_lossy(raw);
+    let mut blocks: Vec<&str> = text.split("\n\n").collect();
+    blocks.pop(); // what follows the last blank line: empty, or a frame cut short
+    blocks
+        .into_iter()
+        .filter_map(|block| {
+            let (id, data) = block.strip_prefix("id: ")?.split_once("\ndata: ")?;
+            Some((id.parse().expect("numeric id"), data.to_owned()))
+        })
+        .collect()
+}
+
+/// A flood's lines in a log are 0, 1, 2, … with none missing in between:
+/// ids alone cannot show a hole, since the store numbers what it keeps.
+pub fn assert_flood_unbroken(log: &[Value]) {
+    let numbers: Vec<u64> = log.iter().filter_map(|e| e["text"].as_str()?.split_once(' ')?.0.parse().ok()).collect();
+    assert_eq!(numbers, (0..numbers.len() as u64).collect::<Vec<_>>(), "the flood has a hole");
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

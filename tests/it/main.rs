@@ -11,6 +11,7 @@ mod harness;
 mod attach;
 mod auth;
 mod connections;
+mod crash;
 mod frozen;
 mod lifecycle;
 mod limits;

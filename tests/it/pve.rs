@@ -26,13 +26,25 @@ impl Pve {
 
     /// Writes the script's config; `extra` lines override the defaults.
     pub fn configure(&self, extra: &str) {
+        self.write_conf(&format!("{}{extra}", self.base_conf()));
+    }
+
+    /// The settings every test starts from: everything inside this test's directory.
+    pub fn base_conf(&self) -> String {
         let d = self.dir.path();
-        let conf = format!(
-            "VMID=101\nFORENSICS_DIR={}\nSTOP_TIMEOUT=10\nGUEST_PING_TIMEOUT=1\nMONITOR_TIMEOUT=2\nPOLL_INTERVAL=0.05\nLOCK_FILE={}\n{extra}",
+        format!(
+            "VMID=101\nFORENSICS_DIR={}\nSTOP_TIMEOUT=10\nGUEST_PING_TIMEOUT=1\nMONITOR_TIMEOUT=2\nPOLL_INTERVAL=0.05\nLOCK_FILE={}\n",
             d.join("forensics").display(),
             d.join("lock").display()
-        );
-        std::fs::write(d.join("pve.conf"), conf).unwrap();
+        )
+    }
+
+    pub fn write_conf(&self, conf: &str) {
+        std::fs::write(self.conf_path(), conf).unwrap();
+    }
+
+    pub fn conf_path(&self) -> PathBuf {
+        self.dir.path().join("pve.conf")
     }
 
     pub fn qm_dir(&self) -> &Path {
@@ -44,29 +56,52 @@ impl Pve {
         std::fs::write(self.dir.path().join(file), content).unwrap();
     }
 
-    /// The forced command's environment, as sshd's `command="…"` sets it.
-    pub fn env_prefix(&self) -> String {
+    /// What the script needs around it on any host: the fake `qm` first on PATH.
+    pub fn tools_env(&self) -> String {
         format!(
-            "PATH={}:/usr/sbin:/usr/bin:/sbin:/bin BREAKGLASS_PVE_CONF={} FAKE_QM_DIR={}",
+            "PATH={}:/usr/sbin:/usr/bin:/sbin:/bin FAKE_QM_DIR={}",
             repo().join("tests/fake-pve").display(),
-            self.dir.path().join("pve.conf").display(),
             self.qm_dir().display()
         )
+    }
+
+    /// The `command="…"` of the key's authorized_keys line: the host's admin
+    /// names the config on it, since under sshd the environment names nothing.
+    pub fn forced_command(&self) -> String {
+        format!("{} {} --config {}", self.tools_env(), Self::script().display(), self.conf_path().display())
     }
 
     pub fn script() -> PathBuf {
         repo().join("deploy/pve/breakglass-pve")
     }
 
-    /// Runs the script as sshd would, with `SSH_ORIGINAL_COMMAND`, by a plain shell.
-    pub fn run(&self, original_command: Option<&str>) -> Output {
+    /// The script as sshd would run it, with `SSH_ORIGINAL_COMMAND`, but by
+    /// a plain shell: not under sshd, so the test's config is named by
+    /// `BREAKGLASS_PVE_CONF`, whatever session the tests themselves run in.
+    pub fn command(&self, original_command: Option<&str>) -> Command {
+        self.command_with(original_command, "")
+    }
+
+    /// [`Pve::command`] with arguments after the script, as a forced command line has them.
+    pub fn command_with(&self, original_command: Option<&str>, args: &str) -> Command {
         let mut command = Command::new("sh");
-        command.arg("-c").arg(format!("{} exec sh {}", self.env_prefix(), Self::script().display()));
-        command.env_remove("SSH_ORIGINAL_COMMAND");
+        command.arg("-c").arg(format!(
+            "{} BREAKGLASS_PVE_CONF={} exec sh {} {args}",
+            self.tools_env(),
+            self.conf_path().display(),
+            Self::script().display()
+        ));
+        for variable in ["SSH_ORIGINAL_COMMAND", "SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY"] {
+            command.env_remove(variable);
+        }
         if let Some(original) = original_command {
             command.env("SSH_ORIGINAL_COMMAND", original);
         }
-        command.output().unwrap()
+        command
+    }
+
+    pub fn run(&self, original_command: Option<&str>) -> Output {
+        self.command(original_command).output().unwrap()
     }
 
     /// Every `qm` call so far, in order.
@@ -283,14 +318,7 @@ fn a_daemon_started_by_qm_does_not_keep_the_lock() {
 fn a_cycle_finishes_when_its_client_goes_away() {
     let pve = Pve::new();
     pve.set("stop-polls", "5");
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!("{} exec sh {}", pve.env_prefix(), Pve::script().display()))
-        .env("SSH_ORIGINAL_COMMAND", "cycle")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = pve.command(Some("cycle")).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     drop(child.stdout.take()); // nobody reads what it prints any more
     let status = child.wait().unwrap();
     assert!(pve.calls().iter().any(|c| c == "qm start 101"), "the VM was started again: {:?} ({status})", pve.calls());
@@ -306,13 +334,217 @@ fn a_failing_qm_is_reported_with_its_message() {
     assert!(stderr(&output).contains("reset failed: VM is locked (backup)"), "{}", stderr(&output));
 }
 
+/// The value the script gives `setting` when its config does not: the first
+/// `SETTING=value` line of the script (its defaults, before the config is read).
+fn script_default(setting: &str) -> String {
+    let script = std::fs::read_to_string(Pve::script()).unwrap();
+    let prefix = format!("{setting}=");
+    script
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {setting}= line in the script"))
+        .to_owned()
+}
+
+/// The unprivileged user `nobody`, as whom tests act as a local user would.
+const NOBODY: u32 = 65534;
+
+/// A value of each kind a setting can be wrong in: zero (`timeout 0` means
+/// no limit at all), negative, empty, not whole, octal-looking, beyond the
+/// shell's arithmetic, not a number; relative paths.
 #[test]
-fn a_bad_configuration_is_refused() {
+fn each_bad_setting_is_refused_by_name() {
     let pve = Pve::new();
-    pve.configure("VMID='1 2'");
-    let output = pve.run(Some("status"));
-    assert_eq!(output.status.code(), Some(78), "{}", stderr(&output));
-    assert!(pve.calls().is_empty());
+    let bad = [
+        ("VMID", "1 2"),
+        ("VMID", "0"),
+        ("VMID", "-101"),
+        ("VMID", ""),
+        ("STOP_TIMEOUT", "0"),
+        ("STOP_TIMEOUT", "-1"),
+        ("STOP_TIMEOUT", ""),
+        ("STOP_TIMEOUT", "1.5"),
+        ("STOP_TIMEOUT", "010"),
+        ("STOP_TIMEOUT", "99999999999999999999"),
+        ("STOP_TIMEOUT", "86401"),
+        ("QM_TIMEOUT", "0"),
+        ("QM_TIMEOUT", " 30"),
+        ("MONITOR_TIMEOUT", "ten"),
+        ("MONITOR_TIMEOUT", "0"),
+        ("GUEST_PING_TIMEOUT", "0"),
+        ("GUEST_PING_TIMEOUT", "5s"),
+        ("POLL_INTERVAL", "abc"),
+        ("POLL_INTERVAL", "0"),
+        ("POLL_INTERVAL", "0.0"),
+        ("POLL_INTERVAL", "."),
+        ("POLL_INTERVAL", "-1"),
+        ("POLL_INTERVAL", ""),
+        ("POLL_INTERVAL", "1e3"),
+        ("POLL_INTERVAL", "1."),
+        ("POLL_INTERVAL", ".5"),
+        ("POLL_INTERVAL", "01"),
+        ("POLL_INTERVAL", "61"),
+        ("POLL_INTERVAL", "99999999999999999999.5"),
+        ("FORENSICS_DIR", "forensics"),
+        ("FORENSICS_DIR", ""),
+        ("LOCK_FILE", "lock"),
+        ("LOCK_FILE", ""),
+    ];
+    for (setting, value) in bad {
+        pve.configure(&format!("{setting}='{value}'\n"));
+        let output = pve.run(Some("status"));
+        assert_eq!(output.status.code(), Some(78), "{setting}={value:?}: {}", stderr(&output));
+        assert!(stderr(&output).contains(&format!("{setting} must be ")), "{setting}={value:?}: {}", stderr(&output));
+        assert!(stderr(&output).contains(&format!("not '{value}'")), "{setting}={value:?}: {}", stderr(&output));
+    }
+    assert!(pve.calls().is_empty(), "nothing ran on a bad configuration: {:?}", pve.calls());
+
+    for (setting, value) in [
+        ("STOP_TIMEOUT", "1"),
+        ("QM_TIMEOUT", "86400"),
+        ("POLL_INTERVAL", "2"),
+        ("POLL_INTERVAL", "0.5"),
+        ("POLL_INTERVAL", "60"),
+        ("VMID", "999999999"),
+    ] {
+        pve.configure(&format!("{setting}={value}\n"));
+        let output = pve.run(Some("status"));
+        assert!(output.status.success(), "{setting}={value}: {}", stderr(&output));
+    }
+}
+
+/// `--config` on the forced command line is how the host's admin names
+/// another config (the client cannot change that line); it wins over
+/// `BREAKGLASS_PVE_CONF`, and nothing else is accepted there.
+#[test]
+fn the_config_is_named_by_one_absolute_path_argument() {
+    let pve = Pve::new();
+    for args in
+        ["--config pve.conf", "--config", "--conf /etc/breakglass-pve.conf", "status", "--config /a --config /b"]
+    {
+        let output = pve.command_with(Some("status"), args).output().unwrap();
+        assert_eq!(output.status.code(), Some(78), "{args:?}: {}", stderr(&output));
+        assert!(stderr(&output).contains("--config"), "{args:?}: {}", stderr(&output));
+    }
+    assert!(pve.calls().is_empty(), "{:?}", pve.calls());
+    let other = pve.dir.path().join("other.conf");
+    std::fs::write(&other, pve.base_conf().replace("VMID=101", "VMID=202")).unwrap();
+    let output = pve.command_with(Some("status"), &format!("--config {}", other.display())).output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(pve.calls(), ["qm status 202 --verbose"]);
+}
+
+/// Under sshd the environment is the client's to shape (a `SetEnv` that
+/// `AcceptEnv` lets through, `environment=` with `PermitUserEnvironment`), so
+/// there the script reads its settings from the one fixed path.
+#[test]
+fn under_sshd_the_config_comes_only_from_the_fixed_path() {
+    let pve = Pve::new();
+    assert!(
+        !Path::new("/etc/breakglass-pve.conf").exists(),
+        "this test runs on a machine where the script is not installed"
+    );
+    for (variable, value) in [("SSH_CONNECTION", "192.0.2.9 50000 192.0.2.10 22"), ("SSH_CLIENT", "192.0.2.9 50000 22")]
+    {
+        let output = pve.command(Some("status")).env(variable, value).output().unwrap();
+        assert_eq!(output.status.code(), Some(78), "{variable}: {}", stderr(&output));
+        assert!(stderr(&output).contains("cannot read /etc/breakglass-pve.conf"), "{variable}: {}", stderr(&output));
+    }
+    assert!(pve.calls().is_empty(), "{:?}", pve.calls());
+    assert!(pve.run(Some("status")).status.success(), "run by hand, BREAKGLASS_PVE_CONF names the config");
+}
+
+/// Regression: the lock lived in /run/lock, where anyone may create files,
+/// so a local user could create it first and hold it: every mutating verb
+/// was then "busy".
+#[test]
+fn a_local_user_cannot_hold_the_default_lock() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+
+    let pve = Pve::new();
+    let lock_line = format!("LOCK_FILE={}\n", pve.dir.path().join("lock").display());
+    pve.write_conf(&pve.base_conf().replace(&lock_line, ""));
+    let lock = PathBuf::from(script_default("LOCK_FILE"));
+    let mut squatter = Command::new("sh")
+        .args(["-c", "exec 9>>\"$1\" && flock -n 9 && echo held && exec sleep 30", "squatter"])
+        .arg(&lock)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // "held" once it holds the lock, or nothing once it has given up.
+    let mut said = String::new();
+    std::io::BufReader::new(squatter.stdout.take().unwrap()).read_line(&mut said).unwrap();
+    let output = pve.run(Some("stop"));
+    let _ = squatter.kill();
+    squatter.wait().unwrap();
+    assert_eq!(said, "", "nobody could take {}", lock.display());
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::fs::symlink_metadata(lock.parent().unwrap()).unwrap();
+    assert!(dir.is_dir());
+    assert_eq!((dir.uid(), dir.mode() & 0o7777), (0, 0o700), "the lock's directory is root's alone");
+}
+
+#[test]
+fn a_lock_where_others_can_write_is_refused() {
+    use std::os::unix::fs::{PermissionsExt, chown, symlink};
+
+    let set_mode =
+        |path: &Path, mode: u32| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    for case in [
+        "a directory anyone may write, like /run/lock",
+        "a group-writable directory",
+        "another user's directory",
+        "a link for a lock file",
+        "another user's lock file",
+    ] {
+        let pve = Pve::new();
+        let dir = pve.dir.path().join("locks");
+        let lock = dir.join("lock");
+        std::fs::create_dir(&dir).unwrap();
+        set_mode(&dir, 0o700);
+        match case {
+            "a directory anyone may write, like /run/lock" => set_mode(&dir, 0o1777),
+            "a group-writable directory" => set_mode(&dir, 0o770),
+            "another user's directory" => chown(&dir, Some(NOBODY), Some(NOBODY)).unwrap(),
+            "a link for a lock file" => symlink(pve.dir.path().join("elsewhere"), &lock).unwrap(),
+            "another user's lock file" => {
+                std::fs::write(&lock, "").unwrap();
+                chown(&lock, Some(NOBODY), Some(NOBODY)).unwrap();
+            }
+            other => panic!("no such case: {other}"),
+        }
+        pve.configure(&format!("LOCK_FILE={}\n", lock.display()));
+        let output = pve.run(Some("stop"));
+        assert_eq!(output.status.code(), Some(78), "{case}: {}", stderr(&output));
+        assert!(stderr(&output).contains("LOCK_FILE"), "{case}: {}", stderr(&output));
+        assert!(pve.calls().is_empty(), "{case}: nothing ran: {:?}", pve.calls());
+    }
+}
+
+/// Regression: `timeout` sends SIGTERM at the limit and then waits; a `qm`
+/// that ignored it kept forensics (and the verb after it) waiting forever.
+#[test]
+fn a_qm_that_ignores_sigterm_is_killed() {
+    let pve = Pve::new();
+    pve.set("term-ignored", "");
+    let started = Instant::now();
+    let mut child = pve.command(Some("forensics")).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let finished = crate::harness::wait_child(&mut child, DEADLINE);
+    if finished.is_none() {
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(finished.is_some_and(|s| s.success()), "forensics finished: {}", stderr(&output));
+    let kill_after: u64 = script_default("KILL_AFTER").parse().unwrap();
+    let ping = stdout(&output).split("## guest agent ping (timeout 1s)\n").nth(1).unwrap_or_default().to_owned();
+    assert!(ping.trim_end().ends_with("(exit 137)"), "killed by SIGKILL: {ping}");
+    assert!(started.elapsed() >= Duration::from_secs(1 + kill_after));
 }
 
 // ---- End to end through sshd ---------------------------------------------
@@ -330,6 +562,13 @@ pub struct Sshd {
 
 impl Sshd {
     pub fn start(pve: Pve) -> Sshd {
+        Sshd::start_with(pve, "", "")
+    }
+
+    /// `sshd_config` lines added to the defaults, and options added to the
+    /// key's line in authorized_keys after `command="…",restrict` (so each
+    /// begins with a comma).
+    pub fn start_with(pve: Pve, sshd_config: &str, key_options: &str) -> Sshd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         for key in ["host_key", "client_key"] {
@@ -342,7 +581,7 @@ impl Sshd {
         let client_pub = std::fs::read_to_string(d.join("client_key.pub")).unwrap();
         std::fs::write(
             d.join("authorized_keys"),
-            format!("command=\"{} {}\",restrict {client_pub}", pve.env_prefix(), Pve::script().display()),
+            format!("command=\"{}\",restrict{key_options} {client_pub}", pve.forced_command()),
         )
         .unwrap();
         let port = free_port();
@@ -351,7 +590,7 @@ impl Sshd {
             format!(
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile none\nStrictModes no\n\
                  UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
-                 PermitRootLogin prohibit-password\nLogLevel VERBOSE\n",
+                 PermitRootLogin prohibit-password\nLogLevel VERBOSE\n{sshd_config}",
                 d.join("host_key").display(),
                 d.join("authorized_keys").display()
             ),
@@ -424,8 +663,14 @@ impl Sshd {
 
     /// Runs the real ssh client against the forced command, as the agent would.
     pub fn ssh(&self, remote: &str) -> Output {
+        self.ssh_with(&[], remote)
+    }
+
+    /// `ssh` with extra options (`-o SetEnv=…`) before the destination.
+    pub fn ssh_with(&self, options: &[&str], remote: &str) -> Output {
         Command::new("ssh")
             .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+            .args(options)
             .args(["-o", "LogLevel=ERROR", "-p", &self.port.to_string(), "root@127.0.0.1", remote])
             .env("SSH_AUTH_SOCK", self.auth_sock())
             .output()
@@ -517,6 +762,82 @@ async fn the_host_refuses_non_verbs_sent_over_ssh() {
     assert!(host.pve.calls().is_empty());
     let ok = host.ssh("status");
     assert!(ok.status.success(), "{}", stderr(&ok));
+}
+
+/// Regression: the script took `BREAKGLASS_PVE_CONF` from its environment,
+/// which sshd fills from the client's `SetEnv` (what `AcceptEnv` lets
+/// through) and from `environment=` in authorized_keys: a client could point
+/// the key at another VM, or at a file of shell code of its choosing.
+#[test]
+fn settings_sent_through_sshd_are_ignored() {
+    let rogue = tempfile::tempdir().unwrap();
+    let rogue_conf = rogue.path().join("rogue.conf");
+    std::fs::write(
+        &rogue_conf,
+        format!(
+            "VMID=666\nFORENSICS_DIR={0}/forensics\nLOCK_FILE={0}/lock\nPOLL_INTERVAL=0.05\n",
+            rogue.path().display()
+        ),
+    )
+    .unwrap();
+    let sent = format!("BREAKGLASS_PVE_CONF={}", rogue_conf.display());
+    let client_setenv = format!("SetEnv={sent}");
+    let key_environment = format!(",environment=\"{sent}\"");
+    for (how, sshd_config, key_options, ssh_options) in [
+        ("the client's SetEnv", "AcceptEnv LANG LC_* BREAKGLASS_*\n", "", vec!["-o", client_setenv.as_str()]),
+        ("environment= in authorized_keys", "PermitUserEnvironment yes\n", key_environment.as_str(), vec![]),
+    ] {
+        let host = Sshd::start_with(Pve::new(), sshd_config, key_options);
+        let output = host.ssh_with(&ssh_options, "status");
+        assert!(output.status.success(), "{how}: {}", stderr(&output));
+        assert_eq!(host.pve.calls(), ["qm status 101 --verbose"], "{how}: the admin's config, not the client's");
+        let reached = std::fs::read_to_string(host.pve.qm_dir().join("env")).unwrap_or_default();
+        assert_eq!(reached, format!("{sent}\n"), "{how}: the variable did reach the host");
+    }
+}
+
+/// The script's own bounds on a `cycle`, from its defaults, must fit in the
+/// server's default verb timeout: if they drift apart, the server answers
+/// "timed out" while the host is still cycling the VM.
+#[test]
+fn the_servers_verb_timeout_outlasts_a_cycle_with_the_hosts_defaults() {
+    let seconds = |setting: &str| -> u64 {
+        script_default(setting).parse().unwrap_or_else(|_| panic!("{setting} is whole seconds"))
+    };
+    // The example config shows the same defaults the script has.
+    let example = std::fs::read_to_string(repo().join("deploy/pve/breakglass-pve.conf.example")).unwrap();
+    for (setting, value) in example.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split_once('=')) {
+        if setting != "VMID" {
+            assert_eq!(value, script_default(setting), "{setting} in the example config");
+        }
+    }
+    // Every qm call runs under `timeout -k KILL_AFTER <its limit>`.
+    let bounded = |limit: &str| seconds(limit) + seconds("KILL_AFTER");
+    let forensics = 3 * bounded("QM_TIMEOUT") + bounded("MONITOR_TIMEOUT") + bounded("GUEST_PING_TIMEOUT");
+    let stop = bounded("STOP_TIMEOUT");
+    // The wait's last clock check comes before STOP_TIMEOUT has passed; one
+    // more sleep and one more status query may follow it.
+    let poll: f64 = script_default("POLL_INTERVAL").parse().unwrap();
+    let wait = seconds("STOP_TIMEOUT") + poll.ceil() as u64 + bounded("QM_TIMEOUT");
+    let start = bounded("STOP_TIMEOUT");
+    let final_status = bounded("QM_TIMEOUT");
+    let cycle = forensics + stop + wait + start + final_status;
+    // ssh may take its whole ConnectTimeout before the script even starts.
+    let power = std::fs::read_to_string(repo().join("src/power.rs")).unwrap();
+    let connect: u64 = power.split("ConnectTimeout=").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
+
+    let help = Command::new(env!("CARGO_BIN_EXE_breakglass")).args(["serve", "--help"]).env_clear().output().unwrap();
+    let help = stdout(&help);
+    let after_flag = help.split("--pve-verb-timeout-seconds").nth(1).expect("the flag in serve --help");
+    let default: u64 =
+        after_flag.split("[default: ").nth(1).unwrap().split(']').next().unwrap().parse().expect("a default");
+    eprintln!(
+        "cycle with the host's defaults: at most {cycle} s (+{connect} s to connect); server default {default} s"
+    );
+    assert!(
+        default > cycle + connect,
+        "BREAKGLASS_PVE_VERB_TIMEOUT_SECONDS defaults to {default} s; a cycle may take {cycle} s after {connect} s to connect"
+    );
 }
 
 #[tokio::test]

@@ -5,24 +5,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::harness::{BASIC, Frame, Server, alive, eventually, ids, kinds, spawn};
-
-fn db_path(server: &Server) -> std::path::PathBuf {
-    server.data_dir().join("breakglass.db")
-}
-
-/// The flood's lines in a log are 0, 1, 2, … with none missing in between:
-/// ids alone cannot show a hole, since the store numbers what it keeps.
-fn assert_flood_unbroken(log: &[Value]) {
-    let numbers: Vec<u64> = log.iter().filter_map(|e| e["text"].as_str()?.split_once(' ')?.0.parse().ok()).collect();
-    assert_eq!(numbers, (0..numbers.len() as u64).collect::<Vec<_>>(), "the flood has a hole");
-}
-
-fn integrity_check(server: &Server) -> String {
-    let conn = rusqlite::Connection::open_with_flags(db_path(server), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .expect("open the database");
-    conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("integrity_check")
-}
+use crate::harness::{BASIC, Frame, Server, alive, assert_flood_unbroken, eventually, ids, kinds, spawn};
 
 #[tokio::test]
 async fn a_restart_keeps_sessions_events_and_ids() {
@@ -75,13 +58,7 @@ async fn killed_at_any_point_of_a_turn_nothing_is_lost() {
             }
         }
         server.kill9();
-        let leftovers: Vec<u32> = server
-            .agent_runs()
-            .iter()
-            .filter(|r| r["cwd"].as_str().is_some_and(|c| c.ends_with(&session)))
-            .map(|r| r["pid"].as_u64().unwrap() as u32)
-            .chain(seen.iter().filter_map(|e| e["text"].as_str()?.strip_prefix("grandchild ")?.parse().ok()))
-            .collect();
+        let leftovers = server.turn_pids(&session, &seen);
 
         server.restart();
         let mut replay = server.attach(&session, None).await;
@@ -96,10 +73,10 @@ async fn killed_at_any_point_of_a_turn_nothing_is_lost() {
             eventually("a process of the killed turn to be gone", || !alive(pid)).await;
         }
         if round % 10 == 0 {
-            assert_eq!(integrity_check(&server), "ok", "round {round}");
+            assert_eq!(server.integrity_check(), "ok", "round {round}");
         }
     }
-    assert_eq!(integrity_check(&server), "ok");
+    assert_eq!(server.integrity_check(), "ok");
     let listed: Value = server.get("/api/sessions?limit=500").send().await.unwrap().json().await.unwrap();
     assert_eq!(listed["sessions"].as_array().unwrap().len() as u64, ROUNDS);
     assert!(listed["sessions"].as_array().unwrap().iter().all(|s| s["running"] == false));
@@ -186,7 +163,7 @@ async fn the_audit_trail_records_each_action_and_verify_detects_an_edit() {
     assert_eq!(String::from_utf8_lossy(&intact.stdout), "audit trail intact: 5 records\n");
 
     assert!(server.terminate().success());
-    let conn = rusqlite::Connection::open(db_path(&server)).unwrap();
+    let conn = rusqlite::Connection::open(server.db_path()).unwrap();
     conn.execute("UPDATE audit SET identity = 'nobody' WHERE seq = 2", []).unwrap();
     drop(conn);
     let broken = verify();
@@ -355,7 +332,7 @@ async fn a_full_disk_ends_the_turn_visibly_and_writing_resumes() {
             assert_eq!(log[i - 1]["kind"], "turn_end", "event {i} in {log:#?}");
         }
     }
-    assert_eq!(integrity_check(&server), "ok");
+    assert_eq!(server.integrity_check(), "ok");
     drop(server);
     drop(tmpfs);
 }
