@@ -7,7 +7,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, Method, header};
+use axum::http::{HeaderMap, HeaderName, Method, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use subtle::ConstantTimeEq;
@@ -53,12 +53,9 @@ pub fn authenticate(
         return Ok(Identity { name: "bearer".into(), via: Via::Bearer, peer });
     }
     if is_trusted(auth, peer)
-        && let Some(user) = headers.get(&auth.user_header).and_then(|v| v.to_str().ok())
+        && let Some(user) = proxy_user(headers, &auth.user_header)?
     {
-        let user = user.trim();
-        if !user.is_empty() {
-            return Ok(Identity { name: user.chars().take(256).collect(), via: Via::ProxyHeader, peer });
-        }
+        return Ok(Identity { name: user.chars().take(256).collect(), via: Via::ProxyHeader, peer });
     }
     if let Some(secret) = cookie(headers, COOKIE)
         && logins.knows(secret)
@@ -73,6 +70,24 @@ pub fn authenticate(
         ));
     }
     Err(ApiError::Unauthorized("not authenticated".into()))
+}
+
+/// The one user a trusted proxy vouches for, or `None` when it names nobody.
+///
+/// The header twice with two values (a proxy that appends rather than
+/// replaces, and a client that sent its own) leaves no way to tell which
+/// the proxy meant: refused, rather than believing whichever came first.
+fn proxy_user<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a str>, ApiError> {
+    let mut values = headers.get_all(name).iter().map(|v| v.as_bytes().trim_ascii());
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.any(|other| other != first) {
+        return Err(ApiError::Unauthorized(format!(
+            "the trusted proxy sent two different {name} headers: refusing both"
+        )));
+    }
+    Ok(std::str::from_utf8(first).ok().filter(|user| !user.is_empty()))
 }
 
 /// The console's session cookie.
@@ -286,6 +301,21 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn two_different_user_headers_are_refused_the_same_one_twice_is_not() {
+        let auth = config(None, &["10.0.0.0/8"]);
+        let peer = INSIDE.parse().unwrap();
+        let twice = |a: &str, b: &str| {
+            let mut map = HeaderMap::new();
+            map.append("x-authentik-username", HeaderValue::from_str(a).unwrap());
+            map.append("x-authentik-username", HeaderValue::from_str(b).unwrap());
+            authenticate(&auth, &Logins::new(None, vec![1; 32]), &map, peer)
+        };
+        assert!(matches!(twice("alice", "bob"), Err(ApiError::Unauthorized(m)) if m.contains("different")));
+        assert!(matches!(twice("alice", ""), Err(ApiError::Unauthorized(m)) if m.contains("different")));
+        assert_eq!(twice("alice", "alice ").unwrap().name, "alice");
     }
 
     #[test]

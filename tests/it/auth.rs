@@ -148,3 +148,20 @@ async fn cross_site_posts_with_the_proxy_header_are_refused() {
         server.client.post(server.url("/api/session")).bearer_auth(TOKEN).header("Sec-Fetch-Site", "cross-site");
     assert_eq!(status_of(bearer).await.0, 200);
 }
+
+/// A proxy (or a client slipping past it) that sends the user header twice
+/// with two names leaves us no way to know who calls: neither is believed.
+#[tokio::test]
+async fn two_different_proxy_identities_are_refused() {
+    let server = Server::options().env("BREAKGLASS_TRUSTED_PROXIES", "127.0.0.1").start();
+    let whoami = |names: &[&str]| {
+        names.iter().fold(server.client.get(server.url("/api/whoami")), |r, n| r.header("X-authentik-username", *n))
+    };
+    let (status, body) = status_of(whoami(&["alice", "mallory"])).await;
+    assert_eq!(status, 401, "{body}");
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("x-authentik-username") && detail.contains("different"), "{detail}");
+    assert_eq!(status_of(whoami(&["alice", ""])).await.0, 401, "an empty second name is still another one");
+    let (status, me) = status_of(whoami(&["alice", " alice"])).await;
+    assert_eq!((status, me["identity"].as_str()), (200, Some("alice")), "the same name twice is one identity");
+}
