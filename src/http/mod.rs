@@ -87,7 +87,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .route("/login", get(login))
+        // HEAD is not GET here: it must not spend the link (see `login_head`).
+        .route("/login", get(login).head(login_head))
         .nest("/api", api)
         // `nest` leaves these two to the outer fallback; they are API paths too.
         .route("/api/", any(api_not_found))
@@ -174,6 +175,13 @@ async fn login(
         ],
     )
         .into_response()
+}
+
+/// Link previews and chat apps send HEAD to a link before (or instead of) a
+/// person opening it, so HEAD answers without looking at the token, and the
+/// GET that follows still signs the browser in (README, "The web console").
+async fn login_head() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], "")
 }
 
 async fn api_not_found() -> ApiError {

@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::harness::{Server, TOKEN, kinds};
+use crate::harness::{Server, TOKEN, eventually, kinds};
 
 async fn status_of(request: reqwest::RequestBuilder) -> (u16, Value) {
     let response = request.send().await.unwrap();
@@ -149,6 +149,20 @@ async fn cross_site_posts_with_the_proxy_header_are_refused() {
     assert_eq!(status_of(bearer).await.0, 200);
 }
 
+/// The start-up login link the server printed (it follows the address).
+async fn printed_login_link(server: &Server) -> String {
+    let find = || {
+        let printed = server.stdout.lock().unwrap();
+        printed.iter().find_map(|l| Some(l.strip_prefix("login: open ")?.split_whitespace().next()?.to_owned()))
+    };
+    eventually("the login link on stdout", || find().is_some()).await;
+    find().unwrap()
+}
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
 /// A proxy (or a client slipping past it) that sends the user header twice
 /// with two names leaves us no way to know who calls: neither is believed.
 #[tokio::test]
@@ -164,4 +178,22 @@ async fn two_different_proxy_identities_are_refused() {
     assert_eq!(status_of(whoami(&["alice", ""])).await.0, 401, "an empty second name is still another one");
     let (status, me) = status_of(whoami(&["alice", " alice"])).await;
     assert_eq!((status, me["identity"].as_str()), (200, Some("alice")), "the same name twice is one identity");
+}
+
+/// Chat apps and link previews send HEAD before anyone opens the link: that
+/// must not spend it.
+#[tokio::test]
+async fn a_head_of_the_login_link_does_not_use_it_up() {
+    let server = Server::options().no_token().start();
+    let link = printed_login_link(&server).await;
+    let client = no_redirects();
+    for _ in 0..2 {
+        let head = client.head(&link).send().await.unwrap();
+        assert_eq!(head.status(), 200);
+        assert!(head.headers().get("set-cookie").is_none(), "HEAD signs nobody in");
+    }
+    let opened = client.get(&link).send().await.unwrap();
+    assert_eq!(opened.status(), 303, "the link still works after HEADs");
+    assert!(opened.headers()["set-cookie"].to_str().unwrap().starts_with("breakglass="));
+    assert_eq!(client.get(&link).send().await.unwrap().status(), 401, "and then only once");
 }
