@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::http::auth::{Logins, Peer, login_key};
+use crate::http::auth::Peer;
+use crate::http::login::Logins;
 use crate::http::{AppState, router};
 use crate::power::Power;
 use crate::session::Sessions;
@@ -110,10 +111,7 @@ pub async fn run(
     let state = AppState {
         audit_failures: Arc::default(),
         tasks: TaskTracker::new(),
-        logins: Arc::new(Logins::new(
-            config.auth.login_token.clone(),
-            login_key(&config.data_dir).context("while reading the login key")?,
-        )),
+        logins: Arc::new(Logins::open(&config, listener.local_addr().context("while reading the bound address")?)?),
         power: Arc::new(Power::new(config.power.clone())),
         sessions: sessions.clone(),
         streams_end: CancellationToken::new(),

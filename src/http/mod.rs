@@ -8,6 +8,7 @@ pub mod auth;
 mod body;
 pub mod error;
 mod extract;
+pub mod login;
 mod power;
 mod sessions;
 
@@ -48,8 +49,8 @@ pub struct AppState {
     pub audit_failures: Arc<AtomicU64>,
     /// What requests started and must finish even if their client leaves.
     pub tasks: TaskTracker,
-    /// The first-run login link and the cookies it handed out.
-    pub logins: Arc<auth::Logins>,
+    /// Login links and the cookies they become.
+    pub logins: Arc<login::Logins>,
 }
 
 impl AppState {
@@ -147,8 +148,8 @@ struct LoginQuery {
     token: Option<String>,
 }
 
-/// The first-run login link (SPEC §8): sets the console's cookie and sends
-/// the browser to `/`, so the token leaves the address bar and history.
+/// A login link (README, "The web console"): sets the console's cookie and
+/// sends the browser to `/`, so the token leaves the address bar and history.
 // A page for browsers: a query that does not parse is answered in text,
 // which axum's own extractor does (clippy.toml steers `/api` away from it).
 #[allow(clippy::disallowed_types)]
@@ -156,21 +157,34 @@ async fn login(
     State(state): State<AppState>,
     axum::extract::Query(query): axum::extract::Query<LoginQuery>,
 ) -> Response {
-    let Some(secret) = query.token.as_deref().and_then(|t| state.logins.redeem(t)) else {
+    let redeemed = match query.token {
+        // Redeeming reads the data directory: off the runtime's threads.
+        Some(token) => {
+            let logins = state.logins.clone();
+            tokio::task::spawn_blocking(move || logins.redeem(&token)).await.ok().flatten()
+        }
+        None => None,
+    };
+    let Some(cookie) = redeemed else {
         return (
             StatusCode::UNAUTHORIZED,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, "no-store")],
-            "This login link is wrong or was already used. Restart breakglass for a new one, \
-             or configure API_BEARER_TOKEN or BREAKGLASS_TRUSTED_PROXIES.\n",
+            "This login link is wrong, expired or already used. \
+             Run `breakglass login` on the server for a new one.\n",
         )
             .into_response();
     };
-    let cookie = format!("{}={secret}; HttpOnly; SameSite=Strict; Path=/; Max-Age=2592000", auth::COOKIE);
+    let set_cookie = format!(
+        "{}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        login::COOKIE,
+        cookie.value,
+        cookie.max_age.as_secs()
+    );
     (
         StatusCode::SEE_OTHER,
         [
             (header::LOCATION, "/".to_owned()),
-            (header::SET_COOKIE, cookie),
+            (header::SET_COOKIE, set_cookie),
             (header::CACHE_CONTROL, "no-store".to_owned()),
         ],
     )

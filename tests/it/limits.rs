@@ -1,4 +1,4 @@
-//! Bad input gets a clear JSON error and changes nothing (SPEC §3, §6).
+//! Bad input gets a clear JSON error and changes nothing (README, "API").
 
 use serde_json::{Value, json};
 
