@@ -118,6 +118,26 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .find_map(|(k, v)| (k == name).then_some(v))
 }
 
+/// Whether the browser reached us over HTTPS, so that the login cookie can
+/// be `Secure`. breakglass has no TLS listener of its own: TLS ends at a
+/// proxy, and only a trusted proxy is believed about it, through
+/// `X-Forwarded-Proto` or `Forwarded: proto=` (RFC 7239). Where a header
+/// lists several hops, the first is the browser's.
+pub fn came_over_https(auth: &AuthConfig, headers: &HeaderMap, peer: IpAddr) -> bool {
+    if !is_trusted(auth, peer) {
+        return false;
+    }
+    let first_hop =
+        |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.split(',').next()).map(str::trim);
+    let forwarded_proto = first_hop("forwarded").and_then(|hop| {
+        hop.split(';')
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(key, _)| key.trim().eq_ignore_ascii_case("proto"))
+            .map(|(_, value)| value.trim().trim_matches('"'))
+    });
+    [first_hop("x-forwarded-proto"), forwarded_proto].into_iter().flatten().any(|p| p.eq_ignore_ascii_case("https"))
+}
+
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
@@ -259,6 +279,25 @@ mod tests {
         assert!(matches!(twice("alice", "bob"), Err(ApiError::Unauthorized(m)) if m.contains("different")));
         assert!(matches!(twice("alice", ""), Err(ApiError::Unauthorized(m)) if m.contains("different")));
         assert_eq!(twice("alice", "alice ").unwrap().name, "alice");
+    }
+
+    #[test]
+    fn only_a_trusted_proxy_is_believed_about_https() {
+        let auth = config(None, &["10.0.0.0/8"]);
+        let cases: &[(&[(&str, &str)], bool)] = &[
+            (&[], false),
+            (&[("x-forwarded-proto", "https")], true),
+            (&[("x-forwarded-proto", "https, http")], true),
+            (&[("x-forwarded-proto", "http, https")], false),
+            (&[("forwarded", "for=192.0.2.60;proto=https")], true),
+            (&[("forwarded", "proto=http, proto=https")], false),
+            (&[("forwarded", "for=x;proto")], false),
+        ];
+        for (pairs, https) in cases {
+            let h = headers(pairs);
+            assert_eq!(came_over_https(&auth, &h, INSIDE.parse().unwrap()), *https, "{pairs:?}");
+            assert!(!came_over_https(&auth, &h, OUTSIDE.parse().unwrap()), "untrusted {pairs:?}");
+        }
     }
 
     #[test]

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::DefaultBodyLimit;
-use axum::extract::State;
-use axum::http::{Method, Request, StatusCode, header};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::{Json, Router, middleware};
@@ -155,6 +155,8 @@ struct LoginQuery {
 #[allow(clippy::disallowed_types)]
 async fn login(
     State(state): State<AppState>,
+    ConnectInfo(auth::Peer(peer)): ConnectInfo<auth::Peer>,
+    headers: HeaderMap,
     axum::extract::Query(query): axum::extract::Query<LoginQuery>,
 ) -> Response {
     let redeemed = match query.token {
@@ -174,8 +176,10 @@ async fn login(
         )
             .into_response();
     };
+    // Never sent in clear once the browser is on HTTPS.
+    let secure = if auth::came_over_https(&state.config.auth, &headers, peer.ip()) { "; Secure" } else { "" };
     let set_cookie = format!(
-        "{}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        "{}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
         login::COOKIE,
         cookie.value,
         cookie.max_age.as_secs()

@@ -323,3 +323,34 @@ async fn revoking_logins_signs_every_browser_out_without_a_restart() {
     assert_eq!(whoami_with(&server, &cookie).await.0, 401, "revoke-all signs the browser out");
     assert_eq!(no_redirects().get(&pending).send().await.unwrap().status(), 401, "and voids links not yet used");
 }
+
+/// Behind a proxy that ends TLS, the cookie must not travel in clear: it is
+/// `Secure` when a trusted proxy says the browser came over HTTPS, and a
+/// client that merely claims so is not believed.
+#[tokio::test]
+async fn the_cookie_is_secure_only_when_a_trusted_proxy_says_https() {
+    async fn secure(server: &Server, headers: &[(&str, &str)]) -> bool {
+        let link = minted_link(server);
+        let request = headers.iter().fold(no_redirects().get(&link), |r, (k, v)| r.header(*k, *v));
+        let opened = request.send().await.unwrap();
+        assert_eq!(opened.status(), 303);
+        opened.headers()["set-cookie"].to_str().unwrap().split("; ").any(|a| a == "Secure")
+    }
+    let trusting = Server::options().env("BREAKGLASS_TRUSTED_PROXIES", "127.0.0.1").start();
+    let untrusting = Server::options().env("BREAKGLASS_TRUSTED_PROXIES", "10.0.0.0/8").start();
+    // (headers, Secure from the trusted peer, Secure from an untrusted one)
+    type Case<'a> = (&'a [(&'a str, &'a str)], bool, bool);
+    let cases: &[Case] = &[
+        (&[], false, false),
+        (&[("X-Forwarded-Proto", "https")], true, false),
+        (&[("X-Forwarded-Proto", "HTTPS")], true, false),
+        (&[("X-Forwarded-Proto", "http")], false, false),
+        (&[("Forwarded", "for=192.0.2.60;proto=https;by=203.0.113.43")], true, false),
+        (&[("Forwarded", "for=\"[2001:db8::1]\";Proto=\"https\"")], true, false),
+        (&[("Forwarded", "for=192.0.2.60;proto=http")], false, false),
+    ];
+    for (headers, from_trusted, from_untrusted) in cases {
+        assert_eq!(secure(&trusting, headers).await, *from_trusted, "trusted peer, {headers:?}");
+        assert_eq!(secure(&untrusting, headers).await, *from_untrusted, "untrusted peer, {headers:?}");
+    }
+}
