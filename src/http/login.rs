@@ -113,9 +113,11 @@ impl Logins {
         }
     }
 
-    /// The server's logins: reads (or creates) the key, creates the links
-    /// directory and says where the server listens, so that a data
-    /// directory we cannot use stops the server at start-up.
+    /// The server's logins: reads (or creates) the key, so that a key we
+    /// cannot read stops the server at start-up, then makes room for links
+    /// and says where the server listens. Those two are only for `breakglass
+    /// login`: failing them (a full disk) is logged, and the console stays
+    /// up for everything else (README, "Data, durability and backups").
     pub fn open(config: &Config, listening: SocketAddr) -> anyhow::Result<Self> {
         let logins = Logins::new(
             &config.data_dir,
@@ -124,11 +126,15 @@ impl Logins {
             config.auth.login_ttl,
         );
         logins.key.current().with_context(|| format!("while reading {}", logins.key.path.display()))?;
-        private_dir(&logins.links)?;
-        let url = format!("{}\n", local_url(listening));
         let listen = config.data_dir.join(LISTEN_FILE);
-        write_atomically(&listen, url.as_bytes(), 0o644)
-            .with_context(|| format!("while writing {}", listen.display()))?;
+        let url = format!("{}\n", local_url(listening));
+        let ready = private_dir(&logins.links).and_then(|()| {
+            write_atomically(&listen, url.as_bytes(), 0o644)
+                .with_context(|| format!("while writing {}", listen.display()))
+        });
+        if let Err(err) = ready {
+            tracing::warn!(err = format!("{err:#}"), "`breakglass login` will not work with this server");
+        }
         Ok(logins)
     }
 
@@ -278,7 +284,7 @@ pub fn listening_url(data_dir: &Path) -> anyhow::Result<String> {
 
 /// How this host reaches the listener: an unspecified address is reached on
 /// loopback.
-pub fn local_url(addr: SocketAddr) -> String {
+fn local_url(addr: SocketAddr) -> String {
     let reachable = match addr.ip() {
         ip if !ip.is_unspecified() => addr,
         std::net::IpAddr::V4(_) => SocketAddr::from(([127, 0, 0, 1], addr.port())),
