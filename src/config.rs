@@ -57,7 +57,7 @@ pub struct AuthConfig {
     pub login_token: Option<String>,
     pub trusted_proxies: Vec<IpNet>,
     pub user_header: HeaderName,
-    /// How long a login cookie is good for (README, "Authentication").
+    /// How long a login cookie is good for (README, "The web console").
     pub login_ttl: Duration,
 }
 
