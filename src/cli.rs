@@ -32,6 +32,26 @@ pub enum Command {
     /// Work with the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Print a one-time login link for the running server's web console
+    /// (any auth mode), or sign every browser out.
+    Login(LoginArgs),
+}
+
+/// Flags of `breakglass login`.
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The running server's data directory.
+    #[arg(long, env = "BREAKGLASS_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// The console's address as browsers reach it, behind a proxy say
+    /// [default: the address the server listens on].
+    #[arg(long, env = "BREAKGLASS_PUBLIC_URL")]
+    pub url: Option<String>,
+
+    /// Sign every browser out and void links not yet opened, instead.
+    #[arg(long, conflicts_with = "url")]
+    pub revoke_all: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,6 +137,10 @@ pub struct ServeArgs {
     #[arg(long, env = "BREAKGLASS_TRUSTED_USER_HEADER", default_value = "X-authentik-username")]
     pub trusted_user_header: String,
 
+    /// How long a browser stays signed in after opening a login link.
+    #[arg(long, env = "BREAKGLASS_LOGIN_TTL_SECONDS", default_value_t = 43200)]
+    pub login_ttl_seconds: u64,
+
     /// Hypervisor address for the power verbs (unset: verbs answer 503).
     #[arg(long, env = "BREAKGLASS_PVE_HOST")]
     pub pve_host: Option<String>,
@@ -147,6 +171,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
         Some(Command::Audit(AuditCommand::Verify { data_dir })) => return verify_audit(&data_dir),
+        Some(Command::Login(args)) => return login(&args),
         None => cli.serve,
     };
     let config = Config::from_args(args)?;
@@ -167,4 +192,27 @@ fn verify_audit(data_dir: &std::path::Path) -> anyhow::Result<()> {
         }
         AuditCheck::Broken { seq, why } => anyhow::bail!("audit trail broken at record {seq}: {why}"),
     }
+}
+
+/// `breakglass login`: the link on stdout (alone, for scripts), the rest on
+/// stderr. The token is made here and reaches the server only as a hash in
+/// the data directory, never through its argv or logs.
+fn login(args: &LoginArgs) -> anyhow::Result<()> {
+    use crate::http::login::{LINK_TTL, listening_url, mint_link, revoke_all};
+    if !args.data_dir.is_dir() {
+        anyhow::bail!("no directory {}: give the server's --data-dir", args.data_dir.display());
+    }
+    if args.revoke_all {
+        revoke_all(&args.data_dir)?;
+        eprintln!("every browser is signed out, and links not yet opened are void");
+        return Ok(());
+    }
+    let base = match &args.url {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => listening_url(&args.data_dir)?,
+    };
+    let token = mint_link(&args.data_dir)?;
+    println!("{base}/login?token={token}");
+    eprintln!("open it within {} minutes; it works once", LINK_TTL.as_secs() / 60);
+    Ok(())
 }

@@ -60,6 +60,8 @@ pub struct AuthConfig {
     pub login_token: Option<String>,
     pub trusted_proxies: Vec<IpNet>,
     pub user_header: HeaderName,
+    /// How long a login cookie is good for (README, "The web console").
+    pub login_ttl: Duration,
 }
 
 impl AuthConfig {
@@ -213,7 +215,13 @@ impl Config {
             },
             auth: {
                 let first_run = bearer_token.is_none() && trusted_proxies.is_empty();
-                AuthConfig { login_token: first_run.then(random_token), bearer_token, trusted_proxies, user_header }
+                AuthConfig {
+                    login_token: first_run.then(random_token),
+                    bearer_token,
+                    trusted_proxies,
+                    user_header,
+                    login_ttl: login_ttl(args.login_ttl_seconds)?,
+                }
             },
             sse_keepalive: positive_seconds("BREAKGLASS_SSE_KEEPALIVE_SECONDS", args.sse_keepalive_seconds)?,
             write_timeout: positive_seconds("BREAKGLASS_WRITE_TIMEOUT_SECONDS", args.write_timeout_seconds)?,
@@ -244,6 +252,16 @@ fn positive_seconds(name: &str, seconds: u64) -> anyhow::Result<Duration> {
         bail!("{name} must be at least 1");
     }
     Ok(Duration::from_secs(seconds))
+}
+
+/// Browsers keep a cookie at most 400 days (RFC 6265bis); a longer TTL
+/// would promise what they do not keep.
+fn login_ttl(seconds: u64) -> anyhow::Result<Duration> {
+    const MAX: u64 = 400 * 24 * 3600;
+    if seconds > MAX {
+        bail!("BREAKGLASS_LOGIN_TTL_SECONDS must be at most {MAX} (400 days)");
+    }
+    positive_seconds("BREAKGLASS_LOGIN_TTL_SECONDS", seconds)
 }
 
 /// A bare address is a single-host network.

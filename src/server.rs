@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::connections::{Limits, Stopping, accept_loop, connection_cap};
-use crate::http::auth::{Logins, login_key};
+use crate::http::login::Logins;
 use crate::http::{AppState, router};
 use crate::power::Power;
 use crate::session::Sessions;
@@ -112,10 +112,7 @@ pub async fn run(
     let state = AppState {
         audit_failures: Arc::default(),
         tasks: TaskTracker::new(),
-        logins: Arc::new(Logins::new(
-            config.auth.login_token.clone(),
-            login_key(&config.data_dir).context("while reading the login key")?,
-        )),
+        logins: Arc::new(Logins::open(&config, listener.local_addr().context("while reading the bound address")?)?),
         power: Arc::new(Power::new(config.power.clone())),
         sessions: sessions.clone(),
         streams_end: CancellationToken::new(),

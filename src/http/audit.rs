@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::auth::Identity;
 use super::error::ApiError;
+use super::extract::Query;
 use crate::store::{AuditEntry, AuditRecord, StoreError};
 
 pub fn router() -> Router<AppState> {

@@ -1,19 +1,22 @@
-//! Who is calling (SPEC §6), and whether a browser request came from this site.
+//! Who is calling (README, "Authentication"), and whether a browser request
+//! came from this site.
 //!
 //! A bearer token is compared in constant time. A trusted proxy's user header
-//! is believed only from a peer inside `BREAKGLASS_TRUSTED_PROXIES`. With
-//! neither configured, every `/api` request is refused.
+//! is believed only from a peer inside `BREAKGLASS_TRUSTED_PROXIES`. A login
+//! cookie is checked by [`super::login`]. With nothing configured, only a
+//! login cookie is accepted.
 
 use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, Method, header};
+use axum::http::{HeaderMap, HeaderName, Method, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use subtle::ConstantTimeEq;
 
 use super::AppState;
 use super::error::ApiError;
+use super::login::{COOKIE, CookieCheck, Logins};
 use crate::config::AuthConfig;
 
 /// The caller, as later handlers and logs see it.
@@ -53,30 +56,57 @@ pub fn authenticate(
         return Ok(Identity { name: "bearer".into(), via: Via::Bearer, peer });
     }
     if is_trusted(auth, peer)
-        && let Some(user) = headers.get(&auth.user_header).and_then(|v| v.to_str().ok())
+        && let Some(user) = proxy_user(headers, &auth.user_header)?
     {
-        let user = user.trim();
-        if !user.is_empty() {
-            return Ok(Identity { name: user.chars().take(256).collect(), via: Via::ProxyHeader, peer });
-        }
+        return Ok(Identity { name: user.chars().take(256).collect(), via: Via::ProxyHeader, peer });
     }
-    if let Some(secret) = cookie(headers, COOKIE)
-        && logins.knows(secret)
-    {
-        return Ok(Identity { name: "console".into(), via: Via::Cookie, peer });
+    if let Some(value) = cookie(headers, COOKIE) {
+        let again = "run `breakglass login` on the server for a new login link";
+        match logins.check(value) {
+            CookieCheck::Valid => return Ok(Identity { name: "console".into(), via: Via::Cookie, peer }),
+            CookieCheck::Expired => {
+                return Err(ApiError::Unauthorized(format!("this browser's login has expired: {again}")));
+            }
+            CookieCheck::OtherMode if auth.is_first_run() => {
+                return Err(ApiError::Unauthorized(format!(
+                    "this browser signed in while API_BEARER_TOKEN or BREAKGLASS_TRUSTED_PROXIES was set: {again}"
+                )));
+            }
+            CookieCheck::OtherMode => {
+                return Err(ApiError::Unauthorized(format!(
+                    "this browser signed in before API_BEARER_TOKEN or BREAKGLASS_TRUSTED_PROXIES was set: {again}"
+                )));
+            }
+            CookieCheck::Invalid => {}
+        }
     }
     if auth.is_first_run() {
         return Err(ApiError::Unauthorized(
-            "not authenticated: open the login link printed at start-up, \
-             or configure API_BEARER_TOKEN or BREAKGLASS_TRUSTED_PROXIES"
+            "not authenticated: open the login link printed at start-up (or run `breakglass login` on the \
+             server), or configure API_BEARER_TOKEN or BREAKGLASS_TRUSTED_PROXIES"
                 .into(),
         ));
     }
     Err(ApiError::Unauthorized("not authenticated".into()))
 }
 
-/// The console's session cookie.
-pub const COOKIE: &str = "breakglass";
+/// The one user a trusted proxy vouches for, or `None` when it names nobody.
+///
+/// The header twice with two values (a proxy that appends rather than
+/// replaces, and a client that sent its own) leaves no way to tell which
+/// the proxy meant: refused, rather than believing whichever came first.
+fn proxy_user<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a str>, ApiError> {
+    let mut values = headers.get_all(name).iter().map(|v| v.as_bytes().trim_ascii());
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.any(|other| other != first) {
+        return Err(ApiError::Unauthorized(format!(
+            "the trusted proxy sent two different {name} headers: refusing both"
+        )));
+    }
+    Ok(std::str::from_utf8(first).ok().filter(|user| !user.is_empty()))
+}
 
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
@@ -88,67 +118,24 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .find_map(|(k, v)| (k == name).then_some(v))
 }
 
-/// First-run login (SPEC §8): a one-time link carrying a random token, which
-/// becomes an HttpOnly, SameSite=Strict cookie when opened.
-///
-/// The cookie is signed (HMAC-SHA256) with a key kept in the data directory,
-/// so it stays valid across restarts; the link itself works once.
-#[derive(Debug)]
-pub struct Logins {
-    /// The token of the printed link, until it is used.
-    token: std::sync::Mutex<Option<String>>,
-    key: Vec<u8>,
-}
-
-type Mac = hmac::Hmac<sha2::Sha256>;
-
-impl Logins {
-    pub fn new(token: Option<String>, key: Vec<u8>) -> Self {
-        Logins { token: std::sync::Mutex::new(token), key }
+/// Whether the browser reached us over HTTPS, so that the login cookie can
+/// be `Secure`. breakglass has no TLS listener of its own: TLS ends at a
+/// proxy, and only a trusted proxy is believed about it, through
+/// `X-Forwarded-Proto` or `Forwarded: proto=` (RFC 7239). Where a header
+/// lists several hops, the first is the browser's.
+pub fn came_over_https(auth: &AuthConfig, headers: &HeaderMap, peer: IpAddr) -> bool {
+    if !is_trusted(auth, peer) {
+        return false;
     }
-
-    /// Exchanges the link's token, once, for a cookie value.
-    pub fn redeem(&self, given: &str) -> Option<String> {
-        let mut token = self.token.lock().unwrap_or_else(|p| p.into_inner());
-        let matches = token.as_deref().is_some_and(|t| bool::from(t.as_bytes().ct_eq(given.as_bytes())));
-        if !matches {
-            return None;
-        }
-        *token = None;
-        let id = crate::config::random_token();
-        Some(format!("{id}.{}", self.sign(&id)))
-    }
-
-    fn sign(&self, id: &str) -> String {
-        use hmac::{KeyInit, Mac as _};
-        let mut mac = Mac::new_from_slice(&self.key).expect("HMAC takes keys of any length");
-        mac.update(id.as_bytes());
-        mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
-    }
-
-    fn knows(&self, cookie: &str) -> bool {
-        let Some((id, signature)) = cookie.split_once('.') else {
-            return false;
-        };
-        bool::from(self.sign(id).as_bytes().ct_eq(signature.as_bytes()))
-    }
-}
-
-/// The key that signs login cookies: `<data dir>/login.key`, created (mode
-/// 0600) on first use.
-pub fn login_key(data_dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = data_dir.join("login.key");
-    match std::fs::read(&path) {
-        Ok(key) if key.len() >= 32 => return Ok(key),
-        Ok(_) | Err(_) => {}
-    }
-    let key = crate::config::random_token().into_bytes();
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
-    file.write_all(&key)?;
-    file.sync_all()?;
-    Ok(key)
+    let first_hop =
+        |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.split(',').next()).map(str::trim);
+    let forwarded_proto = first_hop("forwarded").and_then(|hop| {
+        hop.split(';')
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(key, _)| key.trim().eq_ignore_ascii_case("proto"))
+            .map(|(_, value)| value.trim().trim_matches('"'))
+    });
+    [first_hop("x-forwarded-proto"), forwarded_proto].into_iter().flatten().any(|p| p.eq_ignore_ascii_case("https"))
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -208,6 +195,7 @@ pub async fn require(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::login::Mode;
     use axum::http::HeaderValue;
 
     fn config(token: Option<&str>, proxies: &[&str]) -> AuthConfig {
@@ -216,7 +204,13 @@ mod tests {
             bearer_token: token.map(str::to_owned),
             trusted_proxies: proxies.iter().map(|p| p.parse().unwrap()).collect(),
             user_header: "x-authentik-username".parse().unwrap(),
+            login_ttl: std::time::Duration::from_secs(60),
         }
+    }
+
+    /// Logins that no test here consults (no request carries a cookie).
+    fn no_logins() -> Logins {
+        Logins::new(std::path::Path::new("/nonexistent"), None, Mode::Open, std::time::Duration::from_secs(60))
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -234,7 +228,7 @@ mod tests {
     fn nothing_configured_refuses_even_a_token() {
         let err = authenticate(
             &config(None, &[]),
-            &Logins::new(None, vec![1; 32]),
+            &no_logins(),
             &headers(&[("authorization", "Bearer x")]),
             INSIDE.parse().unwrap(),
         );
@@ -246,23 +240,15 @@ mod tests {
         let auth = config(Some("s3cret"), &[]);
         let peer = OUTSIDE.parse().unwrap();
         assert_eq!(
-            authenticate(&auth, &Logins::new(None, vec![1; 32]), &headers(&[("authorization", "Bearer s3cret")]), peer)
-                .unwrap()
-                .via,
+            authenticate(&auth, &no_logins(), &headers(&[("authorization", "Bearer s3cret")]), peer).unwrap().via,
             Via::Bearer
         );
         assert_eq!(
-            authenticate(&auth, &Logins::new(None, vec![1; 32]), &headers(&[("authorization", "bearer s3cret")]), peer)
-                .unwrap()
-                .name,
+            authenticate(&auth, &no_logins(), &headers(&[("authorization", "bearer s3cret")]), peer).unwrap().name,
             "bearer"
         );
         for wrong in ["Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret", "Bearer "] {
-            assert!(
-                authenticate(&auth, &Logins::new(None, vec![1; 32]), &headers(&[("authorization", wrong)]), peer)
-                    .is_err(),
-                "{wrong}"
-            );
+            assert!(authenticate(&auth, &no_logins(), &headers(&[("authorization", wrong)]), peer).is_err(), "{wrong}");
         }
     }
 
@@ -270,22 +256,48 @@ mod tests {
     fn proxy_header_only_from_a_trusted_peer() {
         let auth = config(None, &["10.0.0.0/8"]);
         let h = headers(&[("x-authentik-username", "alice")]);
-        assert_eq!(
-            authenticate(&auth, &Logins::new(None, vec![1; 32]), &h, INSIDE.parse().unwrap()).unwrap().name,
-            "alice"
-        );
-        assert!(authenticate(&auth, &Logins::new(None, vec![1; 32]), &h, OUTSIDE.parse().unwrap()).is_err());
+        assert_eq!(authenticate(&auth, &no_logins(), &h, INSIDE.parse().unwrap()).unwrap().name, "alice");
+        assert!(authenticate(&auth, &no_logins(), &h, OUTSIDE.parse().unwrap()).is_err());
         let mapped: IpAddr = "::ffff:10.9.9.9".parse().unwrap();
-        assert_eq!(authenticate(&auth, &Logins::new(None, vec![1; 32]), &h, mapped).unwrap().via, Via::ProxyHeader);
+        assert_eq!(authenticate(&auth, &no_logins(), &h, mapped).unwrap().via, Via::ProxyHeader);
         assert!(
-            authenticate(
-                &auth,
-                &Logins::new(None, vec![1; 32]),
-                &headers(&[("x-authentik-username", " ")]),
-                INSIDE.parse().unwrap()
-            )
-            .is_err()
+            authenticate(&auth, &no_logins(), &headers(&[("x-authentik-username", " ")]), INSIDE.parse().unwrap())
+                .is_err()
         );
+    }
+
+    #[test]
+    fn two_different_user_headers_are_refused_the_same_one_twice_is_not() {
+        let auth = config(None, &["10.0.0.0/8"]);
+        let peer = INSIDE.parse().unwrap();
+        let twice = |a: &str, b: &str| {
+            let mut map = HeaderMap::new();
+            map.append("x-authentik-username", HeaderValue::from_str(a).unwrap());
+            map.append("x-authentik-username", HeaderValue::from_str(b).unwrap());
+            authenticate(&auth, &no_logins(), &map, peer)
+        };
+        assert!(matches!(twice("alice", "bob"), Err(ApiError::Unauthorized(m)) if m.contains("different")));
+        assert!(matches!(twice("alice", ""), Err(ApiError::Unauthorized(m)) if m.contains("different")));
+        assert_eq!(twice("alice", "alice ").unwrap().name, "alice");
+    }
+
+    #[test]
+    fn only_a_trusted_proxy_is_believed_about_https() {
+        let auth = config(None, &["10.0.0.0/8"]);
+        let cases: &[(&[(&str, &str)], bool)] = &[
+            (&[], false),
+            (&[("x-forwarded-proto", "https")], true),
+            (&[("x-forwarded-proto", "https, http")], true),
+            (&[("x-forwarded-proto", "http, https")], false),
+            (&[("forwarded", "for=192.0.2.60;proto=https")], true),
+            (&[("forwarded", "proto=http, proto=https")], false),
+            (&[("forwarded", "for=x;proto")], false),
+        ];
+        for (pairs, https) in cases {
+            let h = headers(pairs);
+            assert_eq!(came_over_https(&auth, &h, INSIDE.parse().unwrap()), *https, "{pairs:?}");
+            assert!(!came_over_https(&auth, &h, OUTSIDE.parse().unwrap()), "untrusted {pairs:?}");
+        }
     }
 
     #[test]
@@ -316,27 +328,39 @@ mod tests {
 #[cfg(test)]
 mod login_tests {
     use super::*;
+    use crate::http::login::Mode;
     use axum::http::HeaderValue;
 
     #[test]
     fn the_login_token_works_once_and_its_cookie_identifies_the_console() {
-        let logins = Logins::new(Some("t0ken".into()), b"a key of thirty-two bytes or more".to_vec());
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = std::time::Duration::from_secs(60);
+        let logins = Logins::new(dir.path(), Some("t0ken".into()), Mode::Open, ttl);
         assert_eq!(logins.redeem("wrong"), None);
-        let secret = logins.redeem("t0ken").expect("the right token");
+        let secret = logins.redeem("t0ken").expect("the right token").value;
         assert_eq!(logins.redeem("t0ken"), None, "one time only");
-        let auth = AuthConfig {
+        let mut auth = AuthConfig {
             login_token: Some("t0ken".into()),
             bearer_token: None,
             trusted_proxies: vec![],
             user_header: "x-authentik-username".parse().unwrap(),
+            login_ttl: ttl,
         };
         let mut headers = HeaderMap::new();
         headers.insert(header::COOKIE, HeaderValue::from_str(&format!("other=1; breakglass={secret}")).unwrap());
         let peer = "127.0.0.1".parse().unwrap();
         let identity = authenticate(&auth, &logins, &headers, peer).unwrap();
         assert_eq!((identity.name.as_str(), identity.via), ("console", Via::Cookie));
-        let (id, _) = secret.split_once('.').unwrap();
-        let forged = format!("breakglass={id}.{}", "0".repeat(64));
+
+        // The same cookie under a server that now has a token.
+        auth.bearer_token = Some("s3cret".into());
+        let guarded = Logins::new(dir.path(), None, Mode::Guarded, ttl);
+        let refused = authenticate(&auth, &guarded, &headers, peer);
+        assert!(matches!(refused, Err(ApiError::Unauthorized(m)) if m.contains("before API_BEARER_TOKEN")));
+
+        auth.bearer_token = None;
+        let (body, _) = secret.rsplit_once('.').unwrap();
+        let forged = format!("breakglass={body}.{}", "0".repeat(64));
         headers.insert(header::COOKIE, HeaderValue::from_str(&forged).unwrap());
         let refused = authenticate(&auth, &logins, &headers, peer);
         assert!(matches!(refused, Err(ApiError::Unauthorized(m)) if m.contains("login link")));

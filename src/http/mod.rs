@@ -7,6 +7,8 @@ mod audit;
 pub mod auth;
 mod body;
 pub mod error;
+mod extract;
+pub mod login;
 mod power;
 mod sessions;
 
@@ -14,8 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::DefaultBodyLimit;
-use axum::extract::State;
-use axum::http::{Method, Request, StatusCode, header};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::{Json, Router, middleware};
@@ -47,8 +49,8 @@ pub struct AppState {
     pub audit_failures: Arc<AtomicU64>,
     /// What requests started and must finish even if their client leaves.
     pub tasks: TaskTracker,
-    /// The first-run login link and the cookies it handed out.
-    pub logins: Arc<auth::Logins>,
+    /// Login links and the cookies they become.
+    pub logins: Arc<login::Logins>,
 }
 
 impl AppState {
@@ -86,7 +88,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .route("/login", get(login))
+        // HEAD is not GET here: it must not spend the link (see `login_head`).
+        .route("/login", get(login).head(login_head))
         .nest("/api", api)
         // `nest` leaves these two to the outer fallback; they are API paths too.
         .route("/api/", any(api_not_found))
@@ -149,31 +152,58 @@ struct LoginQuery {
     token: Option<String>,
 }
 
-/// The first-run login link (SPEC §8): sets the console's cookie and sends
-/// the browser to `/`, so the token leaves the address bar and history.
+/// A login link (README, "The web console"): sets the console's cookie and
+/// sends the browser to `/`, so the token leaves the address bar and history.
+// A page for browsers: a query that does not parse is answered in text,
+// which axum's own extractor does (clippy.toml steers `/api` away from it).
+#[allow(clippy::disallowed_types)]
 async fn login(
     State(state): State<AppState>,
+    ConnectInfo(auth::Peer(peer)): ConnectInfo<auth::Peer>,
+    headers: HeaderMap,
     axum::extract::Query(query): axum::extract::Query<LoginQuery>,
 ) -> Response {
-    let Some(secret) = query.token.as_deref().and_then(|t| state.logins.redeem(t)) else {
+    let redeemed = match query.token {
+        // Redeeming reads the data directory: off the runtime's threads.
+        Some(token) => {
+            let logins = state.logins.clone();
+            tokio::task::spawn_blocking(move || logins.redeem(&token)).await.ok().flatten()
+        }
+        None => None,
+    };
+    let Some(cookie) = redeemed else {
         return (
             StatusCode::UNAUTHORIZED,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, "no-store")],
-            "This login link is wrong or was already used. Restart breakglass for a new one, \
-             or configure API_BEARER_TOKEN or BREAKGLASS_TRUSTED_PROXIES.\n",
+            "This login link is wrong, expired or already used. \
+             Run `breakglass login` on the server for a new one.\n",
         )
             .into_response();
     };
-    let cookie = format!("{}={secret}; HttpOnly; SameSite=Strict; Path=/; Max-Age=2592000", auth::COOKIE);
+    // Never sent in clear once the browser is on HTTPS.
+    let secure = if auth::came_over_https(&state.config.auth, &headers, peer.ip()) { "; Secure" } else { "" };
+    let set_cookie = format!(
+        "{}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
+        login::COOKIE,
+        cookie.value,
+        cookie.max_age.as_secs()
+    );
     (
         StatusCode::SEE_OTHER,
         [
             (header::LOCATION, "/".to_owned()),
-            (header::SET_COOKIE, cookie),
+            (header::SET_COOKIE, set_cookie),
             (header::CACHE_CONTROL, "no-store".to_owned()),
         ],
     )
         .into_response()
+}
+
+/// Link previews and chat apps send HEAD to a link before (or instead of) a
+/// person opening it, so HEAD answers without looking at the token, and the
+/// GET that follows still signs the browser in (README, "The web console").
+async fn login_head() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], "")
 }
 
 async fn api_not_found() -> ApiError {

@@ -1,6 +1,6 @@
 //! `/api/pve/…`: the verb catalogue and running a verb (SPEC §3, §7).
 
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -11,6 +11,7 @@ use super::AppState;
 use super::audit::{record, record_or_count};
 use super::auth::Identity;
 use super::error::ApiError;
+use super::extract::Path;
 use crate::power::{PowerError, Verb, catalogue};
 
 pub fn router() -> Router<AppState> {

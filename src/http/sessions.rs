@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,6 +17,7 @@ use super::audit::record_or_count;
 use super::auth::Identity;
 use super::body::JsonBody;
 use super::error::ApiError;
+use super::extract::{Path, Query};
 use super::{AppState, MAX_PROMPT_CHARS, rfc3339};
 use crate::config::validate_model;
 use crate::export::{Format, export};

@@ -1,4 +1,4 @@
-//! Bad input gets a clear JSON error and changes nothing (SPEC §3, §6).
+//! Bad input gets a clear JSON error and changes nothing (README, "API").
 
 use serde_json::{Value, json};
 
@@ -72,4 +72,37 @@ async fn power_verbs_catalogue_and_refusals() {
     assert_eq!(answer(server.post("/api/pve/status;rm%20-rf%20%2F")).await.0, 400);
     let (status, detail) = answer(server.post("/api/pve/status")).await;
     assert_eq!((status, detail.as_str()), (503, "no hypervisor is configured: set BREAKGLASS_PVE_HOST"));
+}
+
+/// Whatever axum refuses before a handler runs (a query or path parameter
+/// that does not parse) is an API error like any other: 400 and JSON.
+#[tokio::test]
+async fn malformed_queries_and_paths_answer_json_400() {
+    let server = Server::start();
+    let session = server.open_session().await;
+    let get = |path: String| server.get(&path);
+    let cases: Vec<(&str, reqwest::RequestBuilder)> = vec![
+        ("a limit that is not a number", get("/api/sessions?limit=abc".into())),
+        ("a negative limit", get("/api/sessions?limit=-1".into())),
+        ("a limit beyond any integer", get("/api/sessions?limit=99999999999999999999999".into())),
+        ("a limit given twice", get("/api/sessions?limit=1&limit=2".into())),
+        ("an audit cursor that is not a number", get("/api/audit?before=yesterday".into())),
+        ("an audit limit that is not a number", get("/api/audit?limit=1.5".into())),
+        ("a format given twice", get(format!("/api/session/{session}/export?format=md&format=jsonl"))),
+        ("a lastEventId given twice", get(format!("/api/session/{session}/stream?lastEventId=1&lastEventId=2"))),
+        ("a session id that is not UTF-8", get("/api/session/%FF".into())),
+        ("a session id that is not UTF-8, on a stream", get("/api/session/%FF/stream".into())),
+        ("a session id that is not UTF-8, on a prompt", server.post("/api/session/%C0%AF/prompt")),
+        ("a verb that is not UTF-8", server.post("/api/pve/%FF")),
+    ];
+    for (what, request) in cases {
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let content_type = response.headers().get("content-type").cloned();
+        let body = response.text().await.unwrap();
+        assert_eq!(status, 400, "{what}: {body}");
+        assert_eq!(content_type.as_ref().and_then(|v| v.to_str().ok()), Some("application/json"), "{what}: {body}");
+        let detail: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{what}: {e}: {body}"));
+        assert!(detail["detail"].as_str().is_some_and(|d| !d.is_empty()), "{what}: {body}");
+    }
 }
