@@ -87,6 +87,11 @@ pub struct ServeArgs {
     #[arg(long, env = "BREAKGLASS_AGENT", default_value = "breakglass")]
     pub agent: String,
 
+    /// Run every agent process as this unprivileged user (the server must
+    /// start as root); without it the agent shares the server's rights.
+    #[arg(long, env = "BREAKGLASS_AGENT_USER")]
+    pub agent_user: Option<String>,
+
     /// Markdown file with the agent definition [default: the built-in recovery agent].
     #[arg(long, env = "BREAKGLASS_AGENT_FILE")]
     pub agent_file: Option<PathBuf>,

@@ -50,6 +50,9 @@ pub struct AgentConfig {
     pub turn_timeout: Duration,
     /// Between SIGTERM and SIGKILL of the agent's process group.
     pub kill_grace: Duration,
+    /// The user every agent process runs as (`BREAKGLASS_AGENT_USER`);
+    /// `None`: the server's own.
+    pub user: Option<crate::agent::user::AgentUser>,
 }
 
 /// Who may call `/api` (SPEC §6).
@@ -212,6 +215,10 @@ impl Config {
                 default_model: args.model,
                 turn_timeout: positive_seconds("BREAKGLASS_TURN_TIMEOUT_SECONDS", args.turn_timeout_seconds)?,
                 kill_grace: Duration::from_secs(3),
+                user: match args.agent_user.as_deref().filter(|u| !u.is_empty()) {
+                    Some(name) => Some(crate::agent::user::AgentUser::lookup(name)?),
+                    None => None,
+                },
             },
             auth: {
                 let first_run = bearer_token.is_none() && trusted_proxies.is_empty();

@@ -79,6 +79,13 @@ fn announce(config: &Config, addr: SocketAddr) {
             "no API_BEARER_TOKEN or BREAKGLASS_TRUSTED_PROXIES: the console is reached through the one-time login link on stdout"
         );
     }
+    match &config.agent.user {
+        Some(user) => tracing::info!(user = %user.name, uid = user.uid, "the agent runs as its own user"),
+        None => tracing::warn!(
+            "BREAKGLASS_AGENT_USER is not set: the agent runs with the server's own rights and can read its \
+             database and login key; see README \"Security\""
+        ),
+    }
     let mut stdout = std::io::stdout().lock();
     for line in lines {
         if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
@@ -87,11 +94,14 @@ fn announce(config: &Config, addr: SocketAddr) {
     }
 }
 
-/// Creates the data directories and opens the database in them.
+/// Creates the data directories, private to the server, and opens the
+/// database in them.
 pub fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
+    crate::agent::user::private_umask();
     for dir in [&config.data_dir, &config.sessions_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("while creating {}", dir.display()))?;
     }
+    crate::agent::user::secure_dirs(&config.data_dir, &config.sessions_dir, config.agent.user.as_ref())?;
     Ok(Arc::new(Store::open(&config.data_dir, config.durability)?))
 }
 

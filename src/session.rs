@@ -116,6 +116,7 @@ impl Sessions {
                 agent: config.agent.clone(),
                 sessions_dir: config.sessions_dir.clone(),
                 slots: Semaphore::new(config.max_concurrent_turns),
+                running: Default::default(),
             }),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -161,6 +162,13 @@ impl Sessions {
     /// restart): kills what their agents left running, then logs their end.
     /// Runs at start-up, before any client can attach.
     pub async fn recover(&self) -> Result<usize, StoreError> {
+        if let Some(user) = self.runner.agent.user.clone() {
+            // No turn runs yet: whatever the agent user runs is left over.
+            let killed = tokio::task::spawn_blocking(move || crate::agent::user::kill_all(&user)).await.unwrap_or(0);
+            if killed > 0 {
+                tracing::warn!(killed, "killed processes the agent user left running before this start");
+            }
+        }
         let interrupted = self.store.interrupted().await?;
         for row in &interrupted {
             if let Some(marker) = row.turn_marker.clone() {

@@ -18,6 +18,7 @@ use uuid::Uuid;
 use crate::agent::line::{self, AgentLine};
 use crate::agent::process::{AgentProcess, DRAIN, Line, Spec};
 use crate::agent::translate::translate;
+use crate::agent::user::AgentUser;
 use crate::config::AgentConfig;
 use crate::event::Event;
 use crate::log::{Log, LogError};
@@ -33,6 +34,41 @@ pub struct Runner {
     pub sessions_dir: PathBuf,
     /// Server-wide turn slots (`BREAKGLASS_MAX_CONCURRENT_TURNS`).
     pub slots: Semaphore,
+    /// Agents alive now.
+    pub running: Running,
+}
+
+/// Counts the agents alive, so that the last one to end can sweep away
+/// everything of the agent user (a process that left its group and
+/// scrubbed its environment too). Spawning and sweeping hold the same lock:
+/// a sweep never meets an agent that is just starting.
+#[derive(Debug, Default)]
+pub struct Running(std::sync::Mutex<usize>);
+
+impl Running {
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn spawn(&self, spec: &Spec) -> std::io::Result<AgentProcess> {
+        let mut count = self.lock();
+        let agent = AgentProcess::spawn(spec)?;
+        *count += 1;
+        Ok(agent)
+    }
+
+    /// One agent is reaped; the last one out sweeps the agent user (a scan
+    /// of /proc: a few milliseconds, done inline under the lock).
+    fn ended(&self, user: Option<&AgentUser>) {
+        let mut count = self.lock();
+        *count = count.saturating_sub(1);
+        if let (0, Some(user)) = (*count, user) {
+            let killed = crate::agent::user::kill_all(user);
+            if killed > 0 {
+                tracing::info!(user = %user.name, killed, "killed what the agent user left running");
+            }
+        }
+    }
 }
 
 /// One prompt to run.
@@ -176,7 +212,9 @@ impl Runner {
 
     async fn run_agent(&self, request: &Request, log: &Log, stops: &Stops, started: &mut bool) -> Ending {
         let workspace = self.workspace(request.session_id);
-        if let Err(err) = prepare_workspace(&workspace, &self.agent.name, &self.agent.definition).await {
+        let prepared =
+            prepare_workspace(&workspace, &self.agent.name, &self.agent.definition, self.agent.user.as_ref()).await;
+        if let Err(err) = prepared {
             return Ending::CannotStart(format!("workspace {}: {err}", workspace.display()));
         }
         let spec = self.spec(request, workspace);
@@ -189,7 +227,7 @@ impl Runner {
         if let Err(err) = recorded {
             return Ending::LogFailed(err);
         }
-        let mut agent = match AgentProcess::spawn(&spec) {
+        let mut agent = match self.running.spawn(&spec) {
             Ok(agent) => agent,
             Err(err) => return Ending::CannotStart(format!("{}: {err}", spec.program.display())),
         };
@@ -253,6 +291,7 @@ impl Runner {
             }
         }
         let finished = agent.reap().await;
+        self.running.ended(self.agent.user.as_ref());
         tracing::debug!(session = %request.session_id, elapsed_ms = began.elapsed().as_millis() as u64, "agent reaped");
         let saw_result = output.saw_result;
         if let Err(err) = output.flush().await {
@@ -297,7 +336,14 @@ impl Runner {
         } else {
             Some(request.prompt.clone().into_bytes())
         };
-        Spec { program: self.agent.program.clone(), args, cwd, stdin, marker: request.marker.clone() }
+        Spec {
+            program: self.agent.program.clone(),
+            args,
+            cwd,
+            stdin,
+            marker: request.marker.clone(),
+            user: self.agent.user.clone(),
+        }
     }
 }
 
@@ -379,18 +425,31 @@ impl<'a> Output<'a> {
     }
 }
 
-/// Creates the workspace and writes the agent definition unless one is there.
-async fn prepare_workspace(workspace: &Path, agent: &str, definition: &str) -> std::io::Result<()> {
-    let agents = workspace.join(".claude").join("agents");
+/// Creates the workspace and writes the agent definition unless one is
+/// there; with an agent user, hands all of it to that user (0700).
+async fn prepare_workspace(
+    workspace: &Path,
+    agent: &str,
+    definition: &str,
+    user: Option<&AgentUser>,
+) -> std::io::Result<()> {
+    let claude = workspace.join(".claude");
+    let agents = claude.join("agents");
     tokio::fs::create_dir_all(&agents).await?;
     let file = agents.join(format!("{agent}.md"));
     match tokio::fs::OpenOptions::new().write(true).create_new(true).open(&file).await {
         Ok(mut f) => {
             use tokio::io::AsyncWriteExt;
             f.write_all(definition.as_bytes()).await?;
-            f.flush().await
+            f.flush().await?;
         }
-        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(err) => Err(err),
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(err) => return Err(err),
     }
+    if let Some(user) = user {
+        for path in [workspace, &claude, &agents, &file] {
+            user.give(path)?;
+        }
+    }
+    Ok(())
 }

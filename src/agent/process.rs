@@ -23,6 +23,7 @@ use nix::sys::wait::{Id, WaitPidFlag, waitid};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 
+use crate::agent::user::AgentUser;
 use crate::capture::Captured;
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio::task::JoinHandle;
@@ -46,6 +47,8 @@ pub struct Spec {
     pub stdin: Option<Vec<u8>>,
     /// `KEY=value` added to the agent's environment (inherited by its children).
     pub marker: String,
+    /// Run as this user rather than the server's.
+    pub user: Option<AgentUser>,
 }
 
 /// A running agent process group.
@@ -87,13 +90,28 @@ impl ExitWatch {
 impl AgentProcess {
     pub fn spawn(spec: &Spec) -> io::Result<Self> {
         let mut command = Command::new(&spec.program);
+        // The server's settings, its bearer token among them, are none of
+        // the agent's business.
+        for (key, _) in std::env::vars_os() {
+            if key == "API_BEARER_TOKEN" || key.to_string_lossy().starts_with("BREAKGLASS_") {
+                command.env_remove(key);
+            }
+        }
+        if let Some(user) = &spec.user {
+            // As root, setting a uid also drops the supplementary groups.
+            command
+                .uid(user.uid)
+                .gid(user.gid)
+                .env("HOME", &user.home)
+                .env("USER", &user.name)
+                .env("LOGNAME", &user.name);
+        }
         command
             .args(&spec.args)
             .current_dir(&spec.cwd)
             .stdin(if spec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .env_remove("API_BEARER_TOKEN")
             .envs(spec.marker.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
             .process_group(0)
             .kill_on_drop(true);

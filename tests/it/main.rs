@@ -17,6 +17,7 @@ mod lifecycle;
 mod limits;
 mod pve;
 mod real_claude;
+mod separation;
 mod storage;
 mod translate;
 mod turns;

@@ -1,0 +1,166 @@
+//! Privilege separation (README "Security"): the agent runs as a user of
+//! its own, which can reach its workspaces and nothing of the server's.
+//!
+//! With `BREAKGLASS_AGENT_USER` set (the server started as root), every
+//! agent process runs with that user's uid and gid, no supplementary groups
+//! (the standard library drops them when root sets a uid) and that user's
+//! `HOME`. The server's own files are created under umask 077 and any older
+//! ones are made private at start-up, so the agent can neither read the
+//! database or the login key nor write them; the data directory is only
+//! traversable (0711) when the workspaces live inside it.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use nix::unistd::{Gid, Uid, User};
+
+/// The user the agent runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// The CLI keeps its state (and its login) here.
+    pub home: PathBuf,
+}
+
+impl AgentUser {
+    /// Looks the user up and checks it can be used: not root, with a home
+    /// directory it owns, and the server able to switch to it (root).
+    pub fn lookup(name: &str) -> anyhow::Result<AgentUser> {
+        let user = User::from_name(name)
+            .with_context(|| format!("BREAKGLASS_AGENT_USER: cannot look up {name:?}"))?
+            .with_context(|| format!("BREAKGLASS_AGENT_USER: no user named {name:?}"))?;
+        if user.uid.is_root() {
+            bail!("BREAKGLASS_AGENT_USER: {name:?} is root; name an unprivileged user of the agent's own");
+        }
+        if !Uid::effective().is_root() {
+            bail!("BREAKGLASS_AGENT_USER: switching the agent to {name:?} needs the server to start as root");
+        }
+        let home = user.dir.clone();
+        match std::fs::metadata(&home) {
+            Ok(meta) if meta.is_dir() && meta.uid() == user.uid.as_raw() => {}
+            Ok(_) => bail!(
+                "BREAKGLASS_AGENT_USER: {name:?}'s home {} is not a directory it owns; the CLI keeps its state there",
+                home.display()
+            ),
+            Err(err) => bail!(
+                "BREAKGLASS_AGENT_USER: {name:?}'s home {} cannot be used ({err}); create it, owned by {name}",
+                home.display()
+            ),
+        }
+        Ok(AgentUser { name: name.to_owned(), uid: user.uid.as_raw(), gid: user.gid.as_raw(), home })
+    }
+
+    /// Hands a path the server created in a workspace to the agent.
+    pub fn give(&self, path: &Path) -> std::io::Result<()> {
+        nix::unistd::chown(path, Some(Uid::from_raw(self.uid)), Some(Gid::from_raw(self.gid)))
+            .map_err(std::io::Error::from)
+    }
+}
+
+/// Files the server creates are its own alone, whatever the umask it was
+/// started with.
+pub fn private_umask() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+}
+
+/// Makes the data directory's own files private (a database created by an
+/// older version, or under another umask, may be world-readable), and sets
+/// the directories' modes for the agent user: the data directory only
+/// traversable when the workspaces are inside it, the sessions directory
+/// traversable and unlistable. Without an agent user the directories are
+/// left as the operator made them.
+pub fn secure_dirs(data_dir: &Path, sessions_dir: &Path, user: Option<&AgentUser>) -> anyhow::Result<()> {
+    let sessions_inside = sessions_dir.starts_with(data_dir);
+    for entry in std::fs::read_dir(data_dir).with_context(|| format!("while reading {}", data_dir.display()))? {
+        let entry = entry?;
+        let path = entry.path();
+        if sessions_inside && path == sessions_dir {
+            continue;
+        }
+        let meta = std::fs::symlink_metadata(&path)?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o700))
+                .with_context(|| format!("while making {} private", path.display()))?;
+        }
+    }
+    let Some(user) = user else {
+        return Ok(());
+    };
+    set_mode(data_dir, if sessions_inside { 0o711 } else { 0o700 })?;
+    set_mode(sessions_dir, 0o711)?;
+    check_reachable(sessions_dir, user)
+}
+
+fn set_mode(dir: &Path, mode: u32) -> anyhow::Result<()> {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("while setting the mode of {}", dir.display()))
+}
+
+/// The agent starts in its workspace, so every directory above the
+/// sessions directory must be searchable by it: said at start-up rather
+/// than as a failed turn.
+fn check_reachable(sessions_dir: &Path, user: &AgentUser) -> anyhow::Result<()> {
+    let absolute = std::path::absolute(sessions_dir)?;
+    for dir in absolute.ancestors() {
+        let meta = std::fs::metadata(dir).with_context(|| format!("while checking {}", dir.display()))?;
+        let mode = meta.permissions().mode();
+        let searchable = if meta.uid() == user.uid {
+            mode & 0o100 != 0
+        } else if meta.gid() == user.gid {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        if !searchable {
+            bail!(
+                "BREAKGLASS_AGENT_USER: {} cannot reach its workspaces in {}: {} is not searchable by it \
+                 (chmod o+x it, or set BREAKGLASS_SESSIONS_DIR elsewhere)",
+                user.name,
+                sessions_dir.display(),
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// SIGKILLs every process of the agent user: whatever a turn left behind,
+/// however it hid (a new session, a scrubbed environment). Only called
+/// when no turn is running. Returns how many were found.
+pub fn kill_all(user: &AgentUser) -> usize {
+    let mut killed = 0;
+    for _ in 0..100 {
+        let found: Vec<i32> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| owned_by(*pid, user.uid))
+            .collect();
+        if found.is_empty() {
+            break;
+        }
+        for pid in &found {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        killed += found.len();
+    }
+    killed
+}
+
+/// The process's real uid is `uid`, and it is not a zombie.
+fn owned_by(pid: i32, uid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    let zombie = status.lines().any(|l| l.starts_with("State:") && l.contains("Z"));
+    let real_uid = status.lines().find_map(|l| l.strip_prefix("Uid:")?.split_whitespace().next()?.parse::<u32>().ok());
+    !zombie && real_uid == Some(uid)
+}

@@ -1,0 +1,187 @@
+//! Privilege separation (README "Security"): with `BREAKGLASS_AGENT_USER`
+//! the agent runs as that user and cannot reach the server's secrets.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+use crate::harness::{Server, alive, eventually, kinds, repo};
+
+const AGENT_USER: &str = "breakglass-agent-test";
+const AGENT_HOME: &str = "/var/lib/breakglass-agent-test";
+
+/// The test agent user (created once, as an installation would), with its
+/// uid and gid.
+fn agent_user() -> (u32, u32) {
+    static USER: OnceLock<(u32, u32)> = OnceLock::new();
+    *USER.get_or_init(|| {
+        let exists = Command::new("id").arg("-u").arg(AGENT_USER).output().unwrap().status.success();
+        if !exists {
+            let made = Command::new("useradd")
+                .args(["--system", "--create-home", "--home-dir", AGENT_HOME, "--shell", "/usr/sbin/nologin"])
+                .arg(AGENT_USER)
+                .output()
+                .unwrap();
+            assert!(made.status.success(), "useradd: {}", String::from_utf8_lossy(&made.stderr));
+        }
+        let user = nix::unistd::User::from_name(AGENT_USER).unwrap().unwrap();
+        (user.uid.as_raw(), user.gid.as_raw())
+    })
+}
+
+/// Copies the fake agent and its transcripts where the agent user can run
+/// them (the checkout may sit in a directory only root can enter).
+fn install_fake_agent(dir: &Path) -> PathBuf {
+    let bin = dir.join("tools/tests/fake-bin");
+    let fixtures = dir.join("tools/tests/fixtures/transcripts");
+    for d in [&bin, &fixtures] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::copy(repo().join("tests/fake-bin/claude"), bin.join("claude")).unwrap();
+    for entry in std::fs::read_dir(repo().join("tests/fixtures/transcripts")).unwrap().flatten() {
+        std::fs::copy(entry.path(), fixtures.join(entry.file_name())).unwrap();
+    }
+    for d in
+        ["tools", "tools/tests", "tools/tests/fake-bin", "tools/tests/fixtures", "tools/tests/fixtures/transcripts"]
+    {
+        std::fs::set_permissions(dir.join(d), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    bin
+}
+
+/// Servers sharing one agent user would sweep each other's agents when
+/// their last turn ends (one server per agent user is the deployment), so
+/// the tests that start one take turns.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A server whose agent runs as the test agent user; its fake agent writes
+/// its records to `<dir>/records/argv.jsonl`.
+fn separated() -> Server {
+    agent_user();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let bin = install_fake_agent(dir.path());
+    let records = dir.path().join("records");
+    std::fs::create_dir(&records).unwrap();
+    std::fs::set_permissions(&records, std::fs::Permissions::from_mode(0o777)).unwrap();
+    Server::options()
+        .env("BREAKGLASS_AGENT_USER", AGENT_USER)
+        .env("PATH", format!("{}:/usr/local/bin:/usr/bin:/bin", bin.display()))
+        .env("FAKE_CLAUDE_RECORD", records.join("argv.jsonl").display().to_string())
+        .start_in(dir)
+}
+
+fn records(server: &Server) -> Vec<Value> {
+    std::fs::read_to_string(server.dir.path().join("records/argv.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn texts(events: &[Value]) -> Vec<String> {
+    events.iter().filter(|e| e["kind"] == "text").filter_map(|e| e["text"].as_str()).map(str::to_owned).collect()
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[tokio::test]
+async fn the_agent_runs_as_its_own_user_and_cannot_reach_the_servers_secrets() {
+    let (uid, gid) = agent_user();
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let server = separated();
+    let session = server.open_session().await;
+    let data = server.data_dir();
+    let workspace = data.join("sessions").join(&session);
+    let d = data.display();
+    let w = workspace.display();
+    let prompt = format!(
+        "whoami\ntry-read {d}/login.key\ntry-read {d}/breakglass.db\ntry-read {d}/breakglass.db-wal\n\
+         try-write {d}/breakglass.db\ntry-write {d}/planted\ntry-read {w}/.claude/agents/breakglass.md\n\
+         try-write {w}/notes.txt\nresult"
+    );
+    let events = server.run_turn(&session, &prompt).await;
+    assert_eq!(kinds(&events).last(), Some(&"turn_end"));
+    let said = texts(&events);
+    assert_eq!(said[0], format!("uid {uid} gid {gid} groups [] home {AGENT_HOME}"), "{said:#?}");
+    for denied in [
+        format!("read {d}/login.key: denied"),
+        format!("read {d}/breakglass.db: denied"),
+        format!("read {d}/breakglass.db-wal: denied"),
+        format!("write {d}/breakglass.db: denied"),
+        format!("write {d}/planted: denied"),
+    ] {
+        assert!(said.contains(&denied), "{denied:?} not in {said:#?}");
+    }
+    assert!(said.iter().any(|t| t.starts_with(&format!("read {w}/.claude/agents/breakglass.md: ok"))), "{said:#?}");
+    assert!(said.contains(&format!("write {w}/notes.txt: ok")), "{said:#?}");
+
+    let runs = records(&server);
+    assert_eq!(
+        runs.len(),
+        1,
+        "{:?}",
+        std::fs::read_dir(server.dir.path().join("records")).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+    );
+    let run = &runs[0];
+    assert_eq!(run["env_has_token"], false);
+    assert_eq!(run["env_breakglass"], serde_json::json!(["BREAKGLASS_TURN"]), "no server setting reaches the agent");
+    let meta = std::fs::metadata(&workspace).unwrap();
+    assert_eq!((meta.uid(), meta.gid(), mode(&workspace)), (uid, gid, 0o700), "the workspace is the agent's");
+    assert_eq!(mode(&data), 0o711, "the data directory can be passed through, not listed");
+    for secret in ["login.key", "breakglass.db"] {
+        assert_eq!(mode(&data.join(secret)) & 0o077, 0, "{secret} is private");
+    }
+}
+
+/// Files an older start left world-readable are made private.
+#[tokio::test]
+async fn secrets_left_readable_by_an_earlier_start_are_made_private() {
+    let mut server = Server::start();
+    server.open_session().await;
+    server.kill9();
+    let key = server.data_dir().join("login.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    server.restart();
+    assert_eq!(mode(&key), 0o600);
+}
+
+/// A process that left its group and scrubbed its environment carries no
+/// marker; it is still the agent user's, and goes when the last turn ends.
+#[tokio::test]
+async fn the_last_turn_to_end_kills_what_the_agent_user_left_however_hidden() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let server = separated();
+    let session = server.open_session().await;
+    let events = server.run_turn(&session, "hidden-daemon\nresult").await;
+    let pid: u32 = texts(&events).iter().find_map(|t| t.strip_prefix("grandchild ")?.parse().ok()).unwrap();
+    eventually("the hidden daemon to die", || !alive(pid)).await;
+}
+
+#[tokio::test]
+async fn without_an_agent_user_the_server_warns_that_the_agent_shares_its_rights() {
+    let server = Server::start();
+    eventually("the warning", || server.log().contains("BREAKGLASS_AGENT_USER is not set")).await;
+}
+
+#[test]
+fn an_unusable_agent_user_is_refused_at_start() {
+    agent_user();
+    for user in ["root", "no-such-user-here"] {
+        let dir = tempfile::tempdir().unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_breakglass"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .env("BREAKGLASS_AGENT_USER", user)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{user}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("BREAKGLASS_AGENT_USER"), "{user}: {stderr}");
+    }
+}
