@@ -174,14 +174,22 @@ fn an_unusable_agent_user_is_refused_at_start() {
     agent_user();
     for user in ["root", "no-such-user-here"] {
         let dir = tempfile::tempdir().unwrap();
-        let output = Command::new(env!("CARGO_BIN_EXE_breakglass"))
+        let stderr_path = dir.path().join("stderr");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_breakglass"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path())
+            .arg(dir.path().join("data"))
             .env("BREAKGLASS_AGENT_USER", user)
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
             .unwrap();
-        assert_eq!(output.status.code(), Some(1), "{user}");
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        let status = crate::harness::wait_child(&mut child, crate::harness::DEADLINE);
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "{user}: refused at start");
+        let stderr = std::fs::read_to_string(&stderr_path).unwrap();
         assert!(stderr.contains("BREAKGLASS_AGENT_USER"), "{user}: {stderr}");
     }
 }
