@@ -1,0 +1,285 @@
+//! The writer thread: the only writing connection. It groups commands into
+//! transactions, assigns event ids, and publishes events after the commit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::audit::{GENESIS, chain_hash};
+use super::{AuditEntry, AuditRecord, Fence, SessionRow, StoreError, TITLE_CHARS, now_ms, to_sql};
+use crate::event::{Event, Stored};
+use crate::hub::Hub;
+
+/// Most commands in one transaction.
+pub const BATCH_MAX: usize = 512;
+/// Longest a batch stays open while commands keep arriving.
+pub const BATCH_WINDOW: Duration = Duration::from_millis(5);
+/// Sessions whose next event id the writer remembers; beyond that it
+/// forgets them all and reads each again when next written.
+const ID_CACHE: usize = 10_000;
+
+pub(super) enum Command {
+    CreateSession {
+        id: Uuid,
+        now: i64,
+        reply: oneshot::Sender<Result<SessionRow, StoreError>>,
+    },
+    Append {
+        session: Uuid,
+        event: Event,
+        hub: Arc<Hub>,
+        fence: Option<Fence>,
+        reply: oneshot::Sender<Result<Stored, StoreError>>,
+    },
+    SetTurn {
+        session: Uuid,
+        pgid: Option<i32>,
+        marker: String,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Audit {
+        record: AuditRecord,
+        reply: oneshot::Sender<Result<AuditEntry, StoreError>>,
+    },
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::CreateSession { .. } => "CreateSession",
+            Command::Append { .. } => "Append",
+            Command::SetTurn { .. } => "SetTurn",
+            Command::Audit { .. } => "Audit",
+        })
+    }
+}
+
+/// The writer thread's state.
+pub(super) struct Writer {
+    conn: Connection,
+    /// Next event id per session, as committed.
+    next_ids: HashMap<Uuid, u64>,
+    /// Sequence number and hash of the last committed audit record.
+    audit_tail: Option<(i64, String)>,
+}
+
+/// Changes made by the open transaction, applied to the writer's state only
+/// once it commits.
+#[derive(Default)]
+struct Staged {
+    next_ids: HashMap<Uuid, u64>,
+    audit_tail: Option<(i64, String)>,
+}
+
+/// What a command did inside a transaction that then committed.
+enum Done {
+    Session(SessionRow),
+    Event(Stored),
+    Nothing,
+    Audit(AuditEntry),
+    /// The command's own input was wrong; the rest of the batch stands.
+    Refused(StoreError),
+}
+
+impl Command {
+    /// Answers the sender. A committed event is published to its attached
+    /// clients first, in commit order.
+    fn answer(self, outcome: Result<Done, StoreError>) {
+        // A sender that has gone (a client disconnected) needs no answer.
+        match (self, outcome) {
+            (Command::CreateSession { reply, .. }, Ok(Done::Session(row))) => drop(reply.send(Ok(row))),
+            (Command::Append { hub, reply, .. }, Ok(Done::Event(stored))) => {
+                hub.publish(stored.clone());
+                drop(reply.send(Ok(stored)));
+            }
+            (Command::SetTurn { reply, .. }, Ok(Done::Nothing)) => drop(reply.send(Ok(()))),
+            (Command::Audit { reply, .. }, Ok(Done::Audit(entry))) => drop(reply.send(Ok(entry))),
+            (command, Ok(Done::Refused(err)) | Err(err)) => command.fail(err),
+            (command, Ok(_)) => command.fail(StoreError::Sqlite("internal: mismatched answer".into())),
+        }
+    }
+
+    fn fail(self, err: StoreError) {
+        match self {
+            Command::CreateSession { reply, .. } => drop(reply.send(Err(err))),
+            Command::Append { reply, .. } => drop(reply.send(Err(err))),
+            Command::SetTurn { reply, .. } => drop(reply.send(Err(err))),
+            Command::Audit { reply, .. } => drop(reply.send(Err(err))),
+        }
+    }
+}
+
+impl Writer {
+    pub(super) fn new(conn: Connection) -> Self {
+        Writer { conn, next_ids: HashMap::new(), audit_tail: None }
+    }
+
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(first) = rx.blocking_recv() {
+            let opened = Instant::now();
+            let mut batch = vec![first];
+            while batch.len() < BATCH_MAX && opened.elapsed() < BATCH_WINDOW {
+                match rx.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
+            }
+            self.apply(batch);
+        }
+        // Every sender is gone: the server is stopping. Leave a clean file.
+        if let Err(err) = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
+            tracing::warn!(%err, "could not checkpoint the database on close");
+        }
+    }
+
+    /// One transaction for the whole batch; on failure nothing of it is kept
+    /// and every command in it is told why.
+    fn apply(&mut self, batch: Vec<Command>) {
+        let mut staged = Staged::default();
+        let mut done = Vec::with_capacity(batch.len());
+        let result = (|| -> Result<(), StoreError> {
+            let tx = self.conn.transaction()?;
+            for command in &batch {
+                done.push(execute(&tx, &self.next_ids, &self.audit_tail, &mut staged, command)?);
+            }
+            tx.commit()?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                if self.next_ids.len() > ID_CACHE {
+                    self.next_ids.clear();
+                }
+                self.next_ids.extend(staged.next_ids);
+                if staged.audit_tail.is_some() {
+                    self.audit_tail = staged.audit_tail;
+                }
+                for (command, done) in batch.into_iter().zip(done) {
+                    command.answer(Ok(done));
+                }
+            }
+            Err(err) => {
+                tracing::error!(%err, commands = batch.len(), "a storage transaction failed; its writes are refused");
+                for command in batch {
+                    if let Command::Append { fence: Some(fence), .. } = &command {
+                        fence.trip();
+                    }
+                    command.answer(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Runs one command inside the open transaction; an error aborts the batch.
+fn execute(
+    tx: &Transaction<'_>,
+    next_ids: &HashMap<Uuid, u64>,
+    audit_tail: &Option<(i64, String)>,
+    staged: &mut Staged,
+    command: &Command,
+) -> Result<Done, StoreError> {
+    match command {
+        Command::CreateSession { id, now, .. } => {
+            tx.prepare_cached("INSERT INTO sessions (id, created_ms, last_activity_ms) VALUES (?1, ?2, ?2)")?
+                .execute(params![id.to_string(), now])?;
+            staged.next_ids.insert(*id, 0);
+            Ok(Done::Session(SessionRow {
+                id: *id,
+                created_ms: *now,
+                title: None,
+                agent_started: false,
+                last_activity_ms: *now,
+                event_count: 0,
+                turn_running: false,
+                turn_pgid: None,
+                turn_marker: None,
+            }))
+        }
+        Command::Append { fence: Some(fence), .. } if fence.is_tripped() => Ok(Done::Refused(StoreError::Fenced)),
+        Command::Append { session, event, .. } => {
+            let next = match staged.next_ids.get(session).or_else(|| next_ids.get(session)) {
+                Some(next) => Some(*next),
+                None => tx
+                    .prepare_cached("SELECT event_count FROM sessions WHERE id = ?1")?
+                    .query_row([session.to_string()], |r| r.get::<_, i64>(0))
+                    .optional()?
+                    .map(|n| n as u64),
+            };
+            let Some(id) = next else {
+                return Ok(Done::Refused(StoreError::NoSession));
+            };
+            let stored = Stored::new(id, event);
+            let sid = session.to_string();
+            tx.prepare_cached("INSERT INTO events (session, id, json) VALUES (?1, ?2, ?3)")?.execute(params![
+                sid,
+                to_sql(id),
+                &*stored.json
+            ])?;
+            tx.prepare_cached("UPDATE sessions SET event_count = ?2, last_activity_ms = ?3 WHERE id = ?1")?
+                .execute(params![sid, to_sql(id + 1), now_ms()])?;
+            // What an event means for its session's row.
+            match event {
+                Event::User { text, .. } => {
+                    let title: String = text.trim().chars().take(TITLE_CHARS).collect();
+                    tx.prepare_cached(
+                        "UPDATE sessions SET turn_running = 1, title = coalesce(title, ?2) WHERE id = ?1",
+                    )?
+                    .execute(params![sid, title])?;
+                }
+                Event::Session { .. } => {
+                    tx.prepare_cached("UPDATE sessions SET agent_started = 1 WHERE id = ?1")?.execute([&sid])?;
+                }
+                Event::TurnEnd => {
+                    tx.prepare_cached(
+                        "UPDATE sessions SET turn_running = 0, turn_pgid = NULL, turn_marker = NULL WHERE id = ?1",
+                    )?
+                    .execute([&sid])?;
+                }
+                _ => {}
+            }
+            staged.next_ids.insert(*session, id + 1);
+            Ok(Done::Event(stored))
+        }
+        Command::SetTurn { session, pgid, marker, .. } => {
+            tx.prepare_cached("UPDATE sessions SET turn_pgid = ?2, turn_marker = ?3 WHERE id = ?1")?
+                .execute(params![session.to_string(), pgid, marker])?;
+            Ok(Done::Nothing)
+        }
+        Command::Audit { record, .. } => {
+            let (prev_seq, prev_hash) = match staged.audit_tail.clone().or_else(|| audit_tail.clone()) {
+                Some(tail) => tail,
+                None => tx
+                    .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                    })
+                    .optional()?
+                    .unwrap_or_else(|| (0, GENESIS.to_owned())),
+            };
+            let seq = prev_seq + 1;
+            let at_ms = now_ms();
+            let hash = chain_hash(&prev_hash, seq, at_ms, record);
+            tx.prepare_cached(
+                "INSERT INTO audit (seq, at_ms, identity, peer, action, target, outcome, prev_hash, hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                seq,
+                at_ms,
+                record.identity,
+                record.peer,
+                record.action,
+                record.target,
+                record.outcome,
+                prev_hash,
+                hash
+            ])?;
+            staged.audit_tail = Some((seq, hash.clone()));
+            Ok(Done::Audit(AuditEntry { seq, at_ms, record: record.clone(), prev_hash, hash }))
+        }
+    }
+}
