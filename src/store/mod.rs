@@ -21,8 +21,8 @@ mod schema;
 mod writer;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, ErrorCode};
@@ -34,6 +34,7 @@ use crate::event::{Event, EventId, Stored};
 use crate::hub::Hub;
 
 pub use audit::verify_audit;
+use read::Readers;
 use schema::prepare;
 pub use writer::{BATCH_MAX, BATCH_WINDOW};
 use writer::{Command, Writer};
@@ -186,7 +187,7 @@ pub struct Store {
     _lock: std::fs::File,
     path: PathBuf,
     tx: mpsc::Sender<Command>,
-    readers: Mutex<Vec<Connection>>,
+    readers: Arc<Readers>,
 }
 
 impl Store {
@@ -207,7 +208,7 @@ impl Store {
         std::thread::Builder::new().name("breakglass-store".into()).spawn(move || Writer::new(conn).run(rx)).map_err(
             |e| OpenError::Open { path: path.clone(), source: rusqlite::Error::InvalidPath(e.to_string().into()) },
         )?;
-        Ok(Store { _lock: lock, path, tx, readers: Mutex::new(Vec::new()) })
+        Ok(Store { _lock: lock, readers: Arc::new(Readers::new(path.clone())), path, tx })
     }
 
     pub fn path(&self) -> &Path {

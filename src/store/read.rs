@@ -1,16 +1,18 @@
 //! Reads: replays, lists and the audit page, on a small pool of read-only
 //! connections (WAL lets them run beside the writer).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use super::{AuditEntry, AuditRecord, SessionRow, Store, StoreError, to_sql};
 use crate::event::{EventId, Stored};
 
-/// Read connections kept open.
+/// Read connections, at most; readers beyond these wait for one.
 const READERS: usize = 4;
 /// A page of events stops once it holds this many bytes (at least one event).
 const READ_BUDGET: usize = 4 * 1024 * 1024;
@@ -91,32 +93,33 @@ impl Store {
         .await
     }
 
-    /// Runs `f` on a read connection, off the async threads.
+    /// Runs `f` on a read connection, off the async threads. Callers wait
+    /// for one of the [`READERS`] connections: a thousand clients replaying
+    /// at once cost four connections and four blocking threads, not a
+    /// thousand of each (SQLite cannot close a connection's descriptors
+    /// while another connection of the process holds a lock on the file, so
+    /// every extra connection ever opened would stay open).
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let pooled = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let path = self.path.clone();
-        let (result, conn) = tokio::task::spawn_blocking(move || {
-            let conn = match pooled {
+        let permit = self.readers.permits.clone().acquire_owned().await.map_err(|_| StoreError::Closed)?;
+        let readers = self.readers.clone();
+        // The permit and the connection go back to the pool in the blocking
+        // task itself, so a caller that gives up (a client that left) never
+        // loses one.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let conn = match readers.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
                 Some(conn) => conn,
-                None => match open_reader(&path) {
-                    Ok(conn) => conn,
-                    Err(err) => return (Err(err), None),
-                },
+                None => open_reader(&readers.path)?,
             };
-            (f(&conn), Some(conn))
+            let result = f(&conn);
+            readers.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+            result
         })
         .await
-        .map_err(|e| StoreError::Sqlite(format!("reader task failed: {e}")))?;
-        if let Some(conn) = conn {
-            let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
-            if readers.len() < READERS {
-                readers.push(conn);
-            }
-        }
-        result
+        .map_err(|e| StoreError::Sqlite(format!("reader task failed: {e}")))?
     }
 }
 
@@ -155,7 +158,23 @@ pub(super) fn audit_entry(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntr
     })
 }
 
-pub(super) fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+/// The read connections: opened when first needed, at most [`READERS`],
+/// each lent to one read at a time.
+#[derive(Debug)]
+pub(super) struct Readers {
+    path: PathBuf,
+    /// One per connection that may be open; a read holds one while it runs.
+    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Readers {
+    pub(super) fn new(path: PathBuf) -> Self {
+        Readers { path, permits: Arc::new(Semaphore::new(READERS)), idle: Mutex::new(Vec::with_capacity(READERS)) }
+    }
+}
+
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     Ok(conn)

@@ -400,3 +400,90 @@ async fn the_session_list_pages_without_skipping_or_repeating() {
     assert_eq!(got, expected, "every session once");
     assert!(created.windows(2).all(|w| w[0] >= w[1]), "newest first: {created:?}");
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+/// Open descriptors of a process on its database files (`breakglass.db*`).
+fn database_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("proc fd")
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.file_name().is_some_and(|n| n.to_string_lossy().starts_with("breakglass.db")))
+        .count()
+}
+
+/// Regression: a thousand clients replaying at once each got a database
+/// connection of their own, and the server kept about a thousand open
+/// handles and hundreds of MiB after they had all gone.
+#[tokio::test]
+async fn an_attach_storm_leaves_no_database_handles_or_memory_behind() {
+    const CLIENTS: usize = 1000;
+    let server = Server::start();
+    let session = server.open_session().await;
+    let events = server.run_turn(&session, "flood 2000 10\nresult").await;
+    assert_eq!(events.len(), 2003);
+    let pid = server.pid();
+    let (idle_rss, idle_fds) = (rss_kib(pid), database_fds(pid));
+
+    let all_caught_up = std::sync::Arc::new(tokio::sync::Barrier::new(CLIENTS + 1));
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS {
+        let request = server.get(&format!("/api/session/{session}/stream"));
+        let all_caught_up = all_caught_up.clone();
+        clients.spawn(async move {
+            let response = request.send().await.expect("attach");
+            assert_eq!(response.status(), 200);
+            let mut body = response.bytes_stream();
+            let mut tail = Vec::new();
+            while let Some(chunk) = futures_util::StreamExt::next(&mut body).await {
+                tail.extend_from_slice(&chunk.expect("the stream broke"));
+                if tail.windows(16).any(|w| w == b"event: caught-up") {
+                    break;
+                }
+                tail.drain(..tail.len().saturating_sub(16));
+            }
+            // Every client stays attached until all have replayed, then all leave.
+            all_caught_up.wait().await;
+            drop(body);
+        });
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(120), all_caught_up.wait())
+        .await
+        .expect("every client replayed the whole log");
+    let (peak_rss, peak_fds) = (rss_kib(pid), database_fds(pid));
+    while let Some(client) = clients.join_next().await {
+        client.unwrap();
+    }
+
+    // Bounded by the read pool (4 read connections, each on the database
+    // and its WAL, plus the writer's database, WAL and shared memory).
+    const FDS: usize = 4 * 3 + 3;
+    const MARGIN_KIB: u64 = 64 * 1024;
+    let started = std::time::Instant::now();
+    let (mut rss, mut fds) = (u64::MAX, usize::MAX);
+    while started.elapsed() < crate::harness::DEADLINE {
+        (rss, fds) = (rss_kib(pid), database_fds(pid));
+        if fds <= FDS && rss <= idle_rss + MARGIN_KIB {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    println!(
+        "attach storm: idle {idle_rss} KiB / {idle_fds} fds, peak {peak_rss} KiB / {peak_fds} fds, \
+         after {rss} KiB / {fds} fds ({:.1}s later)",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(peak_fds <= FDS, "at most the read pool's connections at once: {peak_fds} database descriptors");
+    assert!(fds <= FDS, "{fds} descriptors on the database files remain");
+    assert!(rss <= idle_rss + MARGIN_KIB, "resident memory {rss} KiB, idle {idle_rss} KiB");
+    let mut replay = server.attach(&session, None).await;
+    assert_eq!(replay.until_caught_up().await, events, "the server still replays");
+}
