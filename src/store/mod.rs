@@ -179,6 +179,10 @@ impl Fence {
     fn trip(&self) {
         self.0.store(true, Ordering::SeqCst);
     }
+
+    fn same(&self, other: &Fence) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 #[derive(Debug)]

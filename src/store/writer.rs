@@ -98,12 +98,22 @@ impl Command {
             }
             (Command::SetTurn { reply, .. }, Ok(Done::Nothing)) => drop(reply.send(Ok(()))),
             (Command::Audit { reply, .. }, Ok(Done::Audit(entry))) => drop(reply.send(Ok(entry))),
-            (command, Ok(Done::Refused(err)) | Err(err)) => command.fail(err),
+            (command, Ok(Done::Refused(err))) => command.refuse(err),
+            (command, Err(err)) => command.fail(err),
             (command, Ok(_)) => command.fail(StoreError::Sqlite("internal: mismatched answer".into())),
         }
     }
 
+    /// Refuses the command, and the later writes of its producer.
     fn fail(self, err: StoreError) {
+        if let Command::Append { fence: Some(fence), .. } = &self {
+            fence.trip();
+        }
+        self.refuse(err);
+    }
+
+    /// Refuses the command for its own input; its producer may go on.
+    fn refuse(self, err: StoreError) {
         match self {
             Command::CreateSession { reply, .. } => drop(reply.send(Err(err))),
             Command::Append { reply, .. } => drop(reply.send(Err(err))),
@@ -136,46 +146,89 @@ impl Writer {
         }
     }
 
-    /// One transaction for the whole batch; on failure nothing of it is kept
-    /// and every command in it is told why.
+    /// One transaction for the whole batch, each command in a savepoint of
+    /// its own: a command that fails is rolled back alone and told why, and
+    /// the rest commit (one session's trouble is not another's). When the
+    /// transaction itself fails (its commit, say), each command is tried
+    /// again in a transaction of its own, so that again only the failing
+    /// ones fail.
     fn apply(&mut self, batch: Vec<Command>) {
-        let mut staged = Staged::default();
-        let mut done = Vec::with_capacity(batch.len());
-        let result = (|| -> Result<(), StoreError> {
-            let tx = self.conn.transaction()?;
-            for command in &batch {
-                done.push(execute(&tx, &self.next_ids, &self.audit_tail, &mut staged, command)?);
-            }
-            tx.commit()?;
-            Ok(())
-        })();
-        match result {
-            Ok(()) => {
-                if self.next_ids.len() > ID_CACHE {
-                    self.next_ids.clear();
-                }
-                self.next_ids.extend(staged.next_ids);
-                if staged.audit_tail.is_some() {
-                    self.audit_tail = staged.audit_tail;
-                }
-                for (command, done) in batch.into_iter().zip(done) {
-                    command.answer(Ok(done));
-                }
+        match self.transaction(&batch) {
+            Ok((outcomes, staged)) => self.committed(batch, outcomes, staged),
+            Err(err) if batch.len() == 1 => {
+                tracing::error!(%err, "a storage transaction failed; its write is refused");
+                batch.into_iter().for_each(|command| command.fail(err.clone()));
             }
             Err(err) => {
-                tracing::error!(%err, commands = batch.len(), "a storage transaction failed; its writes are refused");
+                tracing::warn!(%err, commands = batch.len(), "a storage transaction failed; retrying its writes one by one");
                 for command in batch {
-                    if let Command::Append { fence: Some(fence), .. } = &command {
-                        fence.trip();
-                    }
-                    command.answer(Err(err.clone()));
+                    self.apply(vec![command]);
                 }
             }
         }
     }
+
+    /// Runs `batch` in one transaction and commits it. `Ok` holds each
+    /// command's outcome (a command's own error is one of them); `Err`
+    /// means the transaction as a whole failed and nothing of it was kept.
+    fn transaction(&mut self, batch: &[Command]) -> Result<(Vec<Result<Done, StoreError>>, Staged), StoreError> {
+        let mut staged = Staged::default();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        // Producers with a write that failed in this transaction: their
+        // later writes are refused, as their fence will say once it is over.
+        let mut failed: Vec<&Fence> = Vec::new();
+        let tx = self.conn.transaction()?;
+        for command in batch {
+            let fenced = match command {
+                Command::Append { fence: Some(fence), .. } => {
+                    fence.is_tripped() || failed.iter().any(|f| f.same(fence))
+                }
+                _ => false,
+            };
+            if fenced {
+                outcomes.push(Ok(Done::Refused(StoreError::Fenced)));
+                continue;
+            }
+            tx.prepare_cached("SAVEPOINT command")?.execute([])?;
+            match execute(&tx, &self.next_ids, &self.audit_tail, &mut staged, command) {
+                Ok(done) => {
+                    tx.prepare_cached("RELEASE command")?.execute([])?;
+                    outcomes.push(Ok(done));
+                }
+                Err(err) => {
+                    // SQLite rolls the whole transaction back on some errors
+                    // (a full disk, I/O): then this fails, and so does the batch.
+                    tx.execute_batch("ROLLBACK TO command; RELEASE command")?;
+                    tracing::warn!(%err, command = ?command, "a storage write failed; the rest of its transaction goes on");
+                    if let Command::Append { fence: Some(fence), .. } = command {
+                        failed.push(fence);
+                    }
+                    outcomes.push(Err(err));
+                }
+            }
+        }
+        tx.commit()?;
+        Ok((outcomes, staged))
+    }
+
+    /// Takes in what a committed transaction changed, then answers its
+    /// commands in order (publishing committed events).
+    fn committed(&mut self, batch: Vec<Command>, outcomes: Vec<Result<Done, StoreError>>, staged: Staged) {
+        if self.next_ids.len() > ID_CACHE {
+            self.next_ids.clear();
+        }
+        self.next_ids.extend(staged.next_ids);
+        if staged.audit_tail.is_some() {
+            self.audit_tail = staged.audit_tail;
+        }
+        for (command, outcome) in batch.into_iter().zip(outcomes) {
+            command.answer(outcome);
+        }
+    }
 }
 
-/// Runs one command inside the open transaction; an error aborts the batch.
+/// Runs one command inside the open transaction (in its own savepoint).
+/// Changes to `staged` are made last, only once every statement succeeded.
 fn execute(
     tx: &Transaction<'_>,
     next_ids: &HashMap<Uuid, u64>,
@@ -281,5 +334,67 @@ fn execute(
             staged.audit_tail = Some((seq, hash.clone()));
             Ok(Done::Audit(AuditEntry { seq, at_ms, record: record.clone(), prev_hash, hash }))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Durability, Store};
+
+    fn append(
+        session: Uuid,
+        text: &str,
+        fence: Option<&Fence>,
+    ) -> (Command, oneshot::Receiver<Result<Stored, StoreError>>) {
+        let (reply, rx) = oneshot::channel();
+        let event = Event::Text { text: text.into() };
+        (Command::Append { session, event, hub: Arc::new(Hub::default()), fence: fence.cloned(), reply }, rx)
+    }
+
+    /// A transaction whose commit fails (here a deferred foreign key that
+    /// one session's writes break) is tried again write by write: only that
+    /// session's writes fail, its fence trips, and the others commit.
+    #[test]
+    fn a_failed_commit_is_retried_write_by_write() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), Durability::Normal).unwrap());
+        let conn = Connection::open(dir.path().join("breakglass.db")).unwrap();
+        let (good, bad) = (Uuid::new_v4(), Uuid::new_v4());
+        conn.execute_batch(&format!(
+            "PRAGMA foreign_keys = ON;
+             INSERT INTO sessions (id, created_ms, last_activity_ms) VALUES ('{good}', 0, 0), ('{bad}', 0, 0);
+             CREATE TABLE parent (id TEXT PRIMARY KEY);
+             CREATE TABLE orphan (parent TEXT REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED);
+             CREATE TRIGGER breaks_the_commit AFTER INSERT ON events WHEN NEW.session = '{bad}'
+             BEGIN INSERT INTO orphan VALUES ('none'); END;"
+        ))
+        .unwrap();
+        let mut writer = Writer::new(conn);
+        let fence = Fence::default();
+        let (batch, replies): (Vec<_>, Vec<_>) = [
+            append(good, "a", None),
+            append(bad, "b", Some(&fence)),
+            append(good, "c", None),
+            append(bad, "d", Some(&fence)),
+        ]
+        .into_iter()
+        .unzip();
+        writer.apply(batch);
+        let answers: Vec<_> = replies.into_iter().map(|mut rx| rx.try_recv().expect("answered")).collect();
+        assert_eq!(answers[0].as_ref().map(|s| s.id).ok(), Some(0));
+        assert!(matches!(&answers[1], Err(StoreError::Sqlite(e)) if e.contains("FOREIGN KEY")), "{:?}", answers[1]);
+        assert_eq!(answers[2].as_ref().map(|s| s.id).ok(), Some(1));
+        assert!(matches!(answers[3], Err(StoreError::Fenced)), "{:?}", answers[3]);
+        assert!(fence.is_tripped());
+        let kept: Vec<(String, i64)> = writer
+            .conn
+            .prepare("SELECT session, id FROM events ORDER BY session, id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(kept, [(good.to_string(), 0), (good.to_string(), 1)]);
     }
 }

@@ -487,3 +487,73 @@ async fn an_attach_storm_leaves_no_database_handles_or_memory_behind() {
     let mut replay = server.attach(&session, None).await;
     assert_eq!(replay.until_caught_up().await, events, "the server still replays");
 }
+
+/// Reads a stream to the end of the running turn, whether that end was
+/// logged (an event) or only told (a notice), keeping both.
+async fn until_turn_end_or_notice(stream: &mut crate::harness::Attached) -> (Vec<Value>, Vec<Value>) {
+    let (mut events, mut notices) = (Vec::new(), Vec::new());
+    loop {
+        match stream.next().await.expect("the stream ended before the turn did") {
+            Frame::Event { data, .. } => {
+                let end = data["kind"] == "turn_end";
+                events.push(data);
+                if end {
+                    return (events, notices);
+                }
+            }
+            Frame::Notice(data) => {
+                let end = data["kind"] == "turn_end";
+                notices.push(data);
+                if end {
+                    return (events, notices);
+                }
+            }
+            Frame::CaughtUp | Frame::Keepalive => {}
+        }
+    }
+}
+
+/// Regression: the writer commits many sessions' writes in one transaction,
+/// and one failing write failed all of them, ending a healthy session's turn
+/// because of another session's trouble.
+#[tokio::test]
+async fn a_failing_write_fails_only_its_own_session() {
+    let mut server = Server::start();
+    let healthy = server.open_session().await;
+    let poisoned = server.open_session().await;
+    assert!(server.terminate().success());
+    // The poisoned session's writes fail once both sessions are flooding, so
+    // that its failures share transactions with the healthy session's writes.
+    let conn = rusqlite::Connection::open(db_path(&server)).unwrap();
+    conn.execute_batch(&format!(
+        "CREATE TRIGGER poison BEFORE INSERT ON events
+         WHEN NEW.session = '{poisoned}' AND NEW.id >= 3
+              AND (SELECT event_count FROM sessions WHERE id = '{healthy}') >= 1000
+         BEGIN SELECT RAISE(ABORT, 'boom'); END;"
+    ))
+    .unwrap();
+    drop(conn);
+    server.restart();
+
+    let mut healthy_stream = server.attach(&healthy, None).await;
+    healthy_stream.until_caught_up().await;
+    let mut poisoned_stream = server.attach(&poisoned, None).await;
+    poisoned_stream.until_caught_up().await;
+    server.start_turn(&healthy, "flood 20000 10\nresult").await;
+    server.start_turn(&poisoned, "flood 20000 10\nresult").await;
+
+    let (events, notices) = until_turn_end_or_notice(&mut poisoned_stream).await;
+    assert!(events.len() < 20_000, "the poisoned session's turn was stopped");
+    let told: Vec<&str> = events.iter().chain(&notices).filter_map(|e| e["error"].as_str()).collect();
+    assert!(told.iter().any(|e| e.contains("boom")), "the poisoned session is told why: {told:?}");
+
+    let (events, notices) = until_turn_end_or_notice(&mut healthy_stream).await;
+    assert!(notices.is_empty(), "{notices:?}");
+    assert_eq!(events.len(), 20_003, "user, every line, result, turn_end");
+    assert_eq!(kinds(&events[events.len() - 2..]), ["result", "turn_end"]);
+    assert_flood_unbroken(&events);
+    let mut replay = server.attach(&healthy, None).await;
+    let log = replay.until_caught_up().await;
+    assert_eq!(ids(&log), (0..20_003).collect::<Vec<_>>());
+    assert_eq!(log, events, "the log holds what the client saw");
+}
