@@ -33,7 +33,7 @@ use uuid::Uuid;
 use crate::event::{Event, EventId, Stored};
 use crate::hub::Hub;
 
-pub use audit::verify_audit;
+pub use audit::{HEAD_FILE, verify_audit};
 use read::Readers;
 use schema::prepare;
 pub use writer::{BATCH_MAX, BATCH_WINDOW};
@@ -97,6 +97,8 @@ pub enum OpenError {
     InUse { path: PathBuf },
     #[error("{path}: cannot lock it: {source}")]
     Lock { path: PathBuf, source: std::io::Error },
+    #[error("{path}: cannot write the audit trail's head anchor: {source}")]
+    Anchor { path: PathBuf, source: std::io::Error },
     #[error("{path}: migrating the schema failed: {source}")]
     Migrate { path: PathBuf, source: rusqlite::Error },
 }
@@ -202,6 +204,7 @@ impl Store {
         let path = dir.join("breakglass.db");
         let mut conn = Connection::open(&path).map_err(|source| OpenError::Open { path: path.clone(), source })?;
         prepare(&mut conn, &path)?;
+        let anchoring = audit::anchor_agrees(&conn, dir);
         let synchronous = match durability {
             Durability::Normal => "NORMAL",
             Durability::Full => "FULL",
@@ -209,9 +212,16 @@ impl Store {
         conn.pragma_update(None, "synchronous", synchronous)
             .map_err(|source| OpenError::Open { path: path.clone(), source })?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        std::thread::Builder::new().name("breakglass-store".into()).spawn(move || Writer::new(conn).run(rx)).map_err(
-            |e| OpenError::Open { path: path.clone(), source: rusqlite::Error::InvalidPath(e.to_string().into()) },
-        )?;
+        std::thread::Builder::new()
+            .name("breakglass-store".into())
+            .spawn({
+                let dir = dir.to_owned();
+                move || Writer::new(conn, dir, anchoring).run(rx)
+            })
+            .map_err(|e| OpenError::Open {
+                path: path.clone(),
+                source: rusqlite::Error::InvalidPath(e.to_string().into()),
+            })?;
         Ok(Store { _lock: lock, readers: Arc::new(Readers::new(path.clone())), path, tx })
     }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 
 use super::OpenError;
+use super::audit::anchor_before_migrating;
 
 /// `PRAGMA application_id` of a breakglass database ("BGLS").
 const APPLICATION_ID: i32 = 0x4247_4c53;
@@ -44,6 +45,10 @@ const MIGRATIONS: &[&str] = &[
     );",
     // 2: the running turn's environment marker, to find its processes after a crash.
     "ALTER TABLE sessions ADD COLUMN turn_marker TEXT;",
+    // 3: no change to the tables: from here on the audit trail's head is
+    // anchored in <data>/audit.head (see `audit`), written just before this
+    // migration is applied.
+    "-- the audit head is anchored from here on",
 ];
 
 /// Refuses files that are not ours or are newer; creates or migrates ours.
@@ -52,6 +57,7 @@ pub(super) fn prepare(conn: &mut Connection, path: &Path) -> Result<(), OpenErro
     conn.busy_timeout(Duration::from_secs(5)).map_err(corrupt)?;
     let version = check_identity(conn, path)?;
     conn.pragma_update(None, "journal_mode", "WAL").map_err(corrupt)?;
+    anchor_before_migrating(conn, path.parent().unwrap_or(Path::new(".")), version)?;
     let migrate = |source| OpenError::Migrate { path: path.to_owned(), source };
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction().map_err(migrate)?;

@@ -2,6 +2,7 @@
 //! transactions, assigns event ids, and publishes events after the commit.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::audit::{GENESIS, chain_hash};
+use super::audit::{GENESIS, Head, chain_hash, write_head};
 use super::{AuditEntry, AuditRecord, Fence, SessionRow, StoreError, TITLE_CHARS, now_ms, to_sql};
 use crate::event::{Event, Stored};
 use crate::hub::Hub;
@@ -65,6 +66,11 @@ pub(super) struct Writer {
     next_ids: HashMap<Uuid, u64>,
     /// Sequence number and hash of the last committed audit record.
     audit_tail: Option<(i64, String)>,
+    /// The data directory, where the audit head anchor lives.
+    dir: PathBuf,
+    /// The anchor agreed with the chain at start-up, so it follows the
+    /// chain's head; one that did not is left as evidence.
+    anchoring: bool,
 }
 
 /// Changes made by the open transaction, applied to the writer's state only
@@ -124,8 +130,8 @@ impl Command {
 }
 
 impl Writer {
-    pub(super) fn new(conn: Connection) -> Self {
-        Writer { conn, next_ids: HashMap::new(), audit_tail: None }
+    pub(super) fn new(conn: Connection, dir: PathBuf, anchoring: bool) -> Self {
+        Writer { conn, next_ids: HashMap::new(), audit_tail: None, dir, anchoring }
     }
 
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -218,8 +224,15 @@ impl Writer {
             self.next_ids.clear();
         }
         self.next_ids.extend(staged.next_ids);
-        if staged.audit_tail.is_some() {
-            self.audit_tail = staged.audit_tail;
+        if let Some((seq, hash)) = staged.audit_tail {
+            // Before the records are acknowledged, so that the anchor lags
+            // an acknowledged record only when this write fails.
+            if self.anchoring
+                && let Err(err) = write_head(&self.dir, &Head { seq, hash: hash.clone() })
+            {
+                tracing::error!(%err, seq, "could not move the audit trail's head anchor forward");
+            }
+            self.audit_tail = Some((seq, hash));
         }
         for (command, outcome) in batch.into_iter().zip(outcomes) {
             command.answer(outcome);
@@ -370,7 +383,7 @@ mod tests {
              BEGIN INSERT INTO orphan VALUES ('none'); END;"
         ))
         .unwrap();
-        let mut writer = Writer::new(conn);
+        let mut writer = Writer::new(conn, dir.path().to_owned(), true);
         let fence = Fence::default();
         let (batch, replies): (Vec<_>, Vec<_>) = [
             append(good, "a", None),

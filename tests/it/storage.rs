@@ -557,3 +557,51 @@ async fn a_failing_write_fails_only_its_own_session() {
     assert_eq!(ids(&log), (0..20_003).collect::<Vec<_>>());
     assert_eq!(log, events, "the log holds what the client saw");
 }
+
+/// `breakglass audit verify --data-dir <data>`.
+fn verify_audit(data_dir: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_breakglass"))
+        .args(["audit", "verify", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .unwrap()
+}
+
+/// Regression: deleting the last records of the audit trail left a valid,
+/// shorter chain, and `audit verify` called it intact.
+#[tokio::test]
+async fn removing_the_last_audit_records_is_detected() {
+    let mut server = Server::start();
+    for _ in 0..4 {
+        server.open_session().await; // a `session.open` record each
+    }
+    assert!(server.terminate().success());
+    let intact = verify_audit(&server.data_dir());
+    assert_eq!(String::from_utf8_lossy(&intact.stdout), "audit trail intact: 4 records\n");
+
+    let conn = rusqlite::Connection::open(db_path(&server)).unwrap();
+    assert_eq!(conn.execute("DELETE FROM audit WHERE seq > 2", []).unwrap(), 2);
+    drop(conn);
+    let broken = verify_audit(&server.data_dir());
+    assert_eq!(broken.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&broken.stderr);
+    assert!(
+        stderr.contains(
+            "audit trail broken at record 3: the trail was truncated: it ends at record 2, \
+             but its head anchor (audit.head) names record 4"
+        ),
+        "{stderr}"
+    );
+
+    // Records written after the truncation do not cover it up.
+    server.restart();
+    for _ in 0..3 {
+        server.open_session().await;
+    }
+    assert!(server.terminate().success());
+    let still = verify_audit(&server.data_dir());
+    assert_eq!(still.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&still.stderr);
+    assert!(stderr.contains("record 4 is not the one its head anchor (audit.head) names"), "{stderr}");
+    assert!(server.log().contains("the audit trail does not match its head anchor"));
+}
