@@ -377,3 +377,208 @@ async fn the_session_list_pages_without_skipping_or_repeating() {
     assert_eq!(got, expected, "every session once");
     assert!(created.windows(2).all(|w| w[0] >= w[1]), "newest first: {created:?}");
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+/// Open descriptors of a process on its database files (`breakglass.db*`).
+fn database_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("proc fd")
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.file_name().is_some_and(|n| n.to_string_lossy().starts_with("breakglass.db")))
+        .count()
+}
+
+/// Regression: a thousand clients replaying at once each got a database
+/// connection of their own, and the server kept about a thousand open
+/// handles and hundreds of MiB after they had all gone.
+#[tokio::test]
+async fn an_attach_storm_leaves_no_database_handles_or_memory_behind() {
+    const CLIENTS: usize = 1000;
+    let server = Server::start();
+    let session = server.open_session().await;
+    let events = server.run_turn(&session, "flood 2000 10\nresult").await;
+    assert_eq!(events.len(), 2003);
+    let pid = server.pid();
+    let (idle_rss, idle_fds) = (rss_kib(pid), database_fds(pid));
+
+    let all_caught_up = std::sync::Arc::new(tokio::sync::Barrier::new(CLIENTS + 1));
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS {
+        let request = server.get(&format!("/api/session/{session}/stream"));
+        let all_caught_up = all_caught_up.clone();
+        clients.spawn(async move {
+            let response = request.send().await.expect("attach");
+            assert_eq!(response.status(), 200);
+            let mut body = response.bytes_stream();
+            let mut tail = Vec::new();
+            while let Some(chunk) = futures_util::StreamExt::next(&mut body).await {
+                tail.extend_from_slice(&chunk.expect("the stream broke"));
+                if tail.windows(16).any(|w| w == b"event: caught-up") {
+                    break;
+                }
+                tail.drain(..tail.len().saturating_sub(16));
+            }
+            // Every client stays attached until all have replayed, then all leave.
+            all_caught_up.wait().await;
+            drop(body);
+        });
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(120), all_caught_up.wait())
+        .await
+        .expect("every client replayed the whole log");
+    let (peak_rss, peak_fds) = (rss_kib(pid), database_fds(pid));
+    while let Some(client) = clients.join_next().await {
+        client.unwrap();
+    }
+
+    // Bounded by the read pool (4 read connections, each on the database
+    // and its WAL, plus the writer's database, WAL and shared memory).
+    const FDS: usize = 4 * 3 + 3;
+    const MARGIN_KIB: u64 = 64 * 1024;
+    let started = std::time::Instant::now();
+    let (mut rss, mut fds) = (u64::MAX, usize::MAX);
+    while started.elapsed() < crate::harness::DEADLINE {
+        (rss, fds) = (rss_kib(pid), database_fds(pid));
+        if fds <= FDS && rss <= idle_rss + MARGIN_KIB {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    println!(
+        "attach storm: idle {idle_rss} KiB / {idle_fds} fds, peak {peak_rss} KiB / {peak_fds} fds, \
+         after {rss} KiB / {fds} fds ({:.1}s later)",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(peak_fds <= FDS, "at most the read pool's connections at once: {peak_fds} database descriptors");
+    assert!(fds <= FDS, "{fds} descriptors on the database files remain");
+    assert!(rss <= idle_rss + MARGIN_KIB, "resident memory {rss} KiB, idle {idle_rss} KiB");
+    let mut replay = server.attach(&session, None).await;
+    assert_eq!(replay.until_caught_up().await, events, "the server still replays");
+}
+
+/// Reads a stream to the end of the running turn, whether that end was
+/// logged (an event) or only told (a notice), keeping both.
+async fn until_turn_end_or_notice(stream: &mut crate::harness::Attached) -> (Vec<Value>, Vec<Value>) {
+    let (mut events, mut notices) = (Vec::new(), Vec::new());
+    loop {
+        match stream.next().await.expect("the stream ended before the turn did") {
+            Frame::Event { data, .. } => {
+                let end = data["kind"] == "turn_end";
+                events.push(data);
+                if end {
+                    return (events, notices);
+                }
+            }
+            Frame::Notice(data) => {
+                let end = data["kind"] == "turn_end";
+                notices.push(data);
+                if end {
+                    return (events, notices);
+                }
+            }
+            Frame::CaughtUp | Frame::Keepalive => {}
+        }
+    }
+}
+
+/// Regression: the writer commits many sessions' writes in one transaction,
+/// and one failing write failed all of them, ending a healthy session's turn
+/// because of another session's trouble.
+#[tokio::test]
+async fn a_failing_write_fails_only_its_own_session() {
+    let mut server = Server::start();
+    let healthy = server.open_session().await;
+    let poisoned = server.open_session().await;
+    assert!(server.terminate().success());
+    // The poisoned session's writes fail once both sessions are flooding, so
+    // that its failures share transactions with the healthy session's writes.
+    let conn = rusqlite::Connection::open(server.db_path()).unwrap();
+    conn.execute_batch(&format!(
+        "CREATE TRIGGER poison BEFORE INSERT ON events
+         WHEN NEW.session = '{poisoned}' AND NEW.id >= 3
+              AND (SELECT event_count FROM sessions WHERE id = '{healthy}') >= 1000
+         BEGIN SELECT RAISE(ABORT, 'boom'); END;"
+    ))
+    .unwrap();
+    drop(conn);
+    server.restart();
+
+    let mut healthy_stream = server.attach(&healthy, None).await;
+    healthy_stream.until_caught_up().await;
+    let mut poisoned_stream = server.attach(&poisoned, None).await;
+    poisoned_stream.until_caught_up().await;
+    server.start_turn(&healthy, "flood 20000 10\nresult").await;
+    server.start_turn(&poisoned, "flood 20000 10\nresult").await;
+
+    let (events, notices) = until_turn_end_or_notice(&mut poisoned_stream).await;
+    assert!(events.len() < 20_000, "the poisoned session's turn was stopped");
+    let told: Vec<&str> = events.iter().chain(&notices).filter_map(|e| e["error"].as_str()).collect();
+    assert!(told.iter().any(|e| e.contains("boom")), "the poisoned session is told why: {told:?}");
+
+    let (events, notices) = until_turn_end_or_notice(&mut healthy_stream).await;
+    assert!(notices.is_empty(), "{notices:?}");
+    assert_eq!(events.len(), 20_003, "user, every line, result, turn_end");
+    assert_eq!(kinds(&events[events.len() - 2..]), ["result", "turn_end"]);
+    assert_flood_unbroken(&events);
+    let mut replay = server.attach(&healthy, None).await;
+    let log = replay.until_caught_up().await;
+    assert_eq!(ids(&log), (0..20_003).collect::<Vec<_>>());
+    assert_eq!(log, events, "the log holds what the client saw");
+}
+
+/// `breakglass audit verify --data-dir <data>`.
+fn verify_audit(data_dir: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_breakglass"))
+        .args(["audit", "verify", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .unwrap()
+}
+
+/// Regression: deleting the last records of the audit trail left a valid,
+/// shorter chain, and `audit verify` called it intact.
+#[tokio::test]
+async fn removing_the_last_audit_records_is_detected() {
+    let mut server = Server::start();
+    for _ in 0..4 {
+        server.open_session().await; // a `session.open` record each
+    }
+    assert!(server.terminate().success());
+    let intact = verify_audit(&server.data_dir());
+    assert_eq!(String::from_utf8_lossy(&intact.stdout), "audit trail intact: 4 records\n");
+
+    let conn = rusqlite::Connection::open(server.db_path()).unwrap();
+    assert_eq!(conn.execute("DELETE FROM audit WHERE seq > 2", []).unwrap(), 2);
+    drop(conn);
+    let broken = verify_audit(&server.data_dir());
+    assert_eq!(broken.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&broken.stderr);
+    assert!(
+        stderr.contains(
+            "audit trail broken at record 3: the trail was truncated: it ends at record 2, \
+             but its head anchor (audit.head) names record 4"
+        ),
+        "{stderr}"
+    );
+
+    // Records written after the truncation do not cover it up.
+    server.restart();
+    for _ in 0..3 {
+        server.open_session().await;
+    }
+    assert!(server.terminate().success());
+    let still = verify_audit(&server.data_dir());
+    assert_eq!(still.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&still.stderr);
+    assert!(stderr.contains("record 4 is not the one its head anchor (audit.head) names"), "{stderr}");
+    assert!(server.log().contains("the audit trail does not match its head anchor"));
+}

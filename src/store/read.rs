@@ -1,0 +1,181 @@
+//! Reads: replays, lists and the audit page, on a small pool of read-only
+//! connections (WAL lets them run beside the writer).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use super::{AuditEntry, AuditRecord, SessionRow, Store, StoreError, to_sql};
+use crate::event::{EventId, Stored};
+
+/// Read connections, at most; readers beyond these wait for one.
+const READERS: usize = 4;
+/// A page of events stops once it holds this many bytes (at least one event).
+const READ_BUDGET: usize = 4 * 1024 * 1024;
+
+impl Store {
+    /// Up to `limit` events of a session with id > `after`, in order.
+    pub async fn read_after(
+        &self,
+        session: Uuid,
+        after: Option<EventId>,
+        limit: usize,
+    ) -> Result<Vec<Stored>, StoreError> {
+        self.read(move |conn| {
+            let start = after.map_or(0, |a| a.saturating_add(1));
+            let mut stmt = conn
+                .prepare_cached("SELECT id, json FROM events WHERE session = ?1 AND id >= ?2 ORDER BY id LIMIT ?3")?;
+            let mut rows = stmt.query(params![session.to_string(), to_sql(start), limit as i64])?;
+            let (mut page, mut bytes) = (Vec::new(), 0);
+            while let Some(row) = rows.next()? {
+                let json: String = row.get(1)?;
+                bytes += json.len();
+                page.push(Stored { id: row.get::<_, i64>(0)? as EventId, json: json.into() });
+                if bytes >= READ_BUDGET {
+                    break;
+                }
+            }
+            Ok(page)
+        })
+        .await
+    }
+
+    pub async fn session(&self, id: Uuid) -> Result<Option<SessionRow>, StoreError> {
+        self.read(move |conn| {
+            let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1");
+            Ok(conn.query_row(&sql, [id.to_string()], session_row).optional()?)
+        })
+        .await
+    }
+
+    /// Newest first; `before` (a session of the previous page, usually its
+    /// last) pages on creation time, then id, so that sessions created in
+    /// the same millisecond are neither skipped nor repeated.
+    pub async fn sessions(&self, before: Option<&SessionRow>, limit: usize) -> Result<Vec<SessionRow>, StoreError> {
+        let (before_ms, before_id) = before.map_or((i64::MAX, String::new()), |r| (r.created_ms, r.id.to_string()));
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE (created_ms, id) < (?1, ?2)
+                 ORDER BY created_ms DESC, id DESC LIMIT ?3"
+            );
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params![before_ms, before_id, limit as i64], session_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Sessions whose last turn was never closed (the server died during it).
+    pub async fn interrupted(&self) -> Result<Vec<SessionRow>, StoreError> {
+        self.read(|conn| {
+            let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE turn_running = 1");
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt.query_map([], session_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Newest first; `before` pages by sequence number.
+    pub async fn audit_page(&self, before: Option<i64>, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, at_ms, identity, peer, action, target, outcome, prev_hash, hash FROM audit
+                 WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![before.unwrap_or(i64::MAX), limit as i64], audit_entry)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Runs `f` on a read connection, off the async threads. Callers wait
+    /// for one of the [`READERS`] connections: a thousand clients replaying
+    /// at once cost four connections and four blocking threads, not a
+    /// thousand of each (SQLite cannot close a connection's descriptors
+    /// while another connection of the process holds a lock on the file, so
+    /// every extra connection ever opened would stay open).
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let permit = self.readers.permits.clone().acquire_owned().await.map_err(|_| StoreError::Closed)?;
+        let readers = self.readers.clone();
+        // The permit and the connection go back to the pool in the blocking
+        // task itself, so a caller that gives up (a client that left) never
+        // loses one.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let conn = match readers.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+                Some(conn) => conn,
+                None => open_reader(&readers.path)?,
+            };
+            let result = f(&conn);
+            readers.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Sqlite(format!("reader task failed: {e}")))?
+    }
+}
+
+pub(super) const SESSION_COLUMNS: &str =
+    "id, created_ms, title, agent_started, last_activity_ms, event_count, turn_running, turn_pgid, turn_marker";
+
+pub(super) fn session_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
+    let id: String = row.get(0)?;
+    Ok(SessionRow {
+        id: Uuid::parse_str(&id)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))?,
+        created_ms: row.get(1)?,
+        title: row.get(2)?,
+        agent_started: row.get(3)?,
+        last_activity_ms: row.get(4)?,
+        event_count: row.get::<_, i64>(5)? as u64,
+        turn_running: row.get(6)?,
+        turn_pgid: row.get(7)?,
+        turn_marker: row.get(8)?,
+    })
+}
+
+pub(super) fn audit_entry(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
+    Ok(AuditEntry {
+        seq: row.get(0)?,
+        at_ms: row.get(1)?,
+        record: AuditRecord {
+            identity: row.get(2)?,
+            peer: row.get(3)?,
+            action: row.get(4)?,
+            target: row.get(5)?,
+            outcome: row.get(6)?,
+        },
+        prev_hash: row.get(7)?,
+        hash: row.get(8)?,
+    })
+}
+
+/// The read connections: opened when first needed, at most [`READERS`],
+/// each lent to one read at a time.
+#[derive(Debug)]
+pub(super) struct Readers {
+    path: PathBuf,
+    /// One per connection that may be open; a read holds one while it runs.
+    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Readers {
+    pub(super) fn new(path: PathBuf) -> Self {
+        Readers { path, permits: Arc::new(Semaphore::new(READERS)), idle: Mutex::new(Vec::with_capacity(READERS)) }
+    }
+}
+
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}

@@ -1,0 +1,86 @@
+//! The database file: what makes it breakglass's, and its migrations.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use super::OpenError;
+use super::audit::anchor_before_migrating;
+
+/// `PRAGMA application_id` of a breakglass database ("BGLS").
+const APPLICATION_ID: i32 = 0x4247_4c53;
+
+/// Schema migrations; `PRAGMA user_version` is how many have been applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: sessions, events, audit.
+    "CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        created_ms INTEGER NOT NULL,
+        title TEXT,
+        agent_started INTEGER NOT NULL DEFAULT 0,
+        last_activity_ms INTEGER NOT NULL,
+        event_count INTEGER NOT NULL DEFAULT 0,
+        turn_running INTEGER NOT NULL DEFAULT 0,
+        turn_pgid INTEGER
+    );
+    CREATE INDEX sessions_by_created ON sessions (created_ms DESC);
+    CREATE INDEX sessions_running ON sessions (turn_running) WHERE turn_running = 1;
+    CREATE TABLE events (
+        session TEXT NOT NULL,
+        id INTEGER NOT NULL,
+        json TEXT NOT NULL,
+        PRIMARY KEY (session, id)
+    ) WITHOUT ROWID;
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        at_ms INTEGER NOT NULL,
+        identity TEXT NOT NULL,
+        peer TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );",
+    // 2: the running turn's environment marker, to find its processes after a crash.
+    "ALTER TABLE sessions ADD COLUMN turn_marker TEXT;",
+    // 3: no change to the tables: from here on the audit trail's head is
+    // anchored in <data>/audit.head (see `audit`), written just before this
+    // migration is applied.
+    "-- the audit head is anchored from here on",
+];
+
+/// Refuses files that are not ours or are newer; creates or migrates ours.
+pub(super) fn prepare(conn: &mut Connection, path: &Path) -> Result<(), OpenError> {
+    let corrupt = |source| OpenError::Corrupt { path: path.to_owned(), source };
+    conn.busy_timeout(Duration::from_secs(5)).map_err(corrupt)?;
+    let version = check_identity(conn, path)?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(corrupt)?;
+    anchor_before_migrating(conn, path.parent().unwrap_or(Path::new(".")), version)?;
+    let migrate = |source| OpenError::Migrate { path: path.to_owned(), source };
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction().map_err(migrate)?;
+        tx.execute_batch(sql).map_err(migrate)?;
+        tx.pragma_update(None, "application_id", APPLICATION_ID).map_err(migrate)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(migrate)?;
+        tx.commit().map_err(migrate)?;
+        tracing::info!(path = %path.display(), schema = i + 1, "database schema migrated");
+    }
+    Ok(())
+}
+
+/// The schema version of a database that is ours (0 for an empty one).
+pub(super) fn check_identity(conn: &Connection, path: &Path) -> Result<i64, OpenError> {
+    let corrupt = |source| OpenError::Corrupt { path: path.to_owned(), source };
+    let application_id: i32 = conn.pragma_query_value(None, "application_id", |r| r.get(0)).map_err(corrupt)?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(corrupt)?;
+    let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0)).map_err(corrupt)?;
+    let known = MIGRATIONS.len() as i64;
+    match application_id {
+        0 if tables == 0 && version == 0 => Ok(0),
+        APPLICATION_ID if version > known => Err(OpenError::Newer { path: path.to_owned(), found: version, known }),
+        APPLICATION_ID => Ok(version),
+        found => Err(OpenError::Foreign { path: path.to_owned(), found }),
+    }
+}

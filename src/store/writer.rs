@@ -1,0 +1,413 @@
+//! The writer thread: the only writing connection. It groups commands into
+//! transactions, assigns event ids, and publishes events after the commit.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::audit::{GENESIS, Head, chain_hash, write_head};
+use super::{AuditEntry, AuditRecord, Fence, SessionRow, StoreError, TITLE_CHARS, now_ms, to_sql};
+use crate::event::{Event, Stored};
+use crate::hub::Hub;
+
+/// Most commands in one transaction.
+pub const BATCH_MAX: usize = 512;
+/// Longest a batch stays open while commands keep arriving.
+pub const BATCH_WINDOW: Duration = Duration::from_millis(5);
+/// Sessions whose next event id the writer remembers; beyond that it
+/// forgets them all and reads each again when next written.
+const ID_CACHE: usize = 10_000;
+
+pub(super) enum Command {
+    CreateSession {
+        id: Uuid,
+        now: i64,
+        reply: oneshot::Sender<Result<SessionRow, StoreError>>,
+    },
+    Append {
+        session: Uuid,
+        event: Event,
+        hub: Arc<Hub>,
+        fence: Option<Fence>,
+        reply: oneshot::Sender<Result<Stored, StoreError>>,
+    },
+    SetTurn {
+        session: Uuid,
+        pgid: Option<i32>,
+        marker: String,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Audit {
+        record: AuditRecord,
+        reply: oneshot::Sender<Result<AuditEntry, StoreError>>,
+    },
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::CreateSession { .. } => "CreateSession",
+            Command::Append { .. } => "Append",
+            Command::SetTurn { .. } => "SetTurn",
+            Command::Audit { .. } => "Audit",
+        })
+    }
+}
+
+/// The writer thread's state.
+pub(super) struct Writer {
+    conn: Connection,
+    /// Next event id per session, as committed.
+    next_ids: HashMap<Uuid, u64>,
+    /// Sequence number and hash of the last committed audit record.
+    audit_tail: Option<(i64, String)>,
+    /// The data directory, where the audit head anchor lives.
+    dir: PathBuf,
+    /// The anchor agreed with the chain at start-up, so it follows the
+    /// chain's head; one that did not is left as evidence.
+    anchoring: bool,
+}
+
+/// Changes made by the open transaction, applied to the writer's state only
+/// once it commits.
+#[derive(Default)]
+struct Staged {
+    next_ids: HashMap<Uuid, u64>,
+    audit_tail: Option<(i64, String)>,
+}
+
+/// What a command did inside a transaction that then committed.
+enum Done {
+    Session(SessionRow),
+    Event(Stored),
+    Nothing,
+    Audit(AuditEntry),
+    /// The command's own input was wrong; the rest of the batch stands.
+    Refused(StoreError),
+}
+
+impl Command {
+    /// Answers the sender. A committed event is published to its attached
+    /// clients first, in commit order.
+    fn answer(self, outcome: Result<Done, StoreError>) {
+        // A sender that has gone (a client disconnected) needs no answer.
+        match (self, outcome) {
+            (Command::CreateSession { reply, .. }, Ok(Done::Session(row))) => drop(reply.send(Ok(row))),
+            (Command::Append { hub, reply, .. }, Ok(Done::Event(stored))) => {
+                hub.publish(stored.clone());
+                drop(reply.send(Ok(stored)));
+            }
+            (Command::SetTurn { reply, .. }, Ok(Done::Nothing)) => drop(reply.send(Ok(()))),
+            (Command::Audit { reply, .. }, Ok(Done::Audit(entry))) => drop(reply.send(Ok(entry))),
+            (command, Ok(Done::Refused(err))) => command.refuse(err),
+            (command, Err(err)) => command.fail(err),
+            (command, Ok(_)) => command.fail(StoreError::Sqlite("internal: mismatched answer".into())),
+        }
+    }
+
+    /// Refuses the command, and the later writes of its producer.
+    fn fail(self, err: StoreError) {
+        if let Command::Append { fence: Some(fence), .. } = &self {
+            fence.trip();
+        }
+        self.refuse(err);
+    }
+
+    /// Refuses the command for its own input; its producer may go on.
+    fn refuse(self, err: StoreError) {
+        match self {
+            Command::CreateSession { reply, .. } => drop(reply.send(Err(err))),
+            Command::Append { reply, .. } => drop(reply.send(Err(err))),
+            Command::SetTurn { reply, .. } => drop(reply.send(Err(err))),
+            Command::Audit { reply, .. } => drop(reply.send(Err(err))),
+        }
+    }
+}
+
+impl Writer {
+    pub(super) fn new(conn: Connection, dir: PathBuf, anchoring: bool) -> Self {
+        Writer { conn, next_ids: HashMap::new(), audit_tail: None, dir, anchoring }
+    }
+
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(first) = rx.blocking_recv() {
+            let opened = Instant::now();
+            let mut batch = vec![first];
+            while batch.len() < BATCH_MAX && opened.elapsed() < BATCH_WINDOW {
+                match rx.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
+            }
+            self.apply(batch);
+        }
+        // Every sender is gone: the server is stopping. Leave a clean file.
+        if let Err(err) = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
+            tracing::warn!(%err, "could not checkpoint the database on close");
+        }
+    }
+
+    /// One transaction for the whole batch, each command in a savepoint of
+    /// its own: a command that fails is rolled back alone and told why, and
+    /// the rest commit (one session's trouble is not another's). When the
+    /// transaction itself fails (its commit, say), each command is tried
+    /// again in a transaction of its own, so that again only the failing
+    /// ones fail.
+    fn apply(&mut self, batch: Vec<Command>) {
+        match self.transaction(&batch) {
+            Ok((outcomes, staged)) => self.committed(batch, outcomes, staged),
+            Err(err) if batch.len() == 1 => {
+                tracing::error!(%err, "a storage transaction failed; its write is refused");
+                batch.into_iter().for_each(|command| command.fail(err.clone()));
+            }
+            Err(err) => {
+                tracing::warn!(%err, commands = batch.len(), "a storage transaction failed; retrying its writes one by one");
+                for command in batch {
+                    self.apply(vec![command]);
+                }
+            }
+        }
+    }
+
+    /// Runs `batch` in one transaction and commits it. `Ok` holds each
+    /// command's outcome (a command's own error is one of them); `Err`
+    /// means the transaction as a whole failed and nothing of it was kept.
+    fn transaction(&mut self, batch: &[Command]) -> Result<(Vec<Result<Done, StoreError>>, Staged), StoreError> {
+        let mut staged = Staged::default();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        // Producers with a write that failed in this transaction: their
+        // later writes are refused, as their fence will say once it is over.
+        let mut failed: Vec<&Fence> = Vec::new();
+        let tx = self.conn.transaction()?;
+        for command in batch {
+            let fenced = match command {
+                Command::Append { fence: Some(fence), .. } => {
+                    fence.is_tripped() || failed.iter().any(|f| f.same(fence))
+                }
+                _ => false,
+            };
+            if fenced {
+                outcomes.push(Ok(Done::Refused(StoreError::Fenced)));
+                continue;
+            }
+            tx.prepare_cached("SAVEPOINT command")?.execute([])?;
+            match execute(&tx, &self.next_ids, &self.audit_tail, &mut staged, command) {
+                Ok(done) => {
+                    tx.prepare_cached("RELEASE command")?.execute([])?;
+                    outcomes.push(Ok(done));
+                }
+                Err(err) => {
+                    // SQLite rolls the whole transaction back on some errors
+                    // (a full disk, I/O): then this fails, and so does the batch.
+                    tx.execute_batch("ROLLBACK TO command; RELEASE command")?;
+                    tracing::warn!(%err, command = ?command, "a storage write failed; the rest of its transaction goes on");
+                    if let Command::Append { fence: Some(fence), .. } = command {
+                        failed.push(fence);
+                    }
+                    outcomes.push(Err(err));
+                }
+            }
+        }
+        tx.commit()?;
+        Ok((outcomes, staged))
+    }
+
+    /// Takes in what a committed transaction changed, then answers its
+    /// commands in order (publishing committed events).
+    fn committed(&mut self, batch: Vec<Command>, outcomes: Vec<Result<Done, StoreError>>, staged: Staged) {
+        if self.next_ids.len() > ID_CACHE {
+            self.next_ids.clear();
+        }
+        self.next_ids.extend(staged.next_ids);
+        if let Some((seq, hash)) = staged.audit_tail {
+            // Before the records are acknowledged, so that the anchor lags
+            // an acknowledged record only when this write fails.
+            if self.anchoring
+                && let Err(err) = write_head(&self.dir, &Head { seq, hash: hash.clone() })
+            {
+                tracing::error!(%err, seq, "could not move the audit trail's head anchor forward");
+            }
+            self.audit_tail = Some((seq, hash));
+        }
+        for (command, outcome) in batch.into_iter().zip(outcomes) {
+            command.answer(outcome);
+        }
+    }
+}
+
+/// Runs one command inside the open transaction (in its own savepoint).
+/// Changes to `staged` are made last, only once every statement succeeded.
+fn execute(
+    tx: &Transaction<'_>,
+    next_ids: &HashMap<Uuid, u64>,
+    audit_tail: &Option<(i64, String)>,
+    staged: &mut Staged,
+    command: &Command,
+) -> Result<Done, StoreError> {
+    match command {
+        Command::CreateSession { id, now, .. } => {
+            tx.prepare_cached("INSERT INTO sessions (id, created_ms, last_activity_ms) VALUES (?1, ?2, ?2)")?
+                .execute(params![id.to_string(), now])?;
+            staged.next_ids.insert(*id, 0);
+            Ok(Done::Session(SessionRow {
+                id: *id,
+                created_ms: *now,
+                title: None,
+                agent_started: false,
+                last_activity_ms: *now,
+                event_count: 0,
+                turn_running: false,
+                turn_pgid: None,
+                turn_marker: None,
+            }))
+        }
+        Command::Append { fence: Some(fence), .. } if fence.is_tripped() => Ok(Done::Refused(StoreError::Fenced)),
+        Command::Append { session, event, .. } => {
+            let next = match staged.next_ids.get(session).or_else(|| next_ids.get(session)) {
+                Some(next) => Some(*next),
+                None => tx
+                    .prepare_cached("SELECT event_count FROM sessions WHERE id = ?1")?
+                    .query_row([session.to_string()], |r| r.get::<_, i64>(0))
+                    .optional()?
+                    .map(|n| n as u64),
+            };
+            let Some(id) = next else {
+                return Ok(Done::Refused(StoreError::NoSession));
+            };
+            let stored = Stored::new(id, event);
+            let sid = session.to_string();
+            tx.prepare_cached("INSERT INTO events (session, id, json) VALUES (?1, ?2, ?3)")?.execute(params![
+                sid,
+                to_sql(id),
+                &*stored.json
+            ])?;
+            tx.prepare_cached("UPDATE sessions SET event_count = ?2, last_activity_ms = ?3 WHERE id = ?1")?
+                .execute(params![sid, to_sql(id + 1), now_ms()])?;
+            // What an event means for its session's row.
+            match event {
+                Event::User { text, .. } => {
+                    let title: String = text.trim().chars().take(TITLE_CHARS).collect();
+                    tx.prepare_cached(
+                        "UPDATE sessions SET turn_running = 1, title = coalesce(title, ?2) WHERE id = ?1",
+                    )?
+                    .execute(params![sid, title])?;
+                }
+                Event::Session { .. } => {
+                    tx.prepare_cached("UPDATE sessions SET agent_started = 1 WHERE id = ?1")?.execute([&sid])?;
+                }
+                Event::TurnEnd => {
+                    tx.prepare_cached(
+                        "UPDATE sessions SET turn_running = 0, turn_pgid = NULL, turn_marker = NULL WHERE id = ?1",
+                    )?
+                    .execute([&sid])?;
+                }
+                _ => {}
+            }
+            staged.next_ids.insert(*session, id + 1);
+            Ok(Done::Event(stored))
+        }
+        Command::SetTurn { session, pgid, marker, .. } => {
+            tx.prepare_cached("UPDATE sessions SET turn_pgid = ?2, turn_marker = ?3 WHERE id = ?1")?
+                .execute(params![session.to_string(), pgid, marker])?;
+            Ok(Done::Nothing)
+        }
+        Command::Audit { record, .. } => {
+            let (prev_seq, prev_hash) = match staged.audit_tail.clone().or_else(|| audit_tail.clone()) {
+                Some(tail) => tail,
+                None => tx
+                    .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                    })
+                    .optional()?
+                    .unwrap_or_else(|| (0, GENESIS.to_owned())),
+            };
+            let seq = prev_seq + 1;
+            let at_ms = now_ms();
+            let hash = chain_hash(&prev_hash, seq, at_ms, record);
+            tx.prepare_cached(
+                "INSERT INTO audit (seq, at_ms, identity, peer, action, target, outcome, prev_hash, hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                seq,
+                at_ms,
+                record.identity,
+                record.peer,
+                record.action,
+                record.target,
+                record.outcome,
+                prev_hash,
+                hash
+            ])?;
+            staged.audit_tail = Some((seq, hash.clone()));
+            Ok(Done::Audit(AuditEntry { seq, at_ms, record: record.clone(), prev_hash, hash }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Durability, Store};
+
+    fn append(
+        session: Uuid,
+        text: &str,
+        fence: Option<&Fence>,
+    ) -> (Command, oneshot::Receiver<Result<Stored, StoreError>>) {
+        let (reply, rx) = oneshot::channel();
+        let event = Event::Text { text: text.into() };
+        (Command::Append { session, event, hub: Arc::new(Hub::default()), fence: fence.cloned(), reply }, rx)
+    }
+
+    /// A transaction whose commit fails (here a deferred foreign key that
+    /// one session's writes break) is tried again write by write: only that
+    /// session's writes fail, its fence trips, and the others commit.
+    #[test]
+    fn a_failed_commit_is_retried_write_by_write() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), Durability::Normal).unwrap());
+        let conn = Connection::open(dir.path().join("breakglass.db")).unwrap();
+        let (good, bad) = (Uuid::new_v4(), Uuid::new_v4());
+        conn.execute_batch(&format!(
+            "PRAGMA foreign_keys = ON;
+             INSERT INTO sessions (id, created_ms, last_activity_ms) VALUES ('{good}', 0, 0), ('{bad}', 0, 0);
+             CREATE TABLE parent (id TEXT PRIMARY KEY);
+             CREATE TABLE orphan (parent TEXT REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED);
+             CREATE TRIGGER breaks_the_commit AFTER INSERT ON events WHEN NEW.session = '{bad}'
+             BEGIN INSERT INTO orphan VALUES ('none'); END;"
+        ))
+        .unwrap();
+        let mut writer = Writer::new(conn, dir.path().to_owned(), true);
+        let fence = Fence::default();
+        let (batch, replies): (Vec<_>, Vec<_>) = [
+            append(good, "a", None),
+            append(bad, "b", Some(&fence)),
+            append(good, "c", None),
+            append(bad, "d", Some(&fence)),
+        ]
+        .into_iter()
+        .unzip();
+        writer.apply(batch);
+        let answers: Vec<_> = replies.into_iter().map(|mut rx| rx.try_recv().expect("answered")).collect();
+        assert_eq!(answers[0].as_ref().map(|s| s.id).ok(), Some(0));
+        assert!(matches!(&answers[1], Err(StoreError::Sqlite(e)) if e.contains("FOREIGN KEY")), "{:?}", answers[1]);
+        assert_eq!(answers[2].as_ref().map(|s| s.id).ok(), Some(1));
+        assert!(matches!(answers[3], Err(StoreError::Fenced)), "{:?}", answers[3]);
+        assert!(fence.is_tripped());
+        let kept: Vec<(String, i64)> = writer
+            .conn
+            .prepare("SELECT session, id FROM events ORDER BY session, id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(kept, [(good.to_string(), 0), (good.to_string(), 1)]);
+    }
+}
