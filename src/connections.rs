@@ -7,7 +7,8 @@
 //! - a connection whose request headers are not complete within the header
 //!   timeout is closed, and so is a keep-alive connection that sends no new
 //!   request within it (hyper's `header_read_timeout` runs whenever a
-//!   connection waits for a request head);
+//!   connection waits for a request head); a request body that stops
+//!   arriving for as long is refused (408);
 //! - a connection that accepts none of our bytes for the write timeout is
 //!   closed (a stalled attach client reconnects and loses nothing);
 //! - connections are capped below the descriptor limit, with a reserve for
@@ -36,6 +37,7 @@ use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
+use tower_http::timeout::TimeoutBody;
 
 use crate::http::auth::Peer;
 
@@ -184,6 +186,26 @@ const OVER_CAP: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: appl
 connection: close\r\nretry-after: 1\r\ncontent-length: 52\r\n\r\n\
 {\"detail\":\"too many connections; try again shortly\"}";
 
+/// Connections over the cap being answered at once.
+const REFUSING: usize = 16;
+/// Longest a refused connection is kept: for its request to arrive (HTTP
+/// clients treat an answer before their request as an error), and for the
+/// answer to leave.
+const REFUSE_WITHIN: Duration = Duration::from_secs(1);
+
+/// Reads what the client sent (up to a bound), answers 503 and closes; a
+/// client that sends nothing within [`REFUSE_WITHIN`] is just closed.
+async fn refuse(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let answered = async {
+        let mut request = [0u8; 8192];
+        let _ = stream.read(&mut request).await?;
+        stream.write_all(OVER_CAP).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(REFUSE_WITHIN, answered).await;
+}
+
 /// How the accept loop is stopped.
 #[derive(Debug, Clone, Default)]
 pub struct Stopping {
@@ -199,6 +221,7 @@ pub struct Stopping {
 /// of `tracker`.
 pub async fn accept_loop(listener: TcpListener, app: Router, limits: Limits, stop: Stopping, tracker: TaskTracker) {
     let registry = Arc::new(Registry::default());
+    let refusing = Arc::new(tokio::sync::Semaphore::new(REFUSING));
     loop {
         let accepted = tokio::select! {
             () = stop.accept.cancelled() => break,
@@ -217,8 +240,14 @@ pub async fn accept_loop(listener: TcpListener, app: Router, limits: Limits, sto
         };
         if !registry.make_room(limits.max) {
             tracing::warn!(%addr, max = limits.max, "connection refused: every connection is busy");
-            // A fresh socket's send buffer takes this whole; never wait on it.
-            let _ = stream.try_write(OVER_CAP);
+            // Answered by a few short-lived tasks at most; beyond them the
+            // connection is simply closed.
+            if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                tracker.spawn(async move {
+                    refuse(stream).await;
+                    drop(permit);
+                });
+            }
             continue;
         }
         let (id, conn) = registry.register();
@@ -244,12 +273,15 @@ async fn serve_connection(
     stream.set_write_timeout(Some(limits.write_timeout));
     let io = TokioIo::new(Box::pin(stream));
     let evict = conn.evict.clone();
+    let header_timeout = limits.header_timeout;
     let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         let in_flight = InFlight::new(conn.clone(), registry.clone());
         request.extensions_mut().insert(ConnectInfo(Peer(addr)));
         let app = app.clone();
         async move {
-            let response = app.oneshot(request.map(Body::new)).await.unwrap_or_else(|never: Infallible| match never {});
+            // A body that stops arriving is cut off like a head that does.
+            let request = request.map(|body| Body::new(TimeoutBody::new(header_timeout, body)));
+            let response = app.oneshot(request).await.unwrap_or_else(|never: Infallible| match never {});
             Ok::<_, Infallible>(response.map(|inner| Body::new(Tracked { inner, _in_flight: in_flight })))
         }
     });

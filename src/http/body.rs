@@ -23,6 +23,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge(format!("request body is larger than {MAX_BODY} bytes"))
+            } else if timed_out(&rejection) {
+                ApiError::RequestTimeout("the request body stopped arriving".into())
             } else {
                 ApiError::BadRequest(rejection.body_text())
             }
@@ -32,4 +34,16 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             _ => ApiError::BadRequest(format!("request body is not JSON: {err}")),
         })
     }
+}
+
+/// The body stalled longer than the connection allows (see `connections`).
+fn timed_out(rejection: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(rejection);
+    while let Some(err) = source {
+        if err.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }

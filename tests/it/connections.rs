@@ -125,3 +125,29 @@ async fn over_the_cap_with_every_connection_busy_the_answer_is_503() {
     let body: serde_json::Value = refused.json().await.unwrap();
     assert_eq!(body["detail"], "too many connections; try again shortly");
 }
+
+/// A body that stops arriving holds its connection no longer than a head
+/// that does: 408, JSON, and the connection goes.
+#[tokio::test]
+async fn a_request_body_that_stops_arriving_is_refused() {
+    let server = Server::options().env("BREAKGLASS_HEADER_TIMEOUT_SECONDS", "1").start();
+    let session = server.open_session().await;
+    let mut stream = TcpStream::connect(addr(&server)).await.unwrap();
+    let head = format!(
+        "POST /api/session/{session}/prompt HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"prompt\":",
+        crate::harness::TOKEN
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(DEADLINE, stream.read(&mut buf)).await.expect("answered in time") {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#"{"detail":"the request body stopped arriving"}"#), "{answer}");
+}
