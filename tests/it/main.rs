@@ -15,6 +15,7 @@ mod crash;
 mod frozen;
 mod lifecycle;
 mod limits;
+mod model_api;
 mod pve;
 mod real_claude;
 mod separation;
