@@ -12,6 +12,7 @@ mod attach;
 mod auth;
 mod connections;
 mod crash;
+mod drill;
 mod frozen;
 mod lifecycle;
 mod limits;
