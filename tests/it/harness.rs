@@ -67,12 +67,16 @@ pub fn real_cli_for_agent_user() -> PathBuf {
             let dir = std::env::temp_dir().join("breakglass-test-cli");
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-            let placed = dir.join("claude");
-            let _ = std::fs::remove_file(&placed);
-            if std::fs::hard_link(&source, &placed).is_err() {
-                std::fs::copy(&source, &placed).expect("copy the CLI");
+            // Placed under a name of its own, then renamed over the last
+            // one: a run still using that one keeps it whole.
+            let fresh = dir.join(format!("claude.{}", std::process::id()));
+            let _ = std::fs::remove_file(&fresh);
+            if std::fs::hard_link(&source, &fresh).is_err() {
+                std::fs::copy(&source, &fresh).expect("copy the CLI");
             }
-            std::fs::set_permissions(&placed, std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let placed = dir.join("claude");
+            std::fs::rename(&fresh, &placed).unwrap();
             placed
         })
         .clone()

@@ -365,7 +365,8 @@ fn reply(shape: Shape, request_id: &str) -> Response {
             .collect();
         return json_response(StatusCode::OK, request_id, message(json!(content), json!(stop_reason), output_tokens));
     }
-    // The streaming form: https://docs.anthropic.com/en/api/messages-streaming
+    // The streaming form, event by event as the API sends it: the message,
+    // a ping, each block's start, deltas and stop, the stop reason, the end.
     let mut frames: Vec<(Duration, String)> = Vec::new();
     let mut push = |delay: Duration, data: Value| {
         frames.push((delay, format!("event: {}\ndata: {data}\n\n", data["type"].as_str().unwrap())));
@@ -655,14 +656,16 @@ async fn the_real_cli_runs_a_bash_call_through_the_stand_in_and_relays_each_delt
     let (output, lines) = run_cli(&api, &[], &["--include-partial-messages"], "Is devvm up?");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 
-    let requests = api.requests();
-    let asked: Vec<String> = requests.iter().map(|r| format!("{} {}", r.method, r.path)).collect();
+    let asked: Vec<String> = api.requests().iter().map(|r| format!("{} {}", r.method, r.path)).collect();
+    let mut sorted = asked.clone();
+    sorted.sort();
     assert_eq!(
-        asked,
+        sorted,
         ["HEAD /api/hello", "POST /v1/messages?beta=true", "POST /v1/messages?beta=true"],
-        "a reachability check, then one model request per step"
+        "a reachability check (answered 404), and one model request per step: {asked:?}"
     );
-    let first = &requests[1];
+    let requests = api.main_requests();
+    let first = &requests[0];
     assert_eq!(first.headers["x-api-key"], "sk-standin");
     assert_eq!(first.headers["anthropic-version"], "2023-06-01");
     assert!(first.headers["user-agent"].starts_with("claude-cli/2.1.329 "), "{:?}", first.headers);
@@ -672,8 +675,8 @@ async fn the_real_cli_runs_a_bash_call_through_the_stand_in_and_relays_each_delt
     let tools: Vec<&str> = first.body["tools"].as_array().unwrap().iter().filter_map(|t| t["name"].as_str()).collect();
     assert!(tools.contains(&"Bash"), "{tools:?}");
     assert!(first.texts().contains(&"Is devvm up?".to_owned()));
-    assert_eq!(requests[2].tool_results().len(), 1);
-    assert_eq!(requests[2].tool_results()[0].1, "up");
+    assert_eq!(requests[1].tool_results().len(), 1);
+    assert_eq!(requests[1].tool_results()[0].1, "up");
 
     // Each delta the stand-in sent comes out as a `stream_event` line, in order,
     // before the whole block arrives as an `assistant` line.
