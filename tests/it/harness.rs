@@ -19,6 +19,69 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The unprivileged user the tests run agents as (README "Security").
+pub const AGENT_USER: &str = "breakglass-agent-test";
+pub const AGENT_HOME: &str = "/var/lib/breakglass-agent-test";
+
+/// Held by every test that runs something as the agent user: a server
+/// sweeps every process of that user when its last turn ends (one server
+/// per agent user is the deployment), so such tests take turns.
+pub static AGENT_USER_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The test agent user (created once, as an installation would), with its
+/// uid and gid.
+pub fn agent_user() -> (u32, u32) {
+    static USER: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    *USER.get_or_init(|| {
+        let exists = Command::new("id").arg("-u").arg(AGENT_USER).output().unwrap().status.success();
+        if !exists {
+            let made = Command::new("useradd")
+                .args(["--system", "--create-home", "--home-dir", AGENT_HOME, "--shell", "/usr/sbin/nologin"])
+                .arg(AGENT_USER)
+                .output()
+                .unwrap();
+            assert!(made.status.success(), "useradd: {}", String::from_utf8_lossy(&made.stderr));
+        }
+        let user = nix::unistd::User::from_name(AGENT_USER).unwrap().unwrap();
+        (user.uid.as_raw(), user.gid.as_raw())
+    })
+}
+
+/// The pinned Claude Code CLI that scripts/test installs.
+pub fn real_cli() -> PathBuf {
+    let cli = repo().join(".cache/claude-cli/node_modules/.bin/claude");
+    assert!(cli.exists(), "{} is missing: run scripts/test, which installs it", cli.display());
+    cli
+}
+
+/// The pinned CLI where the agent user can run it: the checkout may sit
+/// in a directory only root can enter, so it is linked (or copied, across
+/// file systems) into a directory of its own under the temporary directory,
+/// once per test run. The CLI is one self-contained executable.
+pub fn real_cli_for_agent_user() -> PathBuf {
+    static PLACED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PLACED
+        .get_or_init(|| {
+            use std::os::unix::fs::PermissionsExt;
+            let source = std::fs::canonicalize(real_cli()).expect("the CLI's executable");
+            let dir = std::env::temp_dir().join("breakglass-test-cli");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            // Placed under a name of its own, then renamed over the last
+            // one: a run still using that one keeps it whole.
+            let fresh = dir.join(format!("claude.{}", std::process::id()));
+            let _ = std::fs::remove_file(&fresh);
+            if std::fs::hard_link(&source, &fresh).is_err() {
+                std::fs::copy(&source, &fresh).expect("copy the CLI");
+            }
+            std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let placed = dir.join("claude");
+            std::fs::rename(&fresh, &placed).unwrap();
+            placed
+        })
+        .clone()
+}
+
 /// A running `breakglass serve`, killed and reaped on drop.
 pub struct Server {
     child: Option<Child>,

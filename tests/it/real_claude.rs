@@ -5,12 +5,10 @@
 
 use serde_json::Value;
 
-use crate::harness::{Server, kinds, repo};
+use crate::harness::{Server, kinds};
 
 fn real_cli() -> String {
-    let cli = repo().join(".cache/claude-cli/node_modules/.bin/claude");
-    assert!(cli.exists(), "{} is missing: run scripts/test, which installs it", cli.display());
-    cli.display().to_string()
+    crate::harness::real_cli().display().to_string()
 }
 
 /// PATH with node on it, and nothing of the fake agent's.

@@ -4,33 +4,10 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use serde_json::Value;
 
-use crate::harness::{Server, alive, eventually, kinds, repo};
-
-const AGENT_USER: &str = "breakglass-agent-test";
-const AGENT_HOME: &str = "/var/lib/breakglass-agent-test";
-
-/// The test agent user (created once, as an installation would), with its
-/// uid and gid.
-fn agent_user() -> (u32, u32) {
-    static USER: OnceLock<(u32, u32)> = OnceLock::new();
-    *USER.get_or_init(|| {
-        let exists = Command::new("id").arg("-u").arg(AGENT_USER).output().unwrap().status.success();
-        if !exists {
-            let made = Command::new("useradd")
-                .args(["--system", "--create-home", "--home-dir", AGENT_HOME, "--shell", "/usr/sbin/nologin"])
-                .arg(AGENT_USER)
-                .output()
-                .unwrap();
-            assert!(made.status.success(), "useradd: {}", String::from_utf8_lossy(&made.stderr));
-        }
-        let user = nix::unistd::User::from_name(AGENT_USER).unwrap().unwrap();
-        (user.uid.as_raw(), user.gid.as_raw())
-    })
-}
+use crate::harness::{AGENT_HOME, AGENT_USER, AGENT_USER_LOCK, Server, agent_user, alive, eventually, kinds, repo};
 
 /// Copies the fake agent and its transcripts where the agent user can run
 /// them (the checkout may sit in a directory only root can enter).
@@ -51,11 +28,6 @@ fn install_fake_agent(dir: &Path) -> PathBuf {
     }
     bin
 }
-
-/// Servers sharing one agent user would sweep each other's agents when
-/// their last turn ends (one server per agent user is the deployment), so
-/// the tests that start one take turns.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A server whose agent runs as the test agent user; its fake agent writes
 /// its records to `<dir>/records/argv.jsonl`.
@@ -93,7 +65,7 @@ fn mode(path: &Path) -> u32 {
 #[tokio::test]
 async fn the_agent_runs_as_its_own_user_and_cannot_reach_the_servers_secrets() {
     let (uid, gid) = agent_user();
-    let _turn = ONE_AT_A_TIME.lock().await;
+    let _turn = AGENT_USER_LOCK.lock().await;
     let server = separated();
     let session = server.open_session().await;
     let data = server.data_dir();
@@ -155,7 +127,7 @@ async fn secrets_left_readable_by_an_earlier_start_are_made_private() {
 /// marker; it is still the agent user's, and goes when the last turn ends.
 #[tokio::test]
 async fn the_last_turn_to_end_kills_what_the_agent_user_left_however_hidden() {
-    let _turn = ONE_AT_A_TIME.lock().await;
+    let _turn = AGENT_USER_LOCK.lock().await;
     let server = separated();
     let session = server.open_session().await;
     let events = server.run_turn(&session, "hidden-daemon\nresult").await;

@@ -1,0 +1,402 @@
+//! An incident drill, end to end: the real `breakglass` binary runs the
+//! real Claude Code CLI as the agent user (README "Security"), against the
+//! stand-in model API (tests/it/model_api.rs), whose scripted model asks
+//! for `ssh devvm '…'`; the CLI's own Bash tool runs the real ssh client,
+//! through the agent user's ssh config and an ssh-agent socket it can
+//! reach (README "The SSH key and the agent's two hosts"), into a real sshd
+//! on loopback standing in for the target, where a normal login shell runs
+//! the commands. The target is not a systemd machine, so the drill asks for
+//! `uptime; df -h /` rather than `systemctl --failed`, which fails there.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::{
+    AGENT_HOME, AGENT_USER, AGENT_USER_LOCK, BASIC, Server, agent_user, alive, eventually, kinds,
+    real_cli_for_agent_user, wait_until,
+};
+use crate::model_api::{ModelApi, Reply};
+use crate::pve::free_port;
+
+/// The account the agent logs in as on the stand-in target ("an
+/// unprivileged user" in README's ssh config example).
+const TARGET_USER: &str = "breakglass-devvm-test";
+const TARGET_HOME: &str = "/var/lib/breakglass-devvm-test";
+
+/// The target's account, created once with a login shell. Its password
+/// field is `*` (no password, but not locked): sshd without PAM refuses
+/// key logins to a locked account, and `useradd` leaves one locked.
+fn target_user() {
+    static MADE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    MADE.get_or_init(|| {
+        if !Command::new("id").arg("-u").arg(TARGET_USER).output().unwrap().status.success() {
+            let made = Command::new("useradd")
+                .args(["--system", "--create-home", "--home-dir", TARGET_HOME, "--shell", "/bin/sh", TARGET_USER])
+                .output()
+                .unwrap();
+            assert!(made.status.success(), "useradd: {}", String::from_utf8_lossy(&made.stderr));
+        }
+        let unlocked = Command::new("usermod").args(["-p", "*", TARGET_USER]).output().unwrap();
+        assert!(unlocked.status.success(), "usermod: {}", String::from_utf8_lossy(&unlocked.stderr));
+    });
+}
+
+/// Forgets what earlier runs left in the agent user's home (the CLI's
+/// state and settings, an ssh config pointing at an old port), so each
+/// drill starts as a fresh installation would. Call with the agent user's
+/// lock held.
+fn fresh_agent_home() {
+    agent_user();
+    for entry in std::fs::read_dir(AGENT_HOME).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".claude") || name == ".ssh" {
+            let path = entry.path();
+            let gone = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            gone.unwrap_or_else(|e| panic!("remove {}: {e}", path.display()));
+        }
+    }
+}
+
+/// The stand-in target: a real sshd on a loopback port where the target
+/// user logs in with a normal shell; a real ssh-agent (run by root, as the
+/// deployment's entrypoint runs it) holding the only key; and the relay
+/// that makes it reachable by the agent user, since ssh-agent answers
+/// nobody but its own user and root.
+struct Devvm {
+    dir: tempfile::TempDir,
+    sshd: Child,
+    ssh_agent: Child,
+    relay: Child,
+    port: u16,
+}
+
+impl Devvm {
+    /// Starts it all and writes the agent user's `~/.ssh` (after
+    /// [`fresh_agent_home`]).
+    fn start() -> Devvm {
+        target_user();
+        fresh_agent_home();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).unwrap();
+        let keys = d.join("keys");
+        std::fs::create_dir(&keys).unwrap();
+        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700)).unwrap();
+        for key in ["host_key", "client_key"] {
+            let made =
+                Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(keys.join(key)).status();
+            assert!(made.is_ok_and(|s| s.success()), "ssh-keygen (scripts/test installs openssh-client)");
+        }
+        std::fs::copy(keys.join("client_key.pub"), d.join("authorized_keys")).unwrap();
+        let port = free_port();
+        std::fs::write(
+            d.join("sshd_config"),
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile none\n\
+                 StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                 PubkeyAuthentication yes\nPermitRootLogin no\nAllowUsers {TARGET_USER}\nLogLevel VERBOSE\n",
+                keys.join("host_key").display(),
+                d.join("authorized_keys").display()
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir_all("/run/sshd").unwrap(); // sshd's privilege-separation directory
+        let sshd = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(d.join("sshd_config"))
+            .stderr(std::fs::File::create(d.join("sshd.log")).unwrap())
+            .spawn()
+            .expect("start sshd");
+        let ssh_agent = Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(keys.join("agent.sock"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start ssh-agent");
+        wait_until("ssh-agent to listen", || keys.join("agent.sock").exists());
+        let added = Command::new("ssh-add")
+            .arg(keys.join("client_key"))
+            .env("SSH_AUTH_SOCK", keys.join("agent.sock"))
+            .output()
+            .unwrap();
+        assert!(added.status.success(), "ssh-add: {}", String::from_utf8_lossy(&added.stderr));
+        std::fs::remove_file(keys.join("client_key")).unwrap(); // the key lives in the agent only
+        let relay = Command::new("socat")
+            .arg(format!("UNIX-LISTEN:{},fork,user={AGENT_USER},mode=600", d.join("agent-ssh.sock").display()))
+            .arg(format!("UNIX-CONNECT:{}", keys.join("agent.sock").display()))
+            .stderr(std::fs::File::create(d.join("socat.log")).unwrap())
+            .spawn()
+            .expect("start socat (scripts/test installs it)");
+        let devvm = Devvm { dir, sshd, ssh_agent, relay, port };
+        wait_until("the relay to listen", || devvm.relay_sock().exists());
+        wait_until("sshd to greet", || greets(port));
+        devvm.write_agent_ssh_config();
+        devvm
+    }
+
+    /// The ssh-agent's own socket: the server's `SSH_AUTH_SOCK`.
+    fn auth_sock(&self) -> PathBuf {
+        self.dir.path().join("keys/agent.sock")
+    }
+
+    /// The relay's socket, the agent user's alone.
+    fn relay_sock(&self) -> PathBuf {
+        self.dir.path().join("agent-ssh.sock")
+    }
+
+    fn sshd_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+
+    /// The agent user's `~/.ssh/config` with README's options for `devvm`,
+    /// and its known_hosts with the target's key.
+    fn write_agent_ssh_config(&self) {
+        let (uid, gid) = agent_user();
+        let ssh = Path::new(AGENT_HOME).join(".ssh");
+        std::fs::create_dir(&ssh).unwrap();
+        std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let host_key = std::fs::read_to_string(self.dir.path().join("keys/host_key.pub")).unwrap();
+        let mut host_key = host_key.split_whitespace();
+        let known_hosts =
+            format!("[127.0.0.1]:{} {} {}\n", self.port, host_key.next().unwrap(), host_key.next().unwrap());
+        let config = format!(
+            "Host devvm\n    BatchMode yes\n    ConnectTimeout 10\n    ServerAliveInterval 5\n    ServerAliveCountMax 2\n    \
+             StrictHostKeyChecking yes\n    UserKnownHostsFile {AGENT_HOME}/.ssh/known_hosts\n    \
+             IdentityAgent {}\n    HostName 127.0.0.1\n    Port {}\n    User {TARGET_USER}\n",
+            self.relay_sock().display(),
+            self.port
+        );
+        for (name, content) in [("config", config), ("known_hosts", known_hosts)] {
+            std::fs::write(ssh.join(name), content).unwrap();
+            std::fs::set_permissions(ssh.join(name), std::fs::Permissions::from_mode(0o600)).unwrap();
+            std::os::unix::fs::chown(ssh.join(name), Some(uid), Some(gid)).unwrap();
+        }
+        std::os::unix::fs::chown(&ssh, Some(uid), Some(gid)).unwrap();
+    }
+}
+
+impl Drop for Devvm {
+    fn drop(&mut self) {
+        for child in [&mut self.relay, &mut self.ssh_agent, &mut self.sshd] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn greets(port: u16) -> bool {
+    use std::io::Read;
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut banner = [0u8; 8];
+    stream.read_exact(&mut banner).is_ok() && banner.starts_with(b"SSH-2.0")
+}
+
+/// breakglass as a deployment runs it: as root, the agent as the agent
+/// user, the real CLI, the model API at `api`, and the ssh-agent's socket
+/// in `SSH_AUTH_SOCK` (when there is a target). The CLI's nonessential
+/// traffic (a reachability check, telemetry, updates) is switched off:
+/// the machine has no other network to reach.
+fn breakglass(api: &ModelApi, devvm: Option<&Devvm>) -> Server {
+    agent_user();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let mut options = Server::options()
+        .env("BREAKGLASS_AGENT_USER", AGENT_USER)
+        .env("BREAKGLASS_CLAUDE_BIN", real_cli_for_agent_user().display().to_string())
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("ANTHROPIC_BASE_URL", &api.base_url)
+        .env("ANTHROPIC_API_KEY", "sk-standin")
+        .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1");
+    if let Some(devvm) = devvm {
+        options = options.env("SSH_AUTH_SOCK", devvm.auth_sock().display().to_string());
+    }
+    options.start_in(dir)
+}
+
+/// Live processes whose real uid is `uid`: (pid, command name).
+fn processes_of(uid: u32) -> Vec<(u32, String)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+            let real_uid: u32 = field("Uid:")?.split_whitespace().next()?.parse().ok()?;
+            (real_uid == uid && alive(pid)).then(|| (pid, field("Name:").unwrap_or_default().to_owned()))
+        })
+        .collect()
+}
+
+/// Each event's time after the first one's, in ms, with its kind.
+fn offsets(events: &[Value]) -> Vec<(String, u128)> {
+    let at = |e: &Value| humantime::parse_rfc3339(e["at"].as_str().expect("at")).expect("RFC 3339");
+    let first = at(&events[0]);
+    events.iter().map(|e| (text_of(e, "kind"), at(e).duration_since(first).unwrap_or_default().as_millis())).collect()
+}
+
+fn text_of(event: &Value, field: &str) -> String {
+    event[field].as_str().unwrap_or_else(|| panic!("{field} in {event}")).to_owned()
+}
+
+/// Why the relay: ssh-agent answers only its own user and root, so the
+/// agent user is refused by the server's ssh-agent even when its socket is
+/// open to everyone; through the relay it gets the key.
+#[tokio::test]
+async fn the_agent_user_reaches_the_servers_ssh_agent_only_through_the_relay() {
+    let _agent_user = AGENT_USER_LOCK.lock().await;
+    let devvm = Devvm::start();
+    let keys = devvm.auth_sock().parent().unwrap().to_owned();
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(devvm.auth_sock(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let list = |socket: PathBuf| {
+        use std::os::unix::process::CommandExt;
+        let (uid, gid) = agent_user();
+        Command::new("ssh-add").arg("-l").uid(uid).gid(gid).env("SSH_AUTH_SOCK", socket).output().unwrap()
+    };
+    let direct = list(devvm.auth_sock());
+    assert!(!direct.status.success(), "the server's own ssh-agent refuses the agent user");
+    let relayed = list(devvm.relay_sock());
+    assert!(relayed.status.success(), "{}", String::from_utf8_lossy(&relayed.stderr));
+    assert!(String::from_utf8_lossy(&relayed.stdout).contains("ED25519"), "the key, through the relay");
+}
+
+#[tokio::test]
+#[ignore = "needs the real Claude Code CLI (scripts/test installs it)"]
+async fn an_incident_turn_runs_the_models_ssh_on_the_target_and_the_next_turn_resumes_it() {
+    let _agent_user = AGENT_USER_LOCK.lock().await;
+    let devvm = Devvm::start();
+    let check = "ssh devvm 'uptime; df -h /; id -un'";
+    let api =
+        ModelApi::start(vec![Reply::bash("Let me look at devvm.", check), Reply::text("devvm is up and / has room.")]);
+    let server = breakglass(&api, Some(&devvm));
+    let session = server.open_session().await;
+
+    let started = Instant::now();
+    let events = server.run_turn(&session, "Is devvm healthy?").await;
+    let took = started.elapsed();
+    assert_eq!(kinds(&events), BASIC, "{events:#?}");
+    assert_eq!(events[2]["text"], "Let me look at devvm.");
+    assert_eq!((events[3]["name"].as_str(), events[3]["input"]["command"].as_str()), (Some("Bash"), Some(check)));
+    let tool_use_id = text_of(&events[3], "tool_use_id");
+    assert_eq!(events[4]["tool_use_id"], tool_use_id.as_str());
+    assert_eq!(events[4]["is_error"], false, "{:#?}\nsshd: {}", events[4], devvm.sshd_log());
+    let output = text_of(&events[4], "content");
+    assert!(output.contains("load average:"), "uptime ran: {output}");
+    assert!(output.contains("Filesystem") && output.contains("Mounted on"), "df ran: {output}");
+    assert_eq!(output.lines().last(), Some(TARGET_USER), "on the target, as its user: {output}");
+    assert!(devvm.sshd_log().contains(&format!("Accepted publickey for {TARGET_USER}")), "{}", devvm.sshd_log());
+    assert_eq!(events[5]["text"], "devvm is up and / has room.");
+    let result = &events[6];
+    assert_eq!(result["is_error"], false, "{result}");
+    assert_eq!(result["result"], "devvm is up and / has room.");
+    assert_eq!(result["num_turns"], 2);
+    assert!(result["total_cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{result}");
+    assert!(result["duration_ms"].as_u64().is_some_and(|d| d > 0), "{result}");
+    let asked = api.main_requests();
+    assert_eq!(asked.len(), 2, "one model request per step");
+    assert_eq!(asked[1].tool_results(), [(tool_use_id, output.clone())], "the model got the real output back");
+    eprintln!(
+        "drill: prompt to turn_end {} ms (the CLI's duration_ms: {}); events at {:?} ms after the prompt",
+        took.as_millis(),
+        result["duration_ms"],
+        offsets(&events)
+    );
+
+    // The next prompt resumes the CLI's session: the model sees the whole
+    // incident so far, and ssh still works after the first turn's sweep of
+    // the agent user's processes.
+    api.then(vec![Reply::bash("And its memory:", "ssh devvm 'free -m'"), Reply::text("Memory is fine too.")]);
+    let started = Instant::now();
+    let next = server.run_turn(&session, "And its memory?").await;
+    let took_next = started.elapsed();
+    assert_eq!(kinds(&next), BASIC, "{next:#?}");
+    assert_eq!(next[1]["session_id"], events[1]["session_id"], "the same CLI session");
+    let resumed = &api.main_requests()[2];
+    let seen = resumed.texts();
+    for earlier in ["Is devvm healthy?", "Let me look at devvm.", check, output.as_str(), "devvm is up and / has room."]
+    {
+        assert!(seen.iter().any(|t| t == earlier), "{earlier:?} not in the resumed conversation: {seen:#?}");
+    }
+    assert_eq!(seen.last().map(String::as_str), Some("And its memory?"));
+    assert!(text_of(&next[4], "content").contains("Mem:"), "{:#?}", next[4]);
+    assert_eq!(next[6]["result"], "Memory is fine too.");
+    eprintln!("drill: the resumed turn took {} ms", took_next.as_millis());
+}
+
+/// Cancel while the model has gone quiet, with the ssh it started in the
+/// background still connected: the CLI, its shell and ssh are all gone.
+#[tokio::test]
+#[ignore = "needs the real Claude Code CLI (scripts/test installs it)"]
+async fn cancel_while_the_model_stalls_leaves_no_process_of_the_turn() {
+    let _agent_user = AGENT_USER_LOCK.lock().await;
+    let (uid, _) = agent_user();
+    let devvm = Devvm::start();
+    let api = ModelApi::start(vec![
+        Reply::bash_in_background("I'll keep an eye on it.", "ssh devvm 'sleep 30'"),
+        Reply::stall(Duration::from_secs(120), "Never said."),
+    ]);
+    let server = breakglass(&api, Some(&devvm));
+    let (session, mut stream) = server.attached().await;
+    server.start_turn(&session, "Watch devvm").await;
+    api.until_main_requests(2).await;
+    eventually("the CLI, its shell and ssh to run", || {
+        let names: Vec<String> = processes_of(uid).into_iter().map(|(_, name)| name).collect();
+        ["claude", "bash", "ssh"].iter().all(|n| names.iter().any(|m| m == n))
+    })
+    .await;
+    let turn = processes_of(uid);
+
+    let asked = Instant::now();
+    let answer = server.cancel(&session).await;
+    assert_eq!(answer["cancelled"], true);
+    eprintln!("drill: cancel answered in {} ms", asked.elapsed().as_millis());
+    let events = stream.until_turn_end().await;
+    assert_eq!(kinds(&events), ["user", "session", "text", "tool", "tool_result", "cancelled", "turn_end"]);
+    assert_eq!(events[3]["input"]["run_in_background"], true);
+    eventually("every process of the turn to be gone", || turn.iter().all(|(pid, _)| !alive(*pid))).await;
+    assert_eq!(processes_of(uid), [], "nothing of the agent user is left (the turn had {turn:?})");
+}
+
+/// The CLI gives up at once (the API's `x-should-retry: false`), says why in
+/// its own words, and exits 1, which the server reports after the result.
+#[tokio::test]
+#[ignore = "needs the real Claude Code CLI (scripts/test installs it)"]
+async fn a_rejected_api_key_ends_the_turn_with_the_clis_own_message() {
+    let _agent_user = AGENT_USER_LOCK.lock().await;
+    fresh_agent_home();
+    let api = ModelApi::start(vec![Reply::unauthorized()]);
+    let server = breakglass(&api, None);
+    let session = server.open_session().await;
+    let events = server.run_turn(&session, "Is devvm healthy?").await;
+    assert_eq!(kinds(&events), ["user", "session", "text", "result", "error", "turn_end"], "{events:#?}");
+    let message = "Invalid API key · Fix external API key";
+    assert_eq!(events[2]["text"], message);
+    assert_eq!((events[3]["is_error"].as_bool(), events[3]["result"].as_str()), (Some(true), Some(message)));
+    assert_eq!(events[4]["error"], "exit 1");
+    assert_eq!(api.main_requests().len(), 1, "the API said a retry cannot help");
+}
+
+#[tokio::test]
+#[ignore = "needs the real Claude Code CLI (scripts/test installs it)"]
+async fn an_overloaded_api_shows_each_retry_as_a_status_then_the_turn_succeeds() {
+    let _agent_user = AGENT_USER_LOCK.lock().await;
+    fresh_agent_home();
+    let api = ModelApi::start(vec![Reply::overloaded(), Reply::overloaded(), Reply::text("devvm answered.")]);
+    let server = breakglass(&api, None);
+    let session = server.open_session().await;
+    let started = Instant::now();
+    let events = server.run_turn(&session, "Is devvm healthy?").await;
+    assert_eq!(kinds(&events), ["user", "session", "status", "status", "text", "result", "turn_end"], "{events:#?}");
+    assert_eq!(events[2]["text"], "API retry 1 of 10: overloaded");
+    assert_eq!(events[3]["text"], "API retry 2 of 10: overloaded");
+    assert_eq!((events[5]["is_error"].as_bool(), events[5]["result"].as_str()), (Some(false), Some("devvm answered.")));
+    assert_eq!(api.main_requests().len(), 3);
+    eprintln!("drill: two 529s and a reply took {} ms", started.elapsed().as_millis());
+}
