@@ -180,10 +180,11 @@ async fn cancel_kills_the_whole_process_group() {
 
 #[tokio::test]
 async fn a_turn_over_its_time_is_killed() {
-    let server = Server::options().arg("--turn-timeout-seconds").arg("1").start();
+    // Long enough for the fake agent to start its grandchild on a loaded machine.
+    let server = Server::options().arg("--turn-timeout-seconds").arg("3").start();
     let session = server.open_session().await;
     let events = server.run_turn(&session, "grandchild\nsleep 60").await;
-    assert_eq!(error_of(&events), "turn timed out after 1s");
+    assert_eq!(error_of(&events), "turn timed out after 3s");
     assert_eq!(kinds(&events).last(), Some(&"turn_end"));
     let pid = grandchild_pid(&events).unwrap();
     eventually("the grandchild to die", || !alive(pid)).await;
@@ -314,11 +315,11 @@ async fn cancel_kills_descendants_that_left_the_process_group() {
 
 #[tokio::test]
 async fn the_turn_timeout_kills_descendants_that_left_the_process_group() {
-    let server = Server::options().arg("--turn-timeout-seconds").arg("3").start();
+    let server = Server::options().arg("--turn-timeout-seconds").arg("6").start();
     let (session, mut stream) = server.attached().await;
     let pids = crate::lifecycle::start_escaping_turn(&server, &session).await;
     let events = stream.until_turn_end().await;
-    assert_eq!(error_of(&events), "turn timed out after 3s");
+    assert_eq!(error_of(&events), "turn timed out after 6s");
     for pid in pids {
         eventually("every process of the turn to die", || !alive(pid)).await;
     }
