@@ -60,6 +60,9 @@ pub enum StoreError {
     NoSession,
     #[error("storage failed: {0}")]
     Sqlite(String),
+    /// The database file is damaged where this read or write went.
+    #[error("storage is damaged: {0}")]
+    Corrupt(String),
     #[error("storage is closed")]
     Closed,
     #[error("not written: an earlier write of this turn failed")]
@@ -70,6 +73,7 @@ impl From<rusqlite::Error> for StoreError {
     fn from(err: rusqlite::Error) -> Self {
         match err.sqlite_error_code() {
             Some(ErrorCode::DiskFull) => StoreError::Full(err.to_string()),
+            Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => StoreError::Corrupt(err.to_string()),
             _ => StoreError::Sqlite(err.to_string()),
         }
     }
@@ -93,10 +97,24 @@ pub enum OpenError {
          Run the newer version."
     )]
     Newer { path: PathBuf, found: i64, known: i64 },
+    #[error(
+        "{path}: the file is empty (0 bytes), so whatever it held is gone; refusing to set it up as a new database. \
+         To start afresh on purpose, move it aside or delete it (with any breakglass.db-wal and -shm beside it)."
+    )]
+    Empty { path: PathBuf },
+    #[error(
+        "{path}: the database is damaged (SQLite's quick_check: {findings}); refusing to start on it. \
+         Keep the file, stop here, and recover what it holds into a new one with the sqlite3 shell: \
+         `sqlite3 breakglass.db .recover | sqlite3 recovered.db`, then move breakglass.db (with its -wal and -shm) \
+         aside and recovered.db into its place."
+    )]
+    Damaged { path: PathBuf, findings: String },
     #[error("{path}: another breakglass is using this data directory; refusing to start a second one on it")]
     InUse { path: PathBuf },
     #[error("{path}: cannot lock it: {source}")]
     Lock { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: cannot write the audit trail's head anchor: {source}")]
     Anchor { path: PathBuf, source: std::io::Error },
     #[error("{path}: migrating the schema failed: {source}")]
@@ -202,6 +220,12 @@ impl Store {
     pub fn open(dir: &Path, durability: Durability) -> Result<Store, OpenError> {
         let lock = lock_dir(dir)?;
         let path = dir.join("breakglass.db");
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.len() == 0 => return Err(OpenError::Empty { path }),
+            Ok(_) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => create(dir, &path)?,
+            Err(err) => return Err(OpenError::Io { path, source: err }),
+        }
         let mut conn = Connection::open(&path).map_err(|source| OpenError::Open { path: path.clone(), source })?;
         prepare(&mut conn, &path)?;
         let anchoring = audit::anchor_agrees(&conn, dir);
@@ -275,6 +299,31 @@ fn to_sql(id: EventId) -> i64 {
 
 pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Creates a new database under a temporary name and renames it into place
+/// once it is set up, so that an empty `breakglass.db` is never one of ours
+/// half made (and can be refused as damage).
+fn create(dir: &Path, path: &Path) -> Result<(), OpenError> {
+    let fresh = dir.join("breakglass.db.new");
+    let io = |source| OpenError::Io { path: fresh.clone(), source };
+    for leftover in ["breakglass.db.new", "breakglass.db.new-wal", "breakglass.db.new-shm"] {
+        match std::fs::remove_file(dir.join(leftover)) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(io(err)),
+            _ => {}
+        }
+    }
+    let open = |source| OpenError::Open { path: fresh.clone(), source };
+    let mut conn = Connection::open(&fresh).map_err(open)?;
+    prepare(&mut conn, &fresh)?;
+    // Closing the last connection checkpoints the WAL into the file and
+    // removes it: the file alone is the whole database.
+    conn.close().map_err(|(_, source)| open(source))?;
+    std::fs::File::open(&fresh).and_then(|f| f.sync_all()).map_err(io)?;
+    std::fs::rename(&fresh, path).map_err(io)?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    tracing::info!(path = %path.display(), "created a new database");
+    Ok(())
 }
 
 /// An exclusive lock on `<dir>/breakglass.lock`, released when the process

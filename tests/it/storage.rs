@@ -605,3 +605,115 @@ async fn removing_the_last_audit_records_is_detected() {
     assert!(stderr.contains("record 4 is not the one its head anchor (audit.head) names"), "{stderr}");
     assert!(server.log().contains("the audit trail does not match its head anchor"));
 }
+
+/// Regression: an empty `breakglass.db` (a truncated file) was quietly set
+/// up as a new, empty database, and the history it had held was forgotten.
+#[tokio::test]
+async fn an_empty_database_file_is_refused_not_set_up_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("breakglass.db"), b"").unwrap();
+    let log = spawn(dir.path(), &Server::options()).expect_err("an empty database file must stop the server");
+    assert!(log.contains("the file is empty (0 bytes)"), "{log}");
+    assert!(log.contains("To start afresh on purpose, move it aside or delete it"), "{log}");
+    assert_eq!(std::fs::metadata(data.join("breakglass.db")).unwrap().len(), 0, "left as it was");
+}
+
+/// Regression: a database damaged in the middle (a page of the events
+/// b-tree overwritten) was opened as if sound.
+#[tokio::test]
+async fn a_database_damaged_in_the_middle_is_refused_at_start_up() {
+    let mut server = Server::start();
+    let session = server.open_session().await;
+    server.run_turn(&session, "flood 3000 100\nresult").await;
+    assert!(server.terminate().success(), "a clean stop leaves everything in the database file");
+
+    // A leaf page of the events table (an index b-tree, page type 0x0a,
+    // whose keys start with the session id) in the middle of the file: its
+    // header and cell pointers are overwritten, as a bad sector would.
+    let db = db_path(&server);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+    drop(conn);
+    let mut bytes = std::fs::read(&db).unwrap();
+    let page_size = u16::from_be_bytes([bytes[16], bytes[17]]) as usize;
+    let pages = bytes.len() / page_size;
+    let page = (pages / 2..pages)
+        .find(|&p| {
+            let page = &bytes[p * page_size..(p + 1) * page_size];
+            page[0] == 0x0a && page.windows(session.len()).any(|w| w == session.as_bytes())
+        })
+        .expect("a leaf page of the events table");
+    bytes[page * page_size + 1..page * page_size + 64].fill(0xa5);
+    std::fs::write(&db, &bytes).unwrap();
+
+    let log = spawn(server.dir.path(), &Server::options()).expect_err("a damaged database must stop the server");
+    assert!(log.contains("the database is damaged (SQLite's quick_check:"), "{log}");
+    assert!(log.contains("sqlite3 breakglass.db .recover | sqlite3 recovered.db"), "{log}");
+    assert_eq!(std::fs::read(&db).unwrap(), bytes, "the damaged file is left as it was");
+}
+
+/// The frames of a stream until the server ends it, or up to `caught-up`
+/// (after which a live stream goes on for ever).
+async fn frames_to_the_end(mut stream: crate::harness::Attached) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    while let Some(frame) = stream.next().await {
+        let caught_up = frame == Frame::CaughtUp;
+        frames.push(frame);
+        if caught_up {
+            break;
+        }
+    }
+    frames
+}
+
+/// Regression: a log with rows missing in the middle replayed short and
+/// still said `caught-up`, so the client took part of the history for all
+/// of it.
+#[tokio::test]
+async fn a_log_with_missing_rows_ends_the_replay_with_an_error_not_caught_up() {
+    let mut server = Server::start();
+    let session = server.open_session().await;
+    let events = server.run_turn(&session, "replay basic").await;
+    assert_eq!(events.len(), 8);
+    let sound = server.open_session().await;
+    server.run_turn(&sound, "replay basic").await;
+    assert!(server.terminate().success());
+    let conn = rusqlite::Connection::open(db_path(&server)).unwrap();
+    conn.execute("DELETE FROM events WHERE session = ?1 AND id IN (3, 4)", [&session]).unwrap();
+    drop(conn);
+    server.restart();
+
+    let damaged = serde_json::json!({
+        "kind": "error",
+        "error": "the log of this session is damaged: replay stopped at id 3 of 8",
+    });
+    for (last_event_id, first) in [(None, 0), (Some("1"), 2)] {
+        let frames = frames_to_the_end(server.attach(&session, last_event_id).await).await;
+        let mut expected: Vec<Frame> =
+            events[first..3].iter().map(|e| Frame::Event { id: e["id"].as_u64().unwrap(), data: e.clone() }).collect();
+        expected.push(Frame::Notice(damaged.clone()));
+        assert_eq!(frames, expected, "the stream ends after saying where the replay stopped");
+    }
+    assert!(server.log().contains("the log of this session is damaged"));
+
+    // Rows missing at the end: the replay is short of the session's count.
+    server.terminate();
+    let conn = rusqlite::Connection::open(db_path(&server)).unwrap();
+    conn.execute("DELETE FROM events WHERE session = ?1 AND id >= 6", [&sound]).unwrap();
+    drop(conn);
+    server.restart();
+    let frames = frames_to_the_end(server.attach(&sound, None).await).await;
+    assert_eq!(
+        frames.last(),
+        Some(&Frame::Notice(serde_json::json!({
+            "kind": "error",
+            "error": "the log of this session is damaged: replay stopped at id 6 of 8",
+        })))
+    );
+    // A sound log still replays to caught-up.
+    let other = server.open_session().await;
+    server.run_turn(&other, "replay basic").await;
+    assert_eq!(server.attach(&other, None).await.until_caught_up().await.len(), 8);
+}
