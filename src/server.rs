@@ -102,6 +102,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    let writer_failed = store.writer_failed();
     let sessions = Arc::new(Sessions::new(&config, store));
     let recovered = sessions.recover().await.context("while closing turns interrupted by the last stop")?;
     if recovered > 0 {
@@ -143,6 +144,8 @@ pub async fn run(
     tokio::select! {
         served = serve.into_future() => served.context("while serving")?,
         () = drain => tracing::warn!("connections still open {CONNECTION_GRACE:?} after the drain; closing them"),
+        // Storage is closed for good: stop with an error so the supervisor restarts us.
+        () = writer_failed.cancelled() => anyhow::bail!("the storage writer died (see the log); stopping so that a restart reopens storage"),
     }
     tracing::info!("drained; bye");
     Ok(())

@@ -112,8 +112,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let body = format!(
         "# HELP breakglass_audit_failures_total Audit records that could not be written.\n\
          # TYPE breakglass_audit_failures_total counter\n\
-         breakglass_audit_failures_total {}\n",
-        state.audit_failures.load(Ordering::Relaxed)
+         breakglass_audit_failures_total {}\n\
+         # HELP breakglass_storage_writer_failures_total Times the storage writer died (the server then stops).\n\
+         # TYPE breakglass_storage_writer_failures_total counter\n\
+         breakglass_storage_writer_failures_total {}\n",
+        state.audit_failures.load(Ordering::Relaxed),
+        state.sessions.store().writer_failures(),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }

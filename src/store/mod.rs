@@ -20,14 +20,16 @@ mod read;
 mod schema;
 mod writer;
 
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, ErrorCode};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::event::{Event, EventId, Stored};
@@ -212,12 +214,43 @@ pub struct Store {
     path: PathBuf,
     tx: mpsc::Sender<Command>,
     readers: Arc<Readers>,
+    /// Fires when the writer thread dies (a panic): storage is closed for
+    /// good, and the server must stop so that its supervisor restarts it.
+    writer_failed: CancellationToken,
+    /// How many times that happened (once at most; counted on `/metrics`).
+    writer_failures: Arc<AtomicU64>,
+}
+
+/// Faults to inject, for tests: read from the environment by debug builds
+/// only (the tests run the debug binary); release builds have none.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Faults {
+    /// `BREAKGLASS_FAULT_WRITER_PANIC_AFTER=<n>`: the writer thread panics
+    /// once it has been given `n` commands.
+    #[cfg(debug_assertions)]
+    pub writer_panic_after: Option<u64>,
+}
+
+impl Faults {
+    fn from_env() -> Self {
+        #[cfg(debug_assertions)]
+        let faults = Faults {
+            writer_panic_after: std::env::var("BREAKGLASS_FAULT_WRITER_PANIC_AFTER").ok().and_then(|n| n.parse().ok()),
+        };
+        #[cfg(not(debug_assertions))]
+        let faults = Faults {};
+        faults
+    }
 }
 
 impl Store {
     /// Opens (creating and migrating when needed) `<dir>/breakglass.db` and
     /// starts its writer thread.
     pub fn open(dir: &Path, durability: Durability) -> Result<Store, OpenError> {
+        Store::open_with(dir, durability, Faults::from_env())
+    }
+
+    pub(crate) fn open_with(dir: &Path, durability: Durability, faults: Faults) -> Result<Store, OpenError> {
         let lock = lock_dir(dir)?;
         let path = dir.join("breakglass.db");
         match std::fs::metadata(&path) {
@@ -236,17 +269,52 @@ impl Store {
         conn.pragma_update(None, "synchronous", synchronous)
             .map_err(|source| OpenError::Open { path: path.clone(), source })?;
         let (tx, rx) = mpsc::channel(QUEUE);
+        let writer_failed = CancellationToken::new();
+        let writer_failures = Arc::new(AtomicU64::new(0));
+        let writer = Writer::new(conn, dir.to_owned(), anchoring, faults);
         std::thread::Builder::new()
             .name("breakglass-store".into())
             .spawn({
-                let dir = dir.to_owned();
-                move || Writer::new(conn, dir, anchoring).run(rx)
+                let (failed, failures) = (writer_failed.clone(), writer_failures.clone());
+                move || {
+                    // The writer returns only once every sender is gone (the
+                    // store was dropped); anything else is a panic, which
+                    // must not leave the server serving with storage closed.
+                    if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| writer.run(rx))) {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        tracing::error!(panic = what, "the storage writer died: storage is closed, the server stops");
+                        failures.fetch_add(1, Ordering::SeqCst);
+                        failed.cancel();
+                    }
+                }
             })
             .map_err(|e| OpenError::Open {
                 path: path.clone(),
                 source: rusqlite::Error::InvalidPath(e.to_string().into()),
             })?;
-        Ok(Store { _lock: lock, readers: Arc::new(Readers::new(path.clone())), path, tx })
+        Ok(Store {
+            _lock: lock,
+            readers: Arc::new(Readers::new(path.clone())),
+            path,
+            tx,
+            writer_failed,
+            writer_failures,
+        })
+    }
+
+    /// Fires when the writer thread has died: every write from then on is
+    /// refused, so the server should stop (with an error) and be restarted.
+    pub fn writer_failed(&self) -> CancellationToken {
+        self.writer_failed.clone()
+    }
+
+    /// Times the writer thread died (for `/metrics`).
+    pub fn writer_failures(&self) -> u64 {
+        self.writer_failures.load(Ordering::SeqCst)
     }
 
     pub fn path(&self) -> &Path {
@@ -423,6 +491,22 @@ mod tests {
         let conn = Connection::open(dir.path().join("breakglass.db")).unwrap();
         conn.execute("UPDATE audit SET outcome = 'refused' WHERE seq = 3", []).unwrap();
         assert!(matches!(verify_audit(dir.path()).unwrap(), AuditCheck::Broken { seq: 3, .. }));
+    }
+
+    /// A writer that dies is noticed: its token fires, it is counted, and
+    /// writes are refused from then on rather than waiting for ever.
+    #[tokio::test]
+    async fn a_dead_writer_fires_its_token_and_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Faults { writer_panic_after: Some(2) };
+        let store = Store::open_with(dir.path(), Durability::Normal, faults).unwrap();
+        let failed = store.writer_failed();
+        let id = store.create_session(Uuid::new_v4()).await.unwrap().id;
+        assert_eq!(store.writer_failures(), 0);
+        assert!(matches!(append(&store, id, Event::TurnEnd).await, Err(StoreError::Closed)));
+        tokio::time::timeout(std::time::Duration::from_secs(10), failed.cancelled()).await.expect("the token fires");
+        assert_eq!(store.writer_failures(), 1);
+        assert!(matches!(store.create_session(Uuid::new_v4()).await, Err(StoreError::Closed)));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::audit::{GENESIS, Head, chain_hash, write_head};
-use super::{AuditEntry, AuditRecord, Fence, SessionRow, StoreError, TITLE_CHARS, now_ms, to_sql};
+use super::{AuditEntry, AuditRecord, Faults, Fence, SessionRow, StoreError, TITLE_CHARS, now_ms, to_sql};
 use crate::event::{Event, Stored};
 use crate::hub::Hub;
 
@@ -71,6 +71,12 @@ pub(super) struct Writer {
     /// The anchor agreed with the chain at start-up, so it follows the
     /// chain's head; one that did not is left as evidence.
     anchoring: bool,
+    /// Test hooks (debug builds only).
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
+    faults: Faults,
+    /// Commands received so far, for [`Faults::writer_panic_after`].
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
+    received: u64,
 }
 
 /// Changes made by the open transaction, applied to the writer's state only
@@ -130,8 +136,8 @@ impl Command {
 }
 
 impl Writer {
-    pub(super) fn new(conn: Connection, dir: PathBuf, anchoring: bool) -> Self {
-        Writer { conn, next_ids: HashMap::new(), audit_tail: None, dir, anchoring }
+    pub(super) fn new(conn: Connection, dir: PathBuf, anchoring: bool, faults: Faults) -> Self {
+        Writer { conn, next_ids: HashMap::new(), audit_tail: None, dir, anchoring, faults, received: 0 }
     }
 
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -142,6 +148,13 @@ impl Writer {
                 match rx.try_recv() {
                     Ok(command) => batch.push(command),
                     Err(_) => break,
+                }
+            }
+            #[cfg(debug_assertions)]
+            {
+                self.received += batch.len() as u64;
+                if self.faults.writer_panic_after.is_some_and(|n| self.received >= n) {
+                    panic!("injected fault (BREAKGLASS_FAULT_WRITER_PANIC_AFTER): the writer panics");
                 }
             }
             self.apply(batch);
@@ -383,7 +396,7 @@ mod tests {
              BEGIN INSERT INTO orphan VALUES ('none'); END;"
         ))
         .unwrap();
-        let mut writer = Writer::new(conn, dir.path().to_owned(), true);
+        let mut writer = Writer::new(conn, dir.path().to_owned(), true, Faults::default());
         let fence = Fence::default();
         let (batch, replies): (Vec<_>, Vec<_>) = [
             append(good, "a", None),

@@ -717,3 +717,28 @@ async fn a_log_with_missing_rows_ends_the_replay_with_an_error_not_caught_up() {
     server.run_turn(&other, "replay basic").await;
     assert_eq!(server.attach(&other, None).await.until_caught_up().await.len(), 8);
 }
+
+/// Regression: when the storage writer's thread died, the server went on
+/// serving with storage closed for good. It now logs why and exits with an
+/// error, so that its supervisor restarts it.
+#[tokio::test]
+async fn the_server_stops_with_an_error_when_its_storage_writer_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    // A test hook of debug builds: the writer panics on its fourth command.
+    let options = Server::options().env("BREAKGLASS_FAULT_WRITER_PANIC_AFTER", "4");
+    let (mut child, base) = spawn(dir.path(), &options).expect("the server starts");
+    let client = reqwest::Client::new();
+    let metrics = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("\nbreakglass_storage_writer_failures_total 0\n"), "{metrics}");
+    // Each opened session is two commands (the session, its audit record).
+    for _ in 0..2 {
+        let _ = client.post(format!("{base}/api/session")).bearer_auth(crate::harness::TOKEN).send().await;
+    }
+    let status = crate::harness::wait_child(&mut child, crate::harness::DEADLINE)
+        .unwrap_or_else(|| panic!("the server kept running without its storage writer"));
+    assert_eq!(status.code(), Some(1));
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(log.contains("the storage writer died: storage is closed, the server stops"), "{log}");
+    assert!(log.contains("injected fault"), "{log}");
+    assert!(log.contains("breakglass: the storage writer died"), "{log}");
+}
