@@ -44,14 +44,29 @@ use writer::{Command, Writer};
 /// Commands waiting for the writer; senders wait beyond this (backpressure).
 const QUEUE: usize = 4096;
 
-/// How hard a commit holds on to its data.
+/// How hard a commit holds on to its data (README "Data, durability and
+/// backups").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Durability {
-    /// `synchronous=NORMAL`: survives a killed process; the last commits may
-    /// be lost on power loss.
+    /// `synchronous=NORMAL`: survives a killed process, but on power loss
+    /// the last commits may vanish and their ids be given to other events,
+    /// under a client that had already seen them. Opt-in.
     Normal,
-    /// `synchronous=FULL`: every commit is on disk before it is acknowledged.
+    /// `synchronous=FULL` (the default): each commit is on disk (the WAL
+    /// synced) before it is acknowledged or published, so an id a client
+    /// has seen names that event for good. Group commit makes it one sync
+    /// per batch, not per event.
     Full,
+}
+
+impl Durability {
+    /// The `PRAGMA synchronous` value, as SQLite reads it back.
+    fn synchronous(self) -> i64 {
+        match self {
+            Durability::Normal => 1,
+            Durability::Full => 2,
+        }
+    }
 }
 
 #[derive(Debug, Error, Clone)]
@@ -262,16 +277,27 @@ impl Store {
         let mut conn = Connection::open(&path).map_err(|source| OpenError::Open { path: path.clone(), source })?;
         prepare(&mut conn, &path)?;
         let anchoring = audit::anchor_agrees(&conn, dir);
-        let synchronous = match durability {
-            Durability::Normal => "NORMAL",
-            Durability::Full => "FULL",
+        let open_error = |source| OpenError::Open { path: path.clone(), source };
+        conn.pragma_update(None, "synchronous", durability.synchronous()).map_err(open_error)?;
+        // Read back: what the writer will really do, said at start-up.
+        let synchronous: i64 = conn.pragma_query_value(None, "synchronous", |r| r.get(0)).map_err(open_error)?;
+        let name = match synchronous {
+            0 => "OFF",
+            1 => "NORMAL",
+            2 => "FULL",
+            3 => "EXTRA",
+            _ => "unknown",
         };
-        conn.pragma_update(None, "synchronous", synchronous)
-            .map_err(|source| OpenError::Open { path: path.clone(), source })?;
+        tracing::info!(durability = ?durability, "database durability: synchronous={name} in WAL mode");
+        if synchronous != durability.synchronous() {
+            return Err(open_error(rusqlite::Error::InvalidParameterName(format!(
+                "synchronous is {name}, not what BREAKGLASS_DURABILITY asks for"
+            ))));
+        }
         let (tx, rx) = mpsc::channel(QUEUE);
         let writer_failed = CancellationToken::new();
         let writer_failures = Arc::new(AtomicU64::new(0));
-        let writer = Writer::new(conn, dir.to_owned(), anchoring, faults);
+        let writer = Writer::new(conn, dir.to_owned(), anchoring, durability, faults);
         std::thread::Builder::new()
             .name("breakglass-store".into())
             .spawn({

@@ -742,3 +742,93 @@ async fn the_server_stops_with_an_error_when_its_storage_writer_dies() {
     assert!(log.contains("injected fault"), "{log}");
     assert!(log.contains("breakglass: the storage writer died"), "{log}");
 }
+
+/// `strace` attached to a running server, recording its disk syncs, its
+/// writes to the database's WAL and to sockets, with file names (`-yy`).
+struct Strace {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+impl Strace {
+    fn attach(pid: u32, out: std::path::PathBuf) -> Strace {
+        let child = Command::new("strace")
+            .args(["-f", "-yy", "-s", "8192", "-o"])
+            .arg(&out)
+            .args(["-e", "trace=pwrite64,fdatasync,fsync,write,writev,sendto,sendmsg", "-p"])
+            .arg(pid.to_string())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("strace (scripts/test installs it)");
+        Strace { child, out }
+    }
+
+    fn text(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// Detaches (SIGTERM) and returns every line it wrote.
+    fn finish(mut self) -> Vec<String> {
+        crate::harness::signal(self.child.id(), nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+        self.text().lines().map(str::to_owned).collect()
+    }
+}
+
+/// Runs a turn under strace; true when the WAL was synced after the turn's
+/// text event was written to it and before that event was written to the
+/// attached client's socket.
+async fn wal_synced_before_the_client_saw_it(server: &Server) -> bool {
+    let (session, mut stream) = server.attached().await;
+    let strace = Strace::attach(server.pid(), server.dir.path().join("strace.txt"));
+    // Attached once strace sees the server answer.
+    let started = std::time::Instant::now();
+    while !strace.text().contains("HTTP/1.1 200") {
+        assert!(started.elapsed() < crate::harness::DEADLINE, "strace never attached");
+        server.client.get(server.url("/health")).send().await.unwrap();
+    }
+    server.start_turn(&session, "echo-prompt").await;
+    let events = stream.until_turn_end().await;
+    let lines = strace.finish();
+    // The event's text holds the prompt's SHA-256, which nothing else does.
+    let text = events.iter().find(|e| e["kind"] == "text").expect("the agent's text")["text"].as_str().unwrap();
+    let marker = text.split(' ').nth(4).expect("the digest").to_owned();
+    let wal = |l: &String| l.contains("breakglass.db-wal>");
+    let written =
+        lines.iter().position(|l| l.contains("pwrite64(") && wal(l) && l.contains(&marker)).expect("the WAL write");
+    let sent = lines
+        .iter()
+        .position(|l| l.contains("TCP:[") && l.contains(&marker) && !l.contains("pwrite64("))
+        .expect("the write to the client");
+    assert!(written < sent, "an event is committed before a client sees it");
+    // A sync of the WAL that began after the write and returned before the
+    // send (strace splits a call that other threads interrupt into an
+    // `<unfinished ...>` line and a `resumed` line of the same thread).
+    lines[written..sent].iter().enumerate().any(|(i, line)| {
+        let is_sync = (line.contains("fdatasync(") || line.contains("fsync(")) && wal(line);
+        if !is_sync || line.contains("resumed>") {
+            return false;
+        }
+        if line.contains(") = 0") {
+            return true;
+        }
+        let thread = line.split(' ').next().unwrap_or_default();
+        lines[written + i + 1..sent].iter().any(|l| l.starts_with(thread) && l.contains("sync resumed>) = 0"))
+    })
+}
+
+/// Regression: with the default settings a commit was not synced to disk
+/// (synchronous=NORMAL), so after a power loss the last events could vanish
+/// and their ids be given to other events, under a client that had seen
+/// them. By default the WAL is now synced before an event is published.
+#[tokio::test]
+async fn by_default_an_event_is_on_disk_before_a_client_sees_it() {
+    let server = Server::start();
+    assert!(server.log().contains("database durability: synchronous=FULL in WAL mode"), "{}", server.log());
+    assert!(wal_synced_before_the_client_saw_it(&server).await, "the WAL is synced before the event is sent");
+
+    // `normal` is the opt-in that does not sync a commit (the test tells the two apart).
+    let normal = Server::options().arg("--durability").arg("normal").start();
+    assert!(normal.log().contains("database durability: synchronous=NORMAL in WAL mode"));
+    assert!(!wal_synced_before_the_client_saw_it(&normal).await, "normal commits without a sync");
+}
