@@ -3,7 +3,9 @@
 //! server's resident memory with a long history compared with none.
 //!
 //! `cargo bench --bench storage` (release build). Set `BENCH_SESSIONS` and
-//! `BENCH_EVENTS` to change the history's size (default 1000 × 1000).
+//! `BENCH_EVENTS` to change the history's size (default 1000 × 1000), and
+//! `BENCH_DURABILITY` (`full`, `normal`) to measure the floods under a
+//! durability other than the default.
 
 #![allow(clippy::disallowed_methods)]
 
@@ -90,7 +92,11 @@ fn agent_alone(n: usize) -> f64 {
 async fn main() {
     let n = 100_000;
     println!("fake agent alone:          {:>9.0} lines/s", agent_alone(n));
-    let server = Server::options().arg("--max-concurrent-turns").arg("4").start();
+    let mut options = Server::options().arg("--max-concurrent-turns").arg("4");
+    if let Ok(durability) = std::env::var("BENCH_DURABILITY") {
+        options = options.arg("--durability").arg(durability);
+    }
+    let server = options.start();
     for attached in [false, true] {
         let rate = flood(&server, n, attached).await;
         let label = if attached { "with a client attached" } else { "with no client" };

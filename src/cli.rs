@@ -79,8 +79,9 @@ pub struct ServeArgs {
     #[arg(long, env = "BREAKGLASS_SESSIONS_DIR")]
     pub sessions_dir: Option<PathBuf>,
 
-    /// normal survives a killed process; full also survives power loss (slower commits).
-    #[arg(long, env = "BREAKGLASS_DURABILITY", value_enum, default_value = "normal")]
+    /// full: every event is on disk before any client sees it, so its id survives power loss;
+    /// normal: survives a killed process, but after power loss ids may be re-minted.
+    #[arg(long, env = "BREAKGLASS_DURABILITY", value_enum, default_value = "full")]
     pub durability: Durability,
 
     /// Name of the agent definition passed to `claude --agent`.

@@ -59,11 +59,7 @@ impl Log {
 
     /// Tells attached clients something the log could not keep.
     pub fn notify(&self, event: &Event) {
-        let mut json = event.to_json(0);
-        if let Some(obj) = json.as_object_mut() {
-            obj.remove("id");
-        }
-        self.hub.notify(json.to_string().into());
+        self.hub.notify(notice(event));
     }
 
     pub fn subscribers(&self) -> usize {
@@ -77,6 +73,15 @@ impl Log {
     pub fn session(&self) -> Uuid {
         self.session
     }
+}
+
+/// The JSON of an event that is not in the log: no id.
+pub fn notice(event: &Event) -> Arc<str> {
+    let mut json = event.to_json(0);
+    if let Some(obj) = json.as_object_mut() {
+        obj.remove("id");
+    }
+    json.to_string().into()
 }
 
 #[cfg(test)]

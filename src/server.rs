@@ -114,6 +114,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    let writer_failed = store.writer_failed();
     let sessions = Arc::new(Sessions::new(&config, store));
     let recovered = sessions.recover().await.context("while closing turns interrupted by the last stop")?;
     if recovered > 0 {
@@ -136,7 +137,12 @@ pub async fn run(
     let accepting =
         tokio::spawn(accept_loop(listener, router(state.clone()), limits, stopping.clone(), connections.clone()));
 
-    shutdown.await;
+    // Storage closed for good: drain (agents are killed; nothing more can
+    // be logged) and stop with an error so the supervisor restarts us.
+    let writer_died = tokio::select! {
+        () = shutdown => false,
+        () = writer_failed.cancelled() => true,
+    };
     // Bounded as a whole: a frozen disk or a verb that never returns must
     // not keep the process from exiting (README "Stopping").
     if tokio::time::timeout(DRAIN_LIMIT, drain(&state, &stopping, &connections)).await.is_err() {
@@ -144,6 +150,9 @@ pub async fn run(
     }
     stopping.now.cancel();
     let _ = accepting.await;
+    if writer_died {
+        anyhow::bail!("the storage writer died (see the log); stopping so that a restart reopens storage");
+    }
     tracing::info!("drained; bye");
     Ok(())
 }

@@ -8,6 +8,13 @@
 //! already sent, so an event appended while a client attaches is sent exactly
 //! once. A subscriber that lags behind the hub's ring reads what it missed
 //! from the log instead of failing.
+//!
+//! `caught-up` promises the client it has the whole log, so it is sent only
+//! once the replay has reached the log's end (its event count) with no id
+//! missing on the way. A log damaged in the middle (rows lost, a page that
+//! cannot be read) ends the stream instead, with an error notice saying
+//! where the replay stopped: the client must not take a short history for
+//! the whole one, and reconnecting would only stop at the same place.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -19,9 +26,10 @@ use futures_util::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{EventId, Stored};
+use crate::event::{Event, EventId, Stored};
 use crate::hub::{Published, Subscription};
 use crate::log::Log;
+use crate::store::StoreError;
 
 /// Events read from the log at a time while replaying.
 const PAGE: usize = 256;
@@ -77,6 +85,14 @@ pub fn attach(
     })
 }
 
+/// Why a stream ends before its client leaves or the server drains.
+enum End {
+    /// The log could not be read for now: the client reconnects.
+    Quietly,
+    /// The log is damaged: this notice says where, and the stream ends.
+    Told(Bytes),
+}
+
 enum Phase {
     /// Replaying the log; `caught-up` follows.
     Backlog,
@@ -86,6 +102,8 @@ enum Phase {
     CatchUp,
     /// Shutting down: sending what the log holds, then ending.
     Closing,
+    /// The log is damaged: the stream has said so and ends.
+    Ended,
 }
 
 struct Attach {
@@ -101,22 +119,45 @@ struct Attach {
 
 impl Attach {
     async fn next_frame(&mut self) -> Option<Bytes> {
+        match self.step().await {
+            Ok(frame) => frame,
+            Err(End::Quietly) => None,
+            Err(End::Told(frame)) => {
+                self.phase = Phase::Ended;
+                self.pending.clear();
+                Some(frame)
+            }
+        }
+    }
+
+    /// The next frame; `Ok(None)` when the stream is over.
+    async fn step(&mut self) -> Result<Option<Bytes>, End> {
         loop {
+            if matches!(self.phase, Phase::Ended) {
+                return Ok(None);
+            }
             if self.shutdown.is_cancelled() && matches!(self.phase, Phase::Live | Phase::CatchUp) {
                 self.phase = Phase::Closing;
             }
             if let Some(event) = self.pending.pop_front() {
-                if self.is_new(event.id) {
-                    self.sent = Some(event.id);
-                    return Some(frame(&event));
+                if !self.is_new(event.id) {
+                    continue;
                 }
-                continue;
+                // Ids are contiguous in a sound log; a hole means lost rows.
+                if Some(event.id) != self.next_expected() {
+                    return Err(self.damaged(None).await);
+                }
+                self.sent = Some(event.id);
+                return Ok(Some(frame(&event)));
             }
             match self.phase {
                 Phase::Backlog => {
-                    if !self.fill_from_log().await? {
+                    if !self.fill_from_log().await? && !self.reached_the_end().await? {
+                        return Err(self.damaged(None).await);
+                    }
+                    if self.pending.is_empty() {
                         self.phase = Phase::Live;
-                        return Some(Bytes::from_static(CAUGHT_UP.as_bytes()));
+                        return Ok(Some(Bytes::from_static(CAUGHT_UP.as_bytes())));
                     }
                 }
                 Phase::CatchUp => {
@@ -128,17 +169,18 @@ impl Attach {
                 // a drain's last events (the turns' ends) reach the client.
                 Phase::Closing => {
                     if !self.fill_from_log().await? {
-                        return None;
+                        return Ok(None);
                     }
                 }
+                Phase::Ended => return Ok(None),
                 Phase::Live => {
                     let received = tokio::select! {
                         _ = self.shutdown.cancelled() => continue,
                         received = tokio::time::timeout(self.keepalive, self.subscription.recv()) => received,
                     };
                     match received {
-                        Err(_idle) => return Some(Bytes::from_static(KEEPALIVE.as_bytes())),
-                        Ok(Ok(Published::Notice(json))) => return Some(notice_frame(&json)),
+                        Err(_idle) => return Ok(Some(Bytes::from_static(KEEPALIVE.as_bytes()))),
+                        Ok(Ok(Published::Notice(json))) => return Ok(Some(notice_frame(&json))),
                         Ok(Ok(Published::Event(event))) if !self.is_new(event.id) => {}
                         Ok(Ok(Published::Event(event))) if Some(event.id) == self.next_expected() => {
                             self.pending.push_back(event)
@@ -146,7 +188,7 @@ impl Attach {
                         // A gap (the ring dropped events for us) or a lag
                         // notice: the log has everything; read it to its end.
                         Ok(Ok(Published::Event(_))) | Ok(Err(RecvError::Lagged(_))) => self.phase = Phase::CatchUp,
-                        Ok(Err(RecvError::Closed)) => return None,
+                        Ok(Err(RecvError::Closed)) => return Ok(None),
                     }
                 }
             }
@@ -162,20 +204,47 @@ impl Attach {
     }
 
     /// Queues the next page of the log after what was sent; false when there
-    /// was nothing more. `None` when the log cannot be read: the stream ends
-    /// and the client reconnects with its Last-Event-ID.
-    async fn fill_from_log(&mut self) -> Option<bool> {
+    /// was nothing more. A log that cannot be read ends the stream: quietly
+    /// when that may pass (the client reconnects with its Last-Event-ID),
+    /// with an error notice when the log is damaged.
+    async fn fill_from_log(&mut self) -> Result<bool, End> {
         match self.log.read_after(self.sent, PAGE).await {
             Ok(page) => {
                 let more = !page.is_empty();
                 self.pending.extend(page);
-                Some(more)
+                Ok(more)
             }
+            Err(StoreError::Corrupt(err)) => Err(self.damaged(Some(&err)).await),
             Err(err) => {
                 tracing::warn!(%err, "attach stream ends: the log cannot be read");
-                None
+                Err(End::Quietly)
             }
         }
+    }
+
+    /// Whether what was sent reaches the log's end, asked once the log had
+    /// nothing more after it. A count taken before a read is covered by that
+    /// read, so events committed meanwhile are read (and the replay goes on)
+    /// rather than taken for missing ones.
+    async fn reached_the_end(&mut self) -> Result<bool, End> {
+        let count = self.log.next_id().await.map_err(|err| {
+            tracing::warn!(%err, "attach stream ends: the log cannot be read");
+            End::Quietly
+        })?;
+        if self.next_expected().is_some_and(|next| next >= count) {
+            return Ok(true);
+        }
+        self.fill_from_log().await
+    }
+
+    /// The notice that ends a stream on a damaged log, and the log line
+    /// that goes with it.
+    async fn damaged(&self, cause: Option<&str>) -> End {
+        let at = self.next_expected().unwrap_or(0);
+        let count = self.log.next_id().await.map_or_else(|_| "?".to_owned(), |c| c.to_string());
+        let error = format!("the log of this session is damaged: replay stopped at id {at} of {count}");
+        tracing::error!(session = %self.log.session(), cause, "{error}");
+        End::Told(notice_frame(&crate::log::notice(&Event::Error { error })))
     }
 }
 

@@ -118,9 +118,13 @@ async fn metrics(State(state): State<AppState>) -> Response {
          breakglass_audit_failures_total {}\n\
          # HELP breakglass_log_lines_dropped_total Log lines dropped because stderr could not keep up.\n\
          # TYPE breakglass_log_lines_dropped_total counter\n\
-         breakglass_log_lines_dropped_total {}\n",
+         breakglass_log_lines_dropped_total {}\n\
+         # HELP breakglass_storage_writer_failures_total Times the storage writer died (the server then stops).\n\
+         # TYPE breakglass_storage_writer_failures_total counter\n\
+         breakglass_storage_writer_failures_total {}\n",
         state.audit_failures.load(Ordering::Relaxed),
         crate::logging::dropped_lines(),
+        state.sessions.store().writer_failures(),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }

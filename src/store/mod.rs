@@ -20,14 +20,16 @@ mod read;
 mod schema;
 mod writer;
 
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, ErrorCode};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::event::{Event, EventId, Stored};
@@ -42,14 +44,29 @@ use writer::{Command, Writer};
 /// Commands waiting for the writer; senders wait beyond this (backpressure).
 const QUEUE: usize = 4096;
 
-/// How hard a commit holds on to its data.
+/// How hard a commit holds on to its data (README "Data, durability and
+/// backups").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Durability {
-    /// `synchronous=NORMAL`: survives a killed process; the last commits may
-    /// be lost on power loss.
+    /// `synchronous=NORMAL`: survives a killed process, but on power loss
+    /// the last commits may vanish and their ids be given to other events,
+    /// under a client that had already seen them. Opt-in.
     Normal,
-    /// `synchronous=FULL`: every commit is on disk before it is acknowledged.
+    /// `synchronous=FULL` (the default): each commit is on disk (the WAL
+    /// synced) before it is acknowledged or published, so an id a client
+    /// has seen names that event for good. Group commit makes it one sync
+    /// per batch, not per event.
     Full,
+}
+
+impl Durability {
+    /// The `PRAGMA synchronous` value, as SQLite reads it back.
+    fn synchronous(self) -> i64 {
+        match self {
+            Durability::Normal => 1,
+            Durability::Full => 2,
+        }
+    }
 }
 
 #[derive(Debug, Error, Clone)]
@@ -60,6 +77,9 @@ pub enum StoreError {
     NoSession,
     #[error("storage failed: {0}")]
     Sqlite(String),
+    /// The database file is damaged where this read or write went.
+    #[error("storage is damaged: {0}")]
+    Corrupt(String),
     #[error("storage is closed")]
     Closed,
     #[error("not written: an earlier write of this turn failed")]
@@ -72,6 +92,7 @@ impl From<rusqlite::Error> for StoreError {
     fn from(err: rusqlite::Error) -> Self {
         match err.sqlite_error_code() {
             Some(ErrorCode::DiskFull) => StoreError::Full(err.to_string()),
+            Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => StoreError::Corrupt(err.to_string()),
             _ => StoreError::Sqlite(err.to_string()),
         }
     }
@@ -95,10 +116,24 @@ pub enum OpenError {
          Run the newer version."
     )]
     Newer { path: PathBuf, found: i64, known: i64 },
+    #[error(
+        "{path}: the file is empty (0 bytes), so whatever it held is gone; refusing to set it up as a new database. \
+         To start afresh on purpose, move it aside or delete it (with any breakglass.db-wal and -shm beside it)."
+    )]
+    Empty { path: PathBuf },
+    #[error(
+        "{path}: the database is damaged (SQLite's quick_check: {findings}); refusing to start on it. \
+         Keep the file, stop here, and recover what it holds into a new one with the sqlite3 shell: \
+         `sqlite3 breakglass.db .recover | sqlite3 recovered.db`, then move breakglass.db (with its -wal and -shm) \
+         aside and recovered.db into its place."
+    )]
+    Damaged { path: PathBuf, findings: String },
     #[error("{path}: another breakglass is using this data directory; refusing to start a second one on it")]
     InUse { path: PathBuf },
     #[error("{path}: cannot lock it: {source}")]
     Lock { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: cannot write the audit trail's head anchor: {source}")]
     Anchor { path: PathBuf, source: std::io::Error },
     #[error("{path}: migrating the schema failed: {source}")]
@@ -196,35 +231,118 @@ pub struct Store {
     path: PathBuf,
     tx: mpsc::Sender<Command>,
     readers: Arc<Readers>,
+    /// Fires when the writer thread dies (a panic): storage is closed for
+    /// good, and the server must stop so that its supervisor restarts it.
+    writer_failed: CancellationToken,
+    /// How many times that happened (once at most; counted on `/metrics`).
+    writer_failures: Arc<AtomicU64>,
+}
+
+/// Faults to inject, for tests: read from the environment by debug builds
+/// only (the tests run the debug binary); release builds have none.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Faults {
+    /// `BREAKGLASS_FAULT_WRITER_PANIC_AFTER=<n>`: the writer thread panics
+    /// once it has been given `n` commands.
+    #[cfg(debug_assertions)]
+    pub writer_panic_after: Option<u64>,
+}
+
+impl Faults {
+    fn from_env() -> Self {
+        #[cfg(debug_assertions)]
+        let faults = Faults {
+            writer_panic_after: std::env::var("BREAKGLASS_FAULT_WRITER_PANIC_AFTER").ok().and_then(|n| n.parse().ok()),
+        };
+        #[cfg(not(debug_assertions))]
+        let faults = Faults {};
+        faults
+    }
 }
 
 impl Store {
     /// Opens (creating and migrating when needed) `<dir>/breakglass.db` and
     /// starts its writer thread.
     pub fn open(dir: &Path, durability: Durability) -> Result<Store, OpenError> {
+        Store::open_with(dir, durability, Faults::from_env())
+    }
+
+    pub(crate) fn open_with(dir: &Path, durability: Durability, faults: Faults) -> Result<Store, OpenError> {
         let lock = lock_dir(dir)?;
         let path = dir.join("breakglass.db");
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.len() == 0 => return Err(OpenError::Empty { path }),
+            Ok(_) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => create(dir, &path)?,
+            Err(err) => return Err(OpenError::Io { path, source: err }),
+        }
         let mut conn = Connection::open(&path).map_err(|source| OpenError::Open { path: path.clone(), source })?;
         prepare(&mut conn, &path)?;
         let anchoring = audit::anchor_agrees(&conn, dir);
-        let synchronous = match durability {
-            Durability::Normal => "NORMAL",
-            Durability::Full => "FULL",
+        let open_error = |source| OpenError::Open { path: path.clone(), source };
+        conn.pragma_update(None, "synchronous", durability.synchronous()).map_err(open_error)?;
+        // Read back: what the writer will really do, said at start-up.
+        let synchronous: i64 = conn.pragma_query_value(None, "synchronous", |r| r.get(0)).map_err(open_error)?;
+        let name = match synchronous {
+            0 => "OFF",
+            1 => "NORMAL",
+            2 => "FULL",
+            3 => "EXTRA",
+            _ => "unknown",
         };
-        conn.pragma_update(None, "synchronous", synchronous)
-            .map_err(|source| OpenError::Open { path: path.clone(), source })?;
+        tracing::info!(durability = ?durability, "database durability: synchronous={name} in WAL mode");
+        if synchronous != durability.synchronous() {
+            return Err(open_error(rusqlite::Error::InvalidParameterName(format!(
+                "synchronous is {name}, not what BREAKGLASS_DURABILITY asks for"
+            ))));
+        }
         let (tx, rx) = mpsc::channel(QUEUE);
+        let writer_failed = CancellationToken::new();
+        let writer_failures = Arc::new(AtomicU64::new(0));
+        let writer = Writer::new(conn, dir.to_owned(), anchoring, durability, faults);
         std::thread::Builder::new()
             .name("breakglass-store".into())
             .spawn({
-                let dir = dir.to_owned();
-                move || Writer::new(conn, dir, anchoring).run(rx)
+                let (failed, failures) = (writer_failed.clone(), writer_failures.clone());
+                move || {
+                    // The writer returns only once every sender is gone (the
+                    // store was dropped); anything else is a panic, which
+                    // must not leave the server serving with storage closed.
+                    if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| writer.run(rx))) {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        tracing::error!(panic = what, "the storage writer died: storage is closed, the server stops");
+                        failures.fetch_add(1, Ordering::SeqCst);
+                        failed.cancel();
+                    }
+                }
             })
             .map_err(|e| OpenError::Open {
                 path: path.clone(),
                 source: rusqlite::Error::InvalidPath(e.to_string().into()),
             })?;
-        Ok(Store { _lock: lock, readers: Arc::new(Readers::new(path.clone())), path, tx })
+        Ok(Store {
+            _lock: lock,
+            readers: Arc::new(Readers::new(path.clone())),
+            path,
+            tx,
+            writer_failed,
+            writer_failures,
+        })
+    }
+
+    /// Fires when the writer thread has died: every write from then on is
+    /// refused, so the server should stop (with an error) and be restarted.
+    pub fn writer_failed(&self) -> CancellationToken {
+        self.writer_failed.clone()
+    }
+
+    /// Times the writer thread died (for `/metrics`).
+    pub fn writer_failures(&self) -> u64 {
+        self.writer_failures.load(Ordering::SeqCst)
     }
 
     pub fn path(&self) -> &Path {
@@ -277,6 +395,31 @@ fn to_sql(id: EventId) -> i64 {
 
 pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Creates a new database under a temporary name and renames it into place
+/// once it is set up, so that an empty `breakglass.db` is never one of ours
+/// half made (and can be refused as damage).
+fn create(dir: &Path, path: &Path) -> Result<(), OpenError> {
+    let fresh = dir.join("breakglass.db.new");
+    let io = |source| OpenError::Io { path: fresh.clone(), source };
+    for leftover in ["breakglass.db.new", "breakglass.db.new-wal", "breakglass.db.new-shm"] {
+        match std::fs::remove_file(dir.join(leftover)) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(io(err)),
+            _ => {}
+        }
+    }
+    let open = |source| OpenError::Open { path: fresh.clone(), source };
+    let mut conn = Connection::open(&fresh).map_err(open)?;
+    prepare(&mut conn, &fresh)?;
+    // Closing the last connection checkpoints the WAL into the file and
+    // removes it: the file alone is the whole database.
+    conn.close().map_err(|(_, source)| open(source))?;
+    std::fs::File::open(&fresh).and_then(|f| f.sync_all()).map_err(io)?;
+    std::fs::rename(&fresh, path).map_err(io)?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    tracing::info!(path = %path.display(), "created a new database");
+    Ok(())
 }
 
 /// An exclusive lock on `<dir>/breakglass.lock`, released when the process
@@ -376,6 +519,22 @@ mod tests {
         let conn = Connection::open(dir.path().join("breakglass.db")).unwrap();
         conn.execute("UPDATE audit SET outcome = 'refused' WHERE seq = 3", []).unwrap();
         assert!(matches!(verify_audit(dir.path()).unwrap(), AuditCheck::Broken { seq: 3, .. }));
+    }
+
+    /// A writer that dies is noticed: its token fires, it is counted, and
+    /// writes are refused from then on rather than waiting for ever.
+    #[tokio::test]
+    async fn a_dead_writer_fires_its_token_and_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Faults { writer_panic_after: Some(2) };
+        let store = Store::open_with(dir.path(), Durability::Normal, faults).unwrap();
+        let failed = store.writer_failed();
+        let id = store.create_session(Uuid::new_v4()).await.unwrap().id;
+        assert_eq!(store.writer_failures(), 0);
+        assert!(matches!(append(&store, id, Event::TurnEnd).await, Err(StoreError::Closed)));
+        tokio::time::timeout(std::time::Duration::from_secs(10), failed.cancelled()).await.expect("the token fires");
+        assert_eq!(store.writer_failures(), 1);
+        assert!(matches!(store.create_session(Uuid::new_v4()).await, Err(StoreError::Closed)));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::Connection;
+use rusqlite::{Connection, ErrorCode};
 
 use super::OpenError;
 use super::audit::anchor_before_migrating;
@@ -56,6 +56,9 @@ pub(super) fn prepare(conn: &mut Connection, path: &Path) -> Result<(), OpenErro
     let corrupt = |source| OpenError::Corrupt { path: path.to_owned(), source };
     conn.busy_timeout(Duration::from_secs(5)).map_err(corrupt)?;
     let version = check_identity(conn, path)?;
+    if version > 0 {
+        quick_check(conn, path, QUICK_CHECK_WITHIN)?;
+    }
     conn.pragma_update(None, "journal_mode", "WAL").map_err(corrupt)?;
     anchor_before_migrating(conn, path.parent().unwrap_or(Path::new(".")), version)?;
     let migrate = |source| OpenError::Migrate { path: path.to_owned(), source };
@@ -68,6 +71,61 @@ pub(super) fn prepare(conn: &mut Connection, path: &Path) -> Result<(), OpenErro
         tracing::info!(path = %path.display(), schema = i + 1, "database schema migrated");
     }
     Ok(())
+}
+
+/// Longest the start-up check of the database may take: on a huge file it
+/// is cut short (and the server starts unchecked) rather than keep the
+/// console down.
+const QUICK_CHECK_WITHIN: Duration = Duration::from_secs(5);
+
+/// How the start-up check ended when it found no damage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Checked {
+    Sound,
+    /// Cut short after the time allowed.
+    TimedOut,
+}
+
+/// `PRAGMA quick_check` (every page and b-tree is well formed; cheaper than
+/// `integrity_check`, which also matches indexes to tables), bounded in time
+/// by interrupting it from a watchdog thread. Damage refuses the file.
+pub(super) fn quick_check(conn: &Connection, path: &Path, within: Duration) -> Result<Checked, OpenError> {
+    let interrupt = conn.get_interrupt_handle();
+    let (finished, watch) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        let timed_out = watch.recv_timeout(within) == Err(std::sync::mpsc::RecvTimeoutError::Timeout);
+        if timed_out {
+            interrupt.interrupt();
+        }
+        timed_out
+    });
+    let started = std::time::Instant::now();
+    let findings = (|| {
+        let mut stmt = conn.prepare("PRAGMA quick_check(10)")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+    })();
+    drop(finished);
+    let timed_out = watchdog.join().unwrap_or(false);
+    let damaged = |findings: String| OpenError::Damaged { path: path.to_owned(), findings };
+    match findings {
+        Ok(findings) if findings.iter().all(|f| f == "ok") => {
+            tracing::info!(took = ?started.elapsed(), "database checked (quick_check): sound");
+            Ok(Checked::Sound)
+        }
+        Ok(findings) => Err(damaged(findings.join("; "))),
+        Err(err) if err.sqlite_error_code() == Some(ErrorCode::OperationInterrupted) && timed_out => {
+            tracing::warn!(
+                ?within,
+                "the database check (quick_check) took too long and was cut short; starting unchecked"
+            );
+            Ok(Checked::TimedOut)
+        }
+        Err(err) if matches!(err.sqlite_error_code(), Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)) => {
+            Err(damaged(err.to_string()))
+        }
+        Err(source) => Err(OpenError::Open { path: path.to_owned(), source }),
+    }
 }
 
 /// The schema version of a database that is ours (0 for an empty one).

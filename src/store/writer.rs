@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::audit::{GENESIS, Head, chain_hash, write_head};
-use super::{AuditEntry, AuditRecord, Fence, SessionRow, StoreError, TITLE_CHARS, now_ms, to_sql};
+use super::{AuditEntry, AuditRecord, Durability, Faults, Fence, SessionRow, StoreError, TITLE_CHARS, now_ms, to_sql};
 use crate::event::{Event, Stored};
 use crate::hub::Hub;
 
@@ -71,6 +71,16 @@ pub(super) struct Writer {
     /// The anchor agreed with the chain at start-up, so it follows the
     /// chain's head; one that did not is left as evidence.
     anchoring: bool,
+    /// Under `normal`, batches holding audit records are still synced:
+    /// the anchor written after them must never name a record that a power
+    /// loss could take back.
+    durability: Durability,
+    /// Test hooks (debug builds only).
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
+    faults: Faults,
+    /// Commands received so far, for [`Faults::writer_panic_after`].
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
+    received: u64,
 }
 
 /// Changes made by the open transaction, applied to the writer's state only
@@ -130,8 +140,8 @@ impl Command {
 }
 
 impl Writer {
-    pub(super) fn new(conn: Connection, dir: PathBuf, anchoring: bool) -> Self {
-        Writer { conn, next_ids: HashMap::new(), audit_tail: None, dir, anchoring }
+    pub(super) fn new(conn: Connection, dir: PathBuf, anchoring: bool, durability: Durability, faults: Faults) -> Self {
+        Writer { conn, next_ids: HashMap::new(), audit_tail: None, dir, anchoring, durability, faults, received: 0 }
     }
 
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -142,6 +152,13 @@ impl Writer {
                 match rx.try_recv() {
                     Ok(command) => batch.push(command),
                     Err(_) => break,
+                }
+            }
+            #[cfg(debug_assertions)]
+            {
+                self.received += batch.len() as u64;
+                if self.faults.writer_panic_after.is_some_and(|n| self.received >= n) {
+                    panic!("injected fault (BREAKGLASS_FAULT_WRITER_PANIC_AFTER): the writer panics");
                 }
             }
             self.apply(batch);
@@ -178,6 +195,20 @@ impl Writer {
     /// command's outcome (a command's own error is one of them); `Err`
     /// means the transaction as a whole failed and nothing of it was kept.
     fn transaction(&mut self, batch: &[Command]) -> Result<(Vec<Result<Done, StoreError>>, Staged), StoreError> {
+        let sync_this_one =
+            self.durability == Durability::Normal && batch.iter().any(|c| matches!(c, Command::Audit { .. }));
+        if !sync_this_one {
+            return self.transaction_as_set(batch);
+        }
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        let result = self.transaction_as_set(batch);
+        if let Err(err) = self.conn.pragma_update(None, "synchronous", "NORMAL") {
+            tracing::warn!(%err, "could not return to synchronous=NORMAL after an audit record");
+        }
+        result
+    }
+
+    fn transaction_as_set(&mut self, batch: &[Command]) -> Result<(Vec<Result<Done, StoreError>>, Staged), StoreError> {
         let mut staged = Staged::default();
         let mut outcomes = Vec::with_capacity(batch.len());
         // Producers with a write that failed in this transaction: their
@@ -383,7 +414,7 @@ mod tests {
              BEGIN INSERT INTO orphan VALUES ('none'); END;"
         ))
         .unwrap();
-        let mut writer = Writer::new(conn, dir.path().to_owned(), true);
+        let mut writer = Writer::new(conn, dir.path().to_owned(), true, Durability::Full, Faults::default());
         let fence = Fence::default();
         let (batch, replies): (Vec<_>, Vec<_>) = [
             append(good, "a", None),

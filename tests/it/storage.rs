@@ -582,3 +582,230 @@ async fn removing_the_last_audit_records_is_detected() {
     assert!(stderr.contains("record 4 is not the one its head anchor (audit.head) names"), "{stderr}");
     assert!(server.log().contains("the audit trail does not match its head anchor"));
 }
+
+/// Regression: an empty `breakglass.db` (a truncated file) was quietly set
+/// up as a new, empty database, and the history it had held was forgotten.
+#[tokio::test]
+async fn an_empty_database_file_is_refused_not_set_up_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("breakglass.db"), b"").unwrap();
+    let log = spawn(dir.path(), &Server::options()).expect_err("an empty database file must stop the server");
+    assert!(log.contains("the file is empty (0 bytes)"), "{log}");
+    assert!(log.contains("To start afresh on purpose, move it aside or delete it"), "{log}");
+    assert_eq!(std::fs::metadata(data.join("breakglass.db")).unwrap().len(), 0, "left as it was");
+}
+
+/// Regression: a database damaged in the middle (a page of the events
+/// b-tree overwritten) was opened as if sound.
+#[tokio::test]
+async fn a_database_damaged_in_the_middle_is_refused_at_start_up() {
+    let mut server = Server::start();
+    let session = server.open_session().await;
+    server.run_turn(&session, "flood 3000 100\nresult").await;
+    assert!(server.terminate().success(), "a clean stop leaves everything in the database file");
+
+    // A leaf page of the events table (an index b-tree, page type 0x0a,
+    // whose keys start with the session id) in the middle of the file: its
+    // header and cell pointers are overwritten, as a bad sector would.
+    let db = server.db_path();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+    drop(conn);
+    let mut bytes = std::fs::read(&db).unwrap();
+    let page_size = u16::from_be_bytes([bytes[16], bytes[17]]) as usize;
+    let pages = bytes.len() / page_size;
+    let page = (pages / 2..pages)
+        .find(|&p| {
+            let page = &bytes[p * page_size..(p + 1) * page_size];
+            page[0] == 0x0a && page.windows(session.len()).any(|w| w == session.as_bytes())
+        })
+        .expect("a leaf page of the events table");
+    bytes[page * page_size + 1..page * page_size + 64].fill(0xa5);
+    std::fs::write(&db, &bytes).unwrap();
+
+    let log = spawn(server.dir.path(), &Server::options()).expect_err("a damaged database must stop the server");
+    assert!(log.contains("the database is damaged (SQLite's quick_check:"), "{log}");
+    assert!(log.contains("sqlite3 breakglass.db .recover | sqlite3 recovered.db"), "{log}");
+    assert_eq!(std::fs::read(&db).unwrap(), bytes, "the damaged file is left as it was");
+}
+
+/// The frames of a stream until the server ends it, or up to `caught-up`
+/// (after which a live stream goes on for ever).
+async fn frames_to_the_end(mut stream: crate::harness::Attached) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    while let Some(frame) = stream.next().await {
+        let caught_up = frame == Frame::CaughtUp;
+        frames.push(frame);
+        if caught_up {
+            break;
+        }
+    }
+    frames
+}
+
+/// Regression: a log with rows missing in the middle replayed short and
+/// still said `caught-up`, so the client took part of the history for all
+/// of it.
+#[tokio::test]
+async fn a_log_with_missing_rows_ends_the_replay_with_an_error_not_caught_up() {
+    let mut server = Server::start();
+    let session = server.open_session().await;
+    let events = server.run_turn(&session, "replay basic").await;
+    assert_eq!(events.len(), 8);
+    let sound = server.open_session().await;
+    server.run_turn(&sound, "replay basic").await;
+    assert!(server.terminate().success());
+    let conn = rusqlite::Connection::open(server.db_path()).unwrap();
+    conn.execute("DELETE FROM events WHERE session = ?1 AND id IN (3, 4)", [&session]).unwrap();
+    drop(conn);
+    server.restart();
+
+    let damaged = serde_json::json!({
+        "kind": "error",
+        "error": "the log of this session is damaged: replay stopped at id 3 of 8",
+    });
+    for (last_event_id, first) in [(None, 0), (Some("1"), 2)] {
+        let frames = frames_to_the_end(server.attach(&session, last_event_id).await).await;
+        let mut expected: Vec<Frame> =
+            events[first..3].iter().map(|e| Frame::Event { id: e["id"].as_u64().unwrap(), data: e.clone() }).collect();
+        expected.push(Frame::Notice(damaged.clone()));
+        assert_eq!(frames, expected, "the stream ends after saying where the replay stopped");
+    }
+    assert!(server.log().contains("the log of this session is damaged"));
+
+    // Rows missing at the end: the replay is short of the session's count.
+    server.terminate();
+    let conn = rusqlite::Connection::open(server.db_path()).unwrap();
+    conn.execute("DELETE FROM events WHERE session = ?1 AND id >= 6", [&sound]).unwrap();
+    drop(conn);
+    server.restart();
+    let frames = frames_to_the_end(server.attach(&sound, None).await).await;
+    assert_eq!(
+        frames.last(),
+        Some(&Frame::Notice(serde_json::json!({
+            "kind": "error",
+            "error": "the log of this session is damaged: replay stopped at id 6 of 8",
+        })))
+    );
+    // A sound log still replays to caught-up.
+    let other = server.open_session().await;
+    server.run_turn(&other, "replay basic").await;
+    assert_eq!(server.attach(&other, None).await.until_caught_up().await.len(), 8);
+}
+
+/// Regression: when the storage writer's thread died, the server went on
+/// serving with storage closed for good. It now logs why and exits with an
+/// error, so that its supervisor restarts it.
+#[tokio::test]
+async fn the_server_stops_with_an_error_when_its_storage_writer_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    // A test hook of debug builds: the writer panics on its fourth command.
+    let options = Server::options().env("BREAKGLASS_FAULT_WRITER_PANIC_AFTER", "4");
+    let (mut child, base) = spawn(dir.path(), &options).expect("the server starts");
+    let client = reqwest::Client::new();
+    let metrics = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("\nbreakglass_storage_writer_failures_total 0\n"), "{metrics}");
+    // Each opened session is two commands (the session, its audit record).
+    for _ in 0..2 {
+        let _ = client.post(format!("{base}/api/session")).bearer_auth(crate::harness::TOKEN).send().await;
+    }
+    let status = crate::harness::wait_child(&mut child, crate::harness::DEADLINE)
+        .unwrap_or_else(|| panic!("the server kept running without its storage writer"));
+    assert_eq!(status.code(), Some(1));
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(log.contains("the storage writer died: storage is closed, the server stops"), "{log}");
+    assert!(log.contains("injected fault"), "{log}");
+    assert!(log.contains("breakglass: the storage writer died"), "{log}");
+}
+
+/// `strace` attached to a running server, recording its disk syncs, its
+/// writes to the database's WAL and to sockets, with file names (`-yy`).
+struct Strace {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+impl Strace {
+    fn attach(pid: u32, out: std::path::PathBuf) -> Strace {
+        let child = Command::new("strace")
+            .args(["-f", "-yy", "-s", "8192", "-o"])
+            .arg(&out)
+            .args(["-e", "trace=pwrite64,fdatasync,fsync,write,writev,sendto,sendmsg", "-p"])
+            .arg(pid.to_string())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("strace (scripts/test installs it)");
+        Strace { child, out }
+    }
+
+    fn text(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// Detaches (SIGTERM) and returns every line it wrote.
+    fn finish(mut self) -> Vec<String> {
+        crate::harness::signal(self.child.id(), nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+        self.text().lines().map(str::to_owned).collect()
+    }
+}
+
+/// Runs a turn under strace; true when the WAL was synced after the turn's
+/// text event was written to it and before that event was written to the
+/// attached client's socket.
+async fn wal_synced_before_the_client_saw_it(server: &Server) -> bool {
+    let (session, mut stream) = server.attached().await;
+    let strace = Strace::attach(server.pid(), server.dir.path().join("strace.txt"));
+    // Attached once strace sees the server answer.
+    let started = std::time::Instant::now();
+    while !strace.text().contains("HTTP/1.1 200") {
+        assert!(started.elapsed() < crate::harness::DEADLINE, "strace never attached");
+        server.client.get(server.url("/health")).send().await.unwrap();
+    }
+    server.start_turn(&session, "echo-prompt").await;
+    let events = stream.until_turn_end().await;
+    let lines = strace.finish();
+    // The event's text holds the prompt's SHA-256, which nothing else does.
+    let text = events.iter().find(|e| e["kind"] == "text").expect("the agent's text")["text"].as_str().unwrap();
+    let marker = text.split(' ').nth(4).expect("the digest").to_owned();
+    let wal = |l: &String| l.contains("breakglass.db-wal>");
+    let written =
+        lines.iter().position(|l| l.contains("pwrite64(") && wal(l) && l.contains(&marker)).expect("the WAL write");
+    let sent = lines
+        .iter()
+        .position(|l| l.contains("TCP:[") && l.contains(&marker) && !l.contains("pwrite64("))
+        .expect("the write to the client");
+    assert!(written < sent, "an event is committed before a client sees it");
+    // A sync of the WAL that began after the write and returned before the
+    // send (strace splits a call that other threads interrupt into an
+    // `<unfinished ...>` line and a `resumed` line of the same thread).
+    lines[written..sent].iter().enumerate().any(|(i, line)| {
+        let is_sync = (line.contains("fdatasync(") || line.contains("fsync(")) && wal(line);
+        if !is_sync || line.contains("resumed>") {
+            return false;
+        }
+        if line.contains(") = 0") {
+            return true;
+        }
+        let thread = line.split(' ').next().unwrap_or_default();
+        lines[written + i + 1..sent].iter().any(|l| l.starts_with(thread) && l.contains("sync resumed>) = 0"))
+    })
+}
+
+/// Regression: with the default settings a commit was not synced to disk
+/// (synchronous=NORMAL), so after a power loss the last events could vanish
+/// and their ids be given to other events, under a client that had seen
+/// them. By default the WAL is now synced before an event is published.
+#[tokio::test]
+async fn by_default_an_event_is_on_disk_before_a_client_sees_it() {
+    let server = Server::start();
+    assert!(server.log().contains("database durability: synchronous=FULL in WAL mode"), "{}", server.log());
+    assert!(wal_synced_before_the_client_saw_it(&server).await, "the WAL is synced before the event is sent");
+
+    // `normal` is the opt-in that does not sync a commit (the test tells the two apart).
+    let normal = Server::options().arg("--durability").arg("normal").start();
+    assert!(normal.log().contains("database durability: synchronous=NORMAL in WAL mode"));
+    assert!(!wal_synced_before_the_client_saw_it(&normal).await, "normal commits without a sync");
+}
