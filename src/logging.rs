@@ -9,6 +9,9 @@ use std::sync::OnceLock;
 
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 
+/// Longest the exit waits for queued lines to reach stderr.
+const FLUSH_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Lines waiting for stderr; beyond this they are dropped.
 const QUEUE_LINES: usize = 8192;
 
@@ -23,7 +26,14 @@ impl Drop for Guard {
         // The flush waits a bounded time, and may print to stdout, which can
         // be closed: on a thread of its own, a failure there stays there.
         if let Some(guard) = self.0.take() {
-            let _ = std::thread::Builder::new().name("breakglass-log-flush".into()).spawn(move || drop(guard));
+            let (done, flushed) = std::sync::mpsc::channel();
+            let flush = std::thread::Builder::new().name("breakglass-log-flush".into()).spawn(move || {
+                drop(guard);
+                let _ = done.send(());
+            });
+            if flush.is_ok() {
+                let _ = flushed.recv_timeout(FLUSH_WITHIN);
+            }
         }
     }
 }

@@ -580,7 +580,10 @@ async fn removing_the_last_audit_records_is_detected() {
     assert_eq!(still.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&still.stderr);
     assert!(stderr.contains("record 4 is not the one its head anchor (audit.head) names"), "{stderr}");
-    assert!(server.log().contains("the audit trail does not match its head anchor"));
+    crate::harness::eventually("the anchor mismatch in the log", || {
+        server.log().contains("the audit trail does not match its head anchor")
+    })
+    .await;
 }
 
 /// Regression: an empty `breakglass.db` (a truncated file) was quietly set
@@ -673,7 +676,8 @@ async fn a_log_with_missing_rows_ends_the_replay_with_an_error_not_caught_up() {
         expected.push(Frame::Notice(damaged.clone()));
         assert_eq!(frames, expected, "the stream ends after saying where the replay stopped");
     }
-    assert!(server.log().contains("the log of this session is damaged"));
+    crate::harness::eventually("the damage in the log", || server.log().contains("the log of this session is damaged"))
+        .await;
 
     // Rows missing at the end: the replay is short of the session's count.
     server.terminate();
@@ -801,11 +805,18 @@ async fn wal_synced_before_the_client_saw_it(server: &Server) -> bool {
 #[tokio::test]
 async fn by_default_an_event_is_on_disk_before_a_client_sees_it() {
     let server = Server::start();
-    assert!(server.log().contains("database durability: synchronous=FULL in WAL mode"), "{}", server.log());
+    // Logging is asynchronous: the line may reach the file a moment later.
+    crate::harness::eventually("the durability in the log", || {
+        server.log().contains("database durability: synchronous=FULL in WAL mode")
+    })
+    .await;
     assert!(wal_synced_before_the_client_saw_it(&server).await, "the WAL is synced before the event is sent");
 
     // `normal` is the opt-in that does not sync a commit (the test tells the two apart).
     let normal = Server::options().arg("--durability").arg("normal").start();
-    assert!(normal.log().contains("database durability: synchronous=NORMAL in WAL mode"));
+    crate::harness::eventually("the durability in the log", || {
+        normal.log().contains("database durability: synchronous=NORMAL in WAL mode")
+    })
+    .await;
     assert!(!wal_synced_before_the_client_saw_it(&normal).await, "normal commits without a sync");
 }
