@@ -10,9 +10,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::auth::Identity;
+use super::auth::{Identity, Via};
 use super::error::ApiError;
-use crate::store::{AuditEntry, AuditRecord, StoreError};
+use crate::store::{AuditEntry, AuditRecord, AuthMethod, StoreError};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/audit", get(page))
@@ -33,6 +33,11 @@ pub async fn record(
         action: action.into(),
         target: target.into(),
         outcome: outcome.into(),
+        via: Some(match identity.via {
+            Via::Bearer => AuthMethod::Bearer,
+            Via::ProxyHeader => AuthMethod::Proxy,
+            Via::Cookie => AuthMethod::Login,
+        }),
     };
     state.sessions.store().audit(record).await
 }
@@ -69,6 +74,9 @@ fn entry_json(e: AuditEntry) -> Value {
         "action": e.record.action,
         "target": e.record.target,
         "outcome": e.record.outcome,
+        // How the caller authenticated: bearer, proxy or login (null on
+        // records from before it was recorded).
+        "via": e.record.via.map(AuthMethod::as_str),
         "prev_hash": e.prev_hash,
         "hash": e.hash,
     })

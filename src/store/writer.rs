@@ -11,7 +11,9 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::audit::{GENESIS, Head, chain_hash, write_head};
-use super::{AuditEntry, AuditRecord, Durability, Faults, Fence, SessionRow, StoreError, TITLE_CHARS, now_ms, to_sql};
+use super::{
+    AuditEntry, AuditRecord, AuthMethod, Durability, Faults, Fence, SessionRow, StoreError, TITLE_CHARS, now_ms, to_sql,
+};
 use crate::event::{Event, Stored};
 use crate::hub::Hub;
 
@@ -361,8 +363,8 @@ fn execute(
             let at_ms = now_ms();
             let hash = chain_hash(&prev_hash, seq, at_ms, record);
             tx.prepare_cached(
-                "INSERT INTO audit (seq, at_ms, identity, peer, action, target, outcome, prev_hash, hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO audit (seq, at_ms, identity, peer, action, target, outcome, prev_hash, hash, via)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?
             .execute(params![
                 seq,
@@ -373,7 +375,8 @@ fn execute(
                 record.target,
                 record.outcome,
                 prev_hash,
-                hash
+                hash,
+                record.via.map(AuthMethod::as_str)
             ])?;
             staged.audit_tail = Some((seq, hash.clone()));
             Ok(Done::Audit(AuditEntry { seq, at_ms, record: record.clone(), prev_hash, hash }))

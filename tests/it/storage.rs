@@ -832,3 +832,34 @@ async fn by_default_an_event_is_on_disk_before_a_client_sees_it() {
     assert!(normal.log().contains("database durability: synchronous=NORMAL in WAL mode"));
     assert!(!wal_synced_before_the_client_saw_it(&normal).await, "normal commits without a sync");
 }
+
+/// Regression: an audit record named the caller but not how it had
+/// authenticated, so a proxy user literally named `bearer` could not be
+/// told apart from the bearer token.
+#[tokio::test]
+async fn audit_records_say_how_the_caller_authenticated() {
+    let mut server = Server::options().env("BREAKGLASS_TRUSTED_PROXIES", "127.0.0.1/32").start();
+    let by_proxy =
+        server.client.post(server.url("/api/session")).header("X-authentik-username", "bearer").send().await.unwrap();
+    assert_eq!(by_proxy.status(), 200);
+    server.open_session().await; // with the bearer token
+
+    let page: Value = server.get("/api/audit").send().await.unwrap().json().await.unwrap();
+    let records = page["records"].as_array().unwrap();
+    let who: Vec<(&str, &str, &str)> = records
+        .iter()
+        .rev()
+        .map(|r| (r["action"].as_str().unwrap(), r["identity"].as_str().unwrap(), r["via"].as_str().unwrap_or("?")))
+        .collect();
+    assert_eq!(who, [("session.open", "bearer", "proxy"), ("session.open", "bearer", "bearer")]);
+
+    assert!(server.terminate().success());
+    let intact = verify_audit(&server.data_dir());
+    assert_eq!(String::from_utf8_lossy(&intact.stdout), "audit trail intact: 2 records\n");
+    // The method is part of what the chain protects.
+    let conn = rusqlite::Connection::open(db_path(&server)).unwrap();
+    conn.execute("UPDATE audit SET via = 'bearer' WHERE seq = 1", []).unwrap();
+    drop(conn);
+    let stderr = String::from_utf8_lossy(&verify_audit(&server.data_dir()).stderr).into_owned();
+    assert!(stderr.contains("audit trail broken at record 1: its contents were changed"), "{stderr}");
+}
