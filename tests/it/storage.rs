@@ -428,8 +428,8 @@ async fn an_attach_storm_leaves_no_database_handles_or_memory_behind() {
     const CLIENTS: usize = 1000;
     let server = Server::start();
     let session = server.open_session().await;
-    let events = server.run_turn(&session, "flood 2000 10\nresult").await;
-    assert_eq!(events.len(), 2003);
+    let events = server.run_turn(&session, "flood 1000 10\nresult").await;
+    assert_eq!(events.len(), 1003);
     let pid = server.pid();
     let (idle_rss, idle_fds) = (rss_kib(pid), database_fds(pid));
 
@@ -455,7 +455,7 @@ async fn an_attach_storm_leaves_no_database_handles_or_memory_behind() {
             drop(body);
         });
     }
-    tokio::time::timeout(std::time::Duration::from_secs(120), all_caught_up.wait())
+    tokio::time::timeout(std::time::Duration::from_secs(300), all_caught_up.wait())
         .await
         .expect("every client replayed the whole log");
     let (peak_rss, peak_fds) = (rss_kib(pid), database_fds(pid));
