@@ -200,17 +200,18 @@ impl Writer {
         let sync_this_one =
             self.durability == Durability::Normal && batch.iter().any(|c| matches!(c, Command::Audit { .. }));
         if !sync_this_one {
-            return self.transaction_as_set(batch);
+            return self.savepoint_each(batch);
         }
         self.conn.pragma_update(None, "synchronous", "FULL")?;
-        let result = self.transaction_as_set(batch);
+        let result = self.savepoint_each(batch);
         if let Err(err) = self.conn.pragma_update(None, "synchronous", "NORMAL") {
             tracing::warn!(%err, "could not return to synchronous=NORMAL after an audit record");
         }
         result
     }
 
-    fn transaction_as_set(&mut self, batch: &[Command]) -> Result<(Vec<Result<Done, StoreError>>, Staged), StoreError> {
+    /// The transaction itself, each command in a savepoint of its own.
+    fn savepoint_each(&mut self, batch: &[Command]) -> Result<(Vec<Result<Done, StoreError>>, Staged), StoreError> {
         let mut staged = Staged::default();
         let mut outcomes = Vec::with_capacity(batch.len());
         // Producers with a write that failed in this transaction: their
