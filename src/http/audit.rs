@@ -10,10 +10,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::auth::Identity;
+use super::auth::{Identity, Via};
 use super::error::ApiError;
 use super::extract::Query;
-use crate::store::{AuditEntry, AuditRecord, StoreError};
+use crate::store::{AuditEntry, AuditRecord, AuthMethod, StoreError};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/audit", get(page))
@@ -34,6 +34,11 @@ pub async fn record(
         action: action.into(),
         target: target.into(),
         outcome: outcome.into(),
+        via: Some(match identity.via {
+            Via::Bearer => AuthMethod::Bearer,
+            Via::ProxyHeader => AuthMethod::Proxy,
+            Via::Cookie => AuthMethod::Login,
+        }),
     };
     // A stalled disk must not hold the request (a Stop, a verb) for ever:
     // the record stays queued and lands when storage answers again.
@@ -75,6 +80,9 @@ fn entry_json(e: AuditEntry) -> Value {
         "action": e.record.action,
         "target": e.record.target,
         "outcome": e.record.outcome,
+        // How the caller authenticated: bearer, proxy or login (null on
+        // records from before it was recorded).
+        "via": e.record.via.map(AuthMethod::as_str),
         "prev_hash": e.prev_hash,
         "hash": e.hash,
     })

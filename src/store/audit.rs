@@ -17,7 +17,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::read::audit_entry;
+use super::read::{AUDIT_COLUMNS, VIA_COLUMN, audit_entry};
 use super::schema::check_identity;
 use super::{AuditCheck, AuditRecord, OpenError};
 
@@ -28,6 +28,9 @@ pub const HEAD_FILE: &str = "audit.head";
 /// older database is written, for the chain as it stands, just before this
 /// migration is applied.
 pub(super) const ANCHORED_SINCE: i64 = 3;
+
+/// The first schema version whose audit records have a `via` column.
+const VIA_SINCE: i64 = 4;
 
 /// The last record of the chain as last committed: its sequence number (0
 /// before the first record) and hash.
@@ -171,14 +174,25 @@ pub fn verify_audit(dir: &Path) -> Result<AuditCheck, OpenError> {
     let mut hash_at_anchor = anchor.as_ref().filter(|a| a.seq == 0).map(|_| GENESIS.to_owned());
     let corrupt = |source| OpenError::Corrupt { path: path.clone(), source };
     let mut stmt = conn
-        .prepare("SELECT seq, at_ms, identity, peer, action, target, outcome, prev_hash, hash FROM audit ORDER BY seq")
+        .prepare(&format!(
+            "SELECT {} FROM audit ORDER BY seq",
+            if version >= VIA_SINCE { AUDIT_COLUMNS.to_owned() } else { AUDIT_COLUMNS.replace("via", "NULL") }
+        ))
         .map_err(corrupt)?;
     let mut rows = stmt.query([]).map_err(corrupt)?;
     let mut prev = GENESIS.to_owned();
     let mut expected_seq = 1;
     let mut records = 0;
     while let Some(row) = rows.next().map_err(corrupt)? {
-        let entry = audit_entry(row).map_err(corrupt)?;
+        let entry = match audit_entry(row) {
+            Ok(entry) => entry,
+            // A method breakglass never writes: the record was edited.
+            Err(rusqlite::Error::FromSqlConversionFailure(VIA_COLUMN, ..)) => {
+                let seq = row.get(0).map_err(corrupt)?;
+                return Ok(AuditCheck::Broken { seq, why: "its contents were changed after it was written".into() });
+            }
+            Err(err) => return Err(corrupt(err)),
+        };
         if entry.seq != expected_seq {
             return Ok(AuditCheck::Broken { seq: entry.seq, why: format!("record {expected_seq} is missing") });
         }
@@ -212,9 +226,14 @@ pub fn verify_audit(dir: &Path) -> Result<AuditCheck, OpenError> {
 pub(super) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// SHA-256 over the previous hash and the record's fields, encoded as a JSON
-/// array so that no choice of field contents can collide with another.
+/// array so that no choice of field contents can collide with another. The
+/// authentication method is the array's last element on records that have
+/// one; records from before it was recorded hash as they were written.
 pub(super) fn chain_hash(prev: &str, seq: i64, at_ms: i64, r: &AuditRecord) -> String {
-    let fields = serde_json::json!([prev, seq, at_ms, r.identity, r.peer, r.action, r.target, r.outcome]);
+    let mut fields = serde_json::json!([prev, seq, at_ms, r.identity, r.peer, r.action, r.target, r.outcome]);
+    if let (Some(via), Some(fields)) = (r.via, fields.as_array_mut()) {
+        fields.push(via.as_str().into());
+    }
     let digest = Sha256::digest(fields.to_string().as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -222,7 +241,7 @@ pub(super) fn chain_hash(prev: &str, seq: i64, at_ms: i64, r: &AuditRecord) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Durability, Store};
+    use crate::store::{AuthMethod, Durability, Store};
 
     async fn store_with_records(n: usize) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
@@ -234,6 +253,7 @@ mod tests {
                 action: "prompt".into(),
                 target: format!("s{i}"),
                 outcome: "ok".into(),
+                via: Some(AuthMethod::Proxy),
             };
             store.audit(record).await.unwrap();
         }
@@ -275,6 +295,7 @@ mod tests {
             action: "cancel".into(),
             target: "t".into(),
             outcome: "ok".into(),
+            via: Some(AuthMethod::Bearer),
         }
     }
 
@@ -297,19 +318,68 @@ mod tests {
         assert!(why.contains("head anchor (audit.head) is missing"), "{why}");
     }
 
+    /// A database as the version before anchoring left it (schema 2, no
+    /// `via` column, no anchor), with `n` records chained as it chained them.
+    fn database_from_before_anchoring(dir: &Path, n: i64) {
+        let conn = Connection::open(dir.join("breakglass.db")).unwrap();
+        for sql in &super::super::schema::MIGRATIONS[..2] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "application_id", super::super::schema::APPLICATION_ID).unwrap();
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        let mut prev = GENESIS.to_owned();
+        for seq in 1..=n {
+            let r = AuditRecord { via: None, ..record() };
+            let hash = chain_hash(&prev, seq, 1000 + seq, &r);
+            conn.execute(
+                "INSERT INTO audit (seq, at_ms, identity, peer, action, target, outcome, prev_hash, hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                rusqlite::params![seq, 1000 + seq, r.identity, r.peer, r.action, r.target, r.outcome, prev, hash],
+            )
+            .unwrap();
+            prev = hash;
+        }
+    }
+
     /// A database from before anchoring verifies without an anchor, gets
-    /// one on its first start, and is protected from then on.
+    /// one on its first start, and is protected from then on; its records,
+    /// without an authentication method, verify beside newer ones with one.
     #[tokio::test]
     async fn a_database_from_before_anchoring_is_anchored_as_found() {
-        let (dir, store) = store_with_records(4).await;
-        drop(store);
-        sql(dir.path(), &format!("PRAGMA user_version = {}", ANCHORED_SINCE - 1));
-        std::fs::remove_file(head_path(dir.path())).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        database_from_before_anchoring(dir.path(), 4);
         assert_eq!(verify_audit(dir.path()).unwrap(), AuditCheck::Intact { records: 4 });
 
-        drop(Store::open(dir.path(), Durability::Normal).unwrap());
+        let store = Store::open(dir.path(), Durability::Normal).unwrap();
         assert_eq!(head_of(dir.path()).seq, 4);
-        sql(dir.path(), "DELETE FROM audit WHERE seq = 4");
+        store.audit(record()).await.unwrap();
+        drop(store);
+        assert_eq!(head_of(dir.path()).seq, 5);
+        assert_eq!(verify_audit(dir.path()).unwrap(), AuditCheck::Intact { records: 5 });
+        sql(dir.path(), "DELETE FROM audit WHERE seq >= 4");
         assert!(matches!(verify_audit(dir.path()).unwrap(), AuditCheck::Broken { seq: 4, .. }));
+    }
+
+    /// The method is covered by the hash of the records that have one, and
+    /// cannot be added to those that have none.
+    #[tokio::test]
+    async fn the_authentication_method_is_part_of_the_chain() {
+        for (edit, seq) in [
+            ("UPDATE audit SET via = 'proxy' WHERE seq = 2", 2),
+            ("UPDATE audit SET via = 'carrier pigeon' WHERE seq = 2", 2),
+            ("UPDATE audit SET via = NULL WHERE seq = 2", 2),
+            ("UPDATE audit SET via = 'bearer' WHERE seq = 1", 1),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            database_from_before_anchoring(dir.path(), 1);
+            let store = Store::open(dir.path(), Durability::Normal).unwrap();
+            store.audit(record()).await.unwrap();
+            drop(store);
+            assert_eq!(verify_audit(dir.path()).unwrap(), AuditCheck::Intact { records: 2 });
+            sql(dir.path(), edit);
+            let check = verify_audit(dir.path());
+            let Ok(AuditCheck::Broken { seq: found, why }) = check else { panic!("{edit}: {check:?}") };
+            assert_eq!((found, why.as_str()), (seq, "its contents were changed after it was written"), "{edit}");
+        }
     }
 }

@@ -170,6 +170,35 @@ pub struct AuditRecord {
     pub action: String,
     pub target: String,
     pub outcome: String,
+    /// How the caller authenticated; `None` only on records written before
+    /// breakglass recorded it.
+    pub via: Option<AuthMethod>,
+}
+
+/// How a caller authenticated, as the audit trail records it: the name
+/// alone cannot tell a proxy user called `bearer` from the bearer token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// The bearer token (`API_BEARER_TOKEN`).
+    Bearer,
+    /// The user header of a trusted proxy.
+    Proxy,
+    /// The cookie of the first-run login link.
+    Login,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Bearer => "bearer",
+            AuthMethod::Proxy => "proxy",
+            AuthMethod::Login => "login",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        [AuthMethod::Bearer, AuthMethod::Proxy, AuthMethod::Login].into_iter().find(|m| m.as_str() == text)
+    }
 }
 
 /// An audit record with its place in the chain.
@@ -512,6 +541,7 @@ mod tests {
                 action: "prompt".into(),
                 target: format!("s{i}"),
                 outcome: "ok".into(),
+                via: Some(AuthMethod::Proxy),
             };
             assert_eq!(store.audit(record).await.unwrap().seq, i + 1);
         }

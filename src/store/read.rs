@@ -9,7 +9,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use super::{AuditEntry, AuditRecord, SessionRow, Store, StoreError, to_sql};
+use super::{AuditEntry, AuditRecord, AuthMethod, SessionRow, Store, StoreError, to_sql};
 use crate::event::{EventId, Stored};
 
 /// Read connections, at most; readers beyond these wait for one.
@@ -83,10 +83,9 @@ impl Store {
     /// Newest first; `before` pages by sequence number.
     pub async fn audit_page(&self, before: Option<i64>, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT seq, at_ms, identity, peer, action, target, outcome, prev_hash, hash FROM audit
-                 WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2",
-            )?;
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {AUDIT_COLUMNS} FROM audit WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2"
+            ))?;
             let rows = stmt.query_map(params![before.unwrap_or(i64::MAX), limit as i64], audit_entry)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
@@ -142,7 +141,21 @@ pub(super) fn session_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRo
     })
 }
 
+pub(super) const AUDIT_COLUMNS: &str = "seq, at_ms, identity, peer, action, target, outcome, prev_hash, hash, via";
+/// Where `via` is in [`AUDIT_COLUMNS`].
+pub(super) const VIA_COLUMN: usize = 9;
+
 pub(super) fn audit_entry(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
+    let via = match row.get::<_, Option<String>>(VIA_COLUMN)? {
+        None => None,
+        Some(text) => Some(AuthMethod::parse(&text).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                VIA_COLUMN,
+                rusqlite::types::Type::Text,
+                format!("unknown authentication method {text:?}").into(),
+            )
+        })?),
+    };
     Ok(AuditEntry {
         seq: row.get(0)?,
         at_ms: row.get(1)?,
@@ -152,6 +165,7 @@ pub(super) fn audit_entry(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntr
             action: row.get(4)?,
             target: row.get(5)?,
             outcome: row.get(6)?,
+            via,
         },
         prev_hash: row.get(7)?,
         hash: row.get(8)?,

@@ -9,10 +9,10 @@ use super::OpenError;
 use super::audit::anchor_before_migrating;
 
 /// `PRAGMA application_id` of a breakglass database ("BGLS").
-const APPLICATION_ID: i32 = 0x4247_4c53;
+pub(super) const APPLICATION_ID: i32 = 0x4247_4c53;
 
 /// Schema migrations; `PRAGMA user_version` is how many have been applied.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     // 1: sessions, events, audit.
     "CREATE TABLE sessions (
         id TEXT PRIMARY KEY,
@@ -49,6 +49,8 @@ const MIGRATIONS: &[&str] = &[
     // anchored in <data>/audit.head (see `audit`), written just before this
     // migration is applied.
     "-- the audit head is anchored from here on",
+    // 4: how each audit record's caller authenticated (NULL on older records).
+    "ALTER TABLE audit ADD COLUMN via TEXT;",
 ];
 
 /// Refuses files that are not ours or are newer; creates or migrates ours.

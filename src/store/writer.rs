@@ -11,7 +11,9 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::audit::{GENESIS, Head, chain_hash, write_head};
-use super::{AuditEntry, AuditRecord, Durability, Faults, Fence, SessionRow, StoreError, TITLE_CHARS, now_ms, to_sql};
+use super::{
+    AuditEntry, AuditRecord, AuthMethod, Durability, Faults, Fence, SessionRow, StoreError, TITLE_CHARS, now_ms, to_sql,
+};
 use crate::event::{Event, Stored};
 use crate::hub::Hub;
 
@@ -198,17 +200,18 @@ impl Writer {
         let sync_this_one =
             self.durability == Durability::Normal && batch.iter().any(|c| matches!(c, Command::Audit { .. }));
         if !sync_this_one {
-            return self.transaction_as_set(batch);
+            return self.savepoint_each(batch);
         }
         self.conn.pragma_update(None, "synchronous", "FULL")?;
-        let result = self.transaction_as_set(batch);
+        let result = self.savepoint_each(batch);
         if let Err(err) = self.conn.pragma_update(None, "synchronous", "NORMAL") {
             tracing::warn!(%err, "could not return to synchronous=NORMAL after an audit record");
         }
         result
     }
 
-    fn transaction_as_set(&mut self, batch: &[Command]) -> Result<(Vec<Result<Done, StoreError>>, Staged), StoreError> {
+    /// The transaction itself, each command in a savepoint of its own.
+    fn savepoint_each(&mut self, batch: &[Command]) -> Result<(Vec<Result<Done, StoreError>>, Staged), StoreError> {
         let mut staged = Staged::default();
         let mut outcomes = Vec::with_capacity(batch.len());
         // Producers with a write that failed in this transaction: their
@@ -361,8 +364,8 @@ fn execute(
             let at_ms = now_ms();
             let hash = chain_hash(&prev_hash, seq, at_ms, record);
             tx.prepare_cached(
-                "INSERT INTO audit (seq, at_ms, identity, peer, action, target, outcome, prev_hash, hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO audit (seq, at_ms, identity, peer, action, target, outcome, prev_hash, hash, via)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?
             .execute(params![
                 seq,
@@ -373,7 +376,8 @@ fn execute(
                 record.target,
                 record.outcome,
                 prev_hash,
-                hash
+                hash,
+                record.via.map(AuthMethod::as_str)
             ])?;
             staged.audit_tail = Some((seq, hash.clone()));
             Ok(Done::Audit(AuditEntry { seq, at_ms, record: record.clone(), prev_hash, hash }))
