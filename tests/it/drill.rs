@@ -10,7 +10,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -87,37 +87,17 @@ impl Devvm {
         std::fs::create_dir(&keys).unwrap();
         std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700)).unwrap();
         for key in ["host_key", "client_key"] {
-            let made =
-                Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(keys.join(key)).status();
-            assert!(made.is_ok_and(|s| s.success()), "ssh-keygen (scripts/test installs openssh-client)");
+            crate::harness::ssh_keygen(&keys, key);
         }
         std::fs::copy(keys.join("client_key.pub"), d.join("authorized_keys")).unwrap();
         let port = free_port();
-        std::fs::write(
-            d.join("sshd_config"),
-            format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile none\n\
-                 StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-                 PubkeyAuthentication yes\nPermitRootLogin no\nAllowUsers {TARGET_USER}\nLogLevel VERBOSE\n",
-                keys.join("host_key").display(),
-                d.join("authorized_keys").display()
-            ),
-        )
-        .unwrap();
-        std::fs::create_dir_all("/run/sshd").unwrap(); // sshd's privilege-separation directory
-        let sshd = Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(d.join("sshd_config"))
-            .stderr(std::fs::File::create(d.join("sshd.log")).unwrap())
-            .spawn()
-            .expect("start sshd");
-        let ssh_agent = Command::new("ssh-agent")
-            .arg("-D")
-            .arg("-a")
-            .arg(keys.join("agent.sock"))
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start ssh-agent");
+        let sshd = crate::harness::spawn_sshd(
+            d,
+            port,
+            &keys.join("host_key"),
+            &format!("PermitRootLogin no\nAllowUsers {TARGET_USER}\n"),
+        );
+        let ssh_agent = crate::harness::spawn_ssh_agent(&keys.join("agent.sock"));
         wait_until("ssh-agent to listen", || keys.join("agent.sock").exists());
         let added = Command::new("ssh-add")
             .arg(keys.join("client_key"))

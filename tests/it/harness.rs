@@ -605,3 +605,37 @@ pub fn kinds(events: &[Value]) -> Vec<&str> {
 pub fn ids(events: &[Value]) -> Vec<u64> {
     events.iter().map(|e| e["id"].as_u64().expect("id")).collect()
 }
+
+/// Makes an ed25519 key pair `<dir>/<name>` (and `.pub`) with ssh-keygen.
+pub fn ssh_keygen(dir: &std::path::Path, name: &str) {
+    let made = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(dir.join(name)).status();
+    assert!(made.is_ok_and(|s| s.success()), "ssh-keygen (scripts/test installs openssh-server and openssh-client)");
+}
+
+/// A real sshd on loopback, in the foreground, logging to `<dir>/sshd.log`:
+/// public keys only, no PAM, and `extra` config lines after these.
+pub fn spawn_sshd(dir: &std::path::Path, port: u16, host_key: &std::path::Path, extra: &str) -> Child {
+    std::fs::write(
+        dir.join("sshd_config"),
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile none\n\
+             StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             PubkeyAuthentication yes\nLogLevel VERBOSE\n{extra}",
+            host_key.display(),
+            dir.join("authorized_keys").display()
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap(); // sshd's privilege-separation directory
+    Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f"])
+        .arg(dir.join("sshd_config"))
+        .stderr(std::fs::File::create(dir.join("sshd.log")).unwrap())
+        .spawn()
+        .expect("start sshd")
+}
+
+/// A real ssh-agent listening on `socket`, in the foreground.
+pub fn spawn_ssh_agent(socket: &std::path::Path) -> Child {
+    Command::new("ssh-agent").arg("-D").arg("-a").arg(socket).stdout(Stdio::null()).spawn().expect("start ssh-agent")
+}

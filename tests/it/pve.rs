@@ -572,11 +572,7 @@ impl Sshd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         for key in ["host_key", "client_key"] {
-            let ok = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(d.join(key)).status();
-            assert!(
-                ok.is_ok_and(|s| s.success()),
-                "ssh-keygen (scripts/test installs openssh-server and openssh-client)"
-            );
+            crate::harness::ssh_keygen(d, key);
         }
         let client_pub = std::fs::read_to_string(d.join("client_key.pub")).unwrap();
         std::fs::write(
@@ -585,31 +581,13 @@ impl Sshd {
         )
         .unwrap();
         let port = free_port();
-        std::fs::write(
-            d.join("sshd_config"),
-            format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile none\nStrictModes no\n\
-                 UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
-                 PermitRootLogin prohibit-password\nLogLevel VERBOSE\n{sshd_config}",
-                d.join("host_key").display(),
-                d.join("authorized_keys").display()
-            ),
-        )
-        .unwrap();
-        std::fs::create_dir_all("/run/sshd").unwrap(); // sshd's privilege-separation directory
-        let sshd = Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(d.join("sshd_config"))
-            .stderr(std::fs::File::create(d.join("sshd.log")).unwrap())
-            .spawn()
-            .expect("start sshd");
-        let agent = Command::new("ssh-agent")
-            .arg("-D")
-            .arg("-a")
-            .arg(d.join("agent.sock"))
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start ssh-agent");
+        let sshd = crate::harness::spawn_sshd(
+            d,
+            port,
+            &d.join("host_key"),
+            &format!("PermitRootLogin prohibit-password\n{sshd_config}"),
+        );
+        let agent = crate::harness::spawn_ssh_agent(&d.join("agent.sock"));
         let mut server = Sshd { dir, sshd, agent, port, pve };
         crate::harness::wait_until("sshd to greet", || server.greets());
         crate::harness::wait_until("ssh-agent to listen", || server.auth_sock().exists());
