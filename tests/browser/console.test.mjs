@@ -223,6 +223,44 @@ test("a prompt to a session that has gone is sent to a fresh one, as typed", asy
   await page.waitForSelector(".msg.agent:has-text('after the cut')", { timeout: DEADLINE });
 });
 
+test("live text grows delta by delta, then settles into one message that a reload shows once", async () => {
+  await page.waitForSelector("#send:not([disabled])");
+  const words = "Live text arrives word by word while the model is still writing this very sentence".split(" ");
+  const sentence = words.join(" ");
+  // How many messages hold the sentence's start, at most, at any moment: a
+  // duplicate, even for one frame, shows here.
+  await page.evaluate(() => {
+    window.mostShown = 0;
+    new MutationObserver(() => {
+      const n = [...document.querySelectorAll(".msg.agent")].filter((e) => e.textContent.includes("Live text arrives")).length;
+      window.mostShown = Math.max(window.mostShown, n);
+    }).observe(document.querySelector("#transcript"), { childList: true, subtree: true, characterData: true });
+  });
+  await sendPrompt(`stream 0.3 ${sentence}\nresult`);
+  const growing = page.locator(".msg.agent.live", { hasText: "Live text arrives" });
+  await growing.waitFor({ timeout: DEADLINE });
+  const early = (await growing.textContent()).length;
+  await page.waitForFunction(
+    (n) => [...document.querySelectorAll(".msg.agent.live")].some((e) => e.textContent.length > n + 8),
+    early,
+    { timeout: DEADLINE },
+  );
+  assert.equal(await growing.getAttribute("aria-busy"), "true");
+  await growing.scrollIntoViewIfNeeded();
+  await page.screenshot({ path: path.join(shots, "2b-live-text.png") });
+  const partial = await growing.textContent();
+  assert.ok(!partial.includes(sentence), `caught mid-growth: ${partial}`);
+  await page.waitForSelector(`.msg.agent:not(.live):has-text("${sentence}")`, { timeout: DEADLINE });
+  await page.waitForSelector(".msg.result:has-text('done')", { timeout: DEADLINE });
+  assert.equal(await count("agent", "Live text arrives"), 1);
+  assert.equal(await page.locator(".msg.agent.live").count(), 0);
+  assert.equal(await page.evaluate(() => window.mostShown), 1, "never two copies, not even for a frame");
+  await page.reload();
+  await page.waitForSelector(`.msg.agent:has-text("${sentence}")`, { timeout: DEADLINE });
+  assert.equal(await count("agent", "Live text arrives"), 1);
+  assert.ok(await page.locator(".msg.agent", { hasText: sentence }).getAttribute("data-id"), "the durable, logged message");
+});
+
 test("Stop ends a turn", async () => {
   await page.waitForSelector("#send:not([disabled])");
   await sendPrompt("say a long job\nsleep 60");
