@@ -88,6 +88,16 @@ async fn partial_messages_give_deltas_then_the_text_and_no_late_delta() {
 }
 
 #[tokio::test]
+async fn recorded_real_partial_messages_of_a_text_reply() {
+    check("real-partial-text").await;
+}
+
+#[tokio::test]
+async fn recorded_real_partial_messages_of_a_tool_call_and_its_answer() {
+    check("real-partial-tool").await;
+}
+
+#[tokio::test]
 async fn a_multi_megabyte_line_is_skipped_whole() {
     let mut bytes = br#"{"type":"assistant","message":{"content":[{"type":"text","text":"before"}]}}"#.to_vec();
     bytes.push(b'\n');
