@@ -334,6 +334,26 @@ mod tests {
         assert!(frames[4].starts_with("id: 2\n"), "{frames:#?}");
     }
 
+    /// Deltas are ephemeral: a subscriber that falls behind a flood of them
+    /// may miss some, but never an event.
+    #[tokio::test]
+    async fn a_subscriber_lagging_behind_deltas_misses_no_event() {
+        let (_dir, log) = crate::log::tests::temp_log().await;
+        let log = Arc::new(log);
+        let mut stream = Box::pin(attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new()));
+        assert_eq!(&stream.next().await.unwrap().unwrap()[..], CAUGHT_UP.as_bytes());
+        let delta = crate::event::Delta { message_id: "msg_1".into(), index: 0, text: "x".into() };
+        for i in 0..50 {
+            log.append(Event::Status { text: i.to_string() }).await.unwrap();
+            for _ in 0..crate::hub::CAPACITY {
+                log.delta(&delta);
+            }
+        }
+        log.append(Event::TurnEnd).await.unwrap();
+        let (ids, _) = ids_until_turn_end(stream).await;
+        assert_eq!(ids, (0..=50).collect::<Vec<_>>());
+    }
+
     #[test]
     fn frame_is_id_then_one_data_line() {
         let stored = Stored { id: 3, json: r#"{"kind":"text","text":"a\nb","id":3}"#.into() };
