@@ -113,6 +113,11 @@ pub struct ServeArgs {
     #[arg(long, env = "BREAKGLASS_TURN_TIMEOUT_SECONDS", default_value_t = 1800)]
     pub turn_timeout_seconds: u64,
 
+    /// Pass `--include-partial-messages` to the agent CLI, so attached
+    /// clients see text as the model writes it (`false` turns it off).
+    #[arg(long, env = "BREAKGLASS_PARTIAL_MESSAGES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub partial_messages: bool,
+
     /// An idle attach stream gets a keepalive comment this often.
     #[arg(long, env = "BREAKGLASS_SSE_KEEPALIVE_SECONDS", default_value_t = 15)]
     pub sse_keepalive_seconds: u64,

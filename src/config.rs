@@ -53,6 +53,8 @@ pub struct AgentConfig {
     /// The user every agent process runs as (`BREAKGLASS_AGENT_USER`);
     /// `None`: the server's own.
     pub user: Option<crate::agent::user::AgentUser>,
+    /// `--include-partial-messages`, for live text (`BREAKGLASS_PARTIAL_MESSAGES`).
+    pub partial_messages: bool,
 }
 
 /// Who may call `/api` (SPEC §6).
@@ -219,6 +221,7 @@ impl Config {
                     Some(name) => Some(crate::agent::user::AgentUser::lookup(name)?),
                     None => None,
                 },
+                partial_messages: args.partial_messages,
             },
             auth: {
                 let first_run = bearer_token.is_none() && trusted_proxies.is_empty();

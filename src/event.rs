@@ -26,8 +26,13 @@ pub enum Event {
     Status {
         text: String,
     },
+    /// A whole text block of the agent's reply. `message_id` (the model
+    /// API's message id) and `index` (the block's position in that message)
+    /// name the block whose [`Delta`]s it completes, when the agent said so.
     Text {
         text: String,
+        message_id: Option<String>,
+        index: Option<u64>,
     },
     Tool {
         name: String,
@@ -89,7 +94,16 @@ impl Event {
                 put("by", json!(by));
             }
             Event::Session { session_id } => put("session_id", json!(session_id)),
-            Event::Status { text } | Event::Text { text } => put("text", json!(text)),
+            Event::Status { text } => put("text", json!(text)),
+            Event::Text { text, message_id, index } => {
+                put("text", json!(text));
+                if let Some(message_id) = message_id {
+                    put("message_id", json!(message_id));
+                }
+                if let Some(index) = index {
+                    put("index", json!(index));
+                }
+            }
             Event::Tool { name, input, tool_use_id } => {
                 put("name", json!(name));
                 put("input", input.clone());
@@ -113,6 +127,23 @@ impl Event {
         }
         obj.insert("id".into(), id.into());
         Value::Object(obj)
+    }
+}
+
+/// New characters of a text block while the model writes it (README, "API"):
+/// sent to the clients attached now, never logged nor replayed. The block's
+/// [`Event::Text`] (same `message_id` and `index`) replaces them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delta {
+    pub message_id: String,
+    pub index: u64,
+    pub text: String,
+}
+
+impl Delta {
+    /// The `data:` of a `delta` frame.
+    pub fn to_json(&self) -> Value {
+        json!({"message_id": self.message_id, "index": self.index, "text": self.text})
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
-use crate::event::Stored;
+use crate::event::{EventId, Stored};
 
 /// Items kept for subscribers that have not read them yet.
 pub const CAPACITY: usize = 256;
@@ -23,39 +23,68 @@ pub enum Published {
     /// A notice that could not be logged (the log itself is failing): sent
     /// to whoever is attached now, without an id, never replayed.
     Notice(Arc<str>),
+    /// New characters of a text block (an [`crate::event::Delta`]'s JSON):
+    /// never logged, so a subscriber that lags simply misses some.
+    Delta {
+        /// The last event published before it: a stream whose client already
+        /// has a later event (from the log) drops it, since that event may be
+        /// the text the delta belongs to.
+        after: Option<EventId>,
+        json: Arc<str>,
+    },
 }
 
 #[derive(Debug)]
 pub struct Hub {
+    /// Held while sending, so that a delta's `after` is exactly the event
+    /// sent before it.
+    tx: std::sync::Mutex<Sent>,
+}
+
+#[derive(Debug)]
+struct Sent {
     tx: broadcast::Sender<Published>,
+    last_event: Option<EventId>,
 }
 
 pub type Subscription = broadcast::Receiver<Published>;
 
 impl Default for Hub {
     fn default() -> Self {
-        Hub { tx: broadcast::Sender::new(CAPACITY) }
+        Hub { tx: std::sync::Mutex::new(Sent { tx: broadcast::Sender::new(CAPACITY), last_event: None }) }
     }
 }
 
 impl Hub {
     /// Delivers an event already in the log to current subscribers.
     pub fn publish(&self, event: Stored) {
+        let mut sent = self.sent();
+        sent.last_event = Some(event.id);
         // No subscribers is not an error: nobody is attached.
-        let _ = self.tx.send(Published::Event(event));
+        let _ = sent.tx.send(Published::Event(event));
     }
 
     /// Delivers a notice that is not in the log (see [`Published::Notice`]).
     pub fn notify(&self, json: Arc<str>) {
-        let _ = self.tx.send(Published::Notice(json));
+        let _ = self.sent().tx.send(Published::Notice(json));
+    }
+
+    /// Delivers a delta's JSON (see [`Published::Delta`]).
+    pub fn delta(&self, json: Arc<str>) {
+        let sent = self.sent();
+        let _ = sent.tx.send(Published::Delta { after: sent.last_event, json });
     }
 
     pub fn subscribe(&self) -> Subscription {
-        self.tx.subscribe()
+        self.sent().tx.subscribe()
     }
 
     /// Attached clients right now.
     pub fn subscribers(&self) -> usize {
-        self.tx.receiver_count()
+        self.sent().tx.receiver_count()
+    }
+
+    fn sent(&self) -> std::sync::MutexGuard<'_, Sent> {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use crate::event::{Event, EventId, Stored};
+use crate::event::{Delta, Event, EventId, Stored};
 use crate::hub::{Hub, Subscription};
 use crate::store::{Fence, Pending, Store, StoreError};
 
@@ -62,6 +62,12 @@ impl Log {
         self.hub.notify(notice(event));
     }
 
+    /// Sends new characters of a text block to attached clients; never
+    /// logged (README, "API").
+    pub fn delta(&self, delta: &Delta) {
+        self.hub.delta(delta.to_json().to_string().into());
+    }
+
     pub fn subscribers(&self) -> usize {
         self.hub.subscribers()
     }
@@ -99,7 +105,7 @@ pub mod tests {
     }
 
     fn text(t: &str) -> Event {
-        Event::Text { text: t.into() }
+        Event::Text { text: t.into(), message_id: None, index: None }
     }
 
     #[tokio::test]

@@ -15,6 +15,11 @@
 //! cannot be read) ends the stream instead, with an error notice saying
 //! where the replay stopped: the client must not take a short history for
 //! the whole one, and reconnecting would only stop at the same place.
+//!
+//! Deltas (new characters of a text block, README "API") are sent live as
+//! `event: delta` frames without an id: never logged, never replayed, and
+//! never after an event the client already has that was published later
+//! than them (that event may be the text they belong to).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -60,6 +65,12 @@ pub fn frame(event: &Stored) -> Bytes {
 /// Last-Event-ID is unaffected.
 pub fn notice_frame(json: &str) -> Bytes {
     Bytes::from(format!("data: {json}\n\n"))
+}
+
+/// A delta: a named event without an id, so a client's Last-Event-ID is
+/// unaffected and nothing replays it.
+pub fn delta_frame(json: &str) -> Bytes {
+    Bytes::from(format!("event: delta\ndata: {json}\n\n"))
 }
 
 /// The frames of one attached client, ending when `shutdown` fires (after
@@ -181,6 +192,11 @@ impl Attach {
                     match received {
                         Err(_idle) => return Ok(Some(Bytes::from_static(KEEPALIVE.as_bytes()))),
                         Ok(Ok(Published::Notice(json))) => return Ok(Some(notice_frame(&json))),
+                        Ok(Ok(Published::Delta { after, json })) => {
+                            if self.sent.is_none_or(|sent| after.is_some_and(|after| after >= sent)) {
+                                return Ok(Some(delta_frame(&json)));
+                            }
+                        }
                         Ok(Ok(Published::Event(event))) if !self.is_new(event.id) => {}
                         Ok(Ok(Published::Event(event))) if Some(event.id) == self.next_expected() => {
                             self.pending.push_back(event)
@@ -295,7 +311,9 @@ mod tests {
     async fn append_many(log: &Log, n: usize) {
         let mut pending = Vec::with_capacity(n);
         for i in 0..n {
-            pending.push(log.submit(Event::Text { text: i.to_string() }, None).await.unwrap());
+            pending.push(
+                log.submit(Event::Text { text: i.to_string(), message_id: None, index: None }, None).await.unwrap(),
+            );
         }
         for p in pending {
             p.committed().await.unwrap();
@@ -329,7 +347,7 @@ mod tests {
                 let log = log.clone();
                 async move {
                     for i in 0..2_000 {
-                        log.append(Event::Text { text: i.to_string() }).await.unwrap();
+                        log.append(Event::Text { text: i.to_string(), message_id: None, index: None }).await.unwrap();
                         if i % 100 == 0 {
                             tokio::task::yield_now().await;
                         }
@@ -347,6 +365,62 @@ mod tests {
             assert_eq!(caught_up, 1, "round {round}");
             assert_eq!(ids, (0..=2_000).collect::<Vec<_>>(), "round {round}");
         }
+    }
+
+    /// A delta published before an event the stream then sends from the
+    /// log (its message's text, say) is stale: it is dropped, not sent
+    /// after that event. One published after the stream's last event is sent.
+    #[tokio::test]
+    async fn a_delta_older_than_what_the_backlog_sent_is_dropped() {
+        let (_dir, log) = crate::log::tests::temp_log().await;
+        let log = Arc::new(log);
+        log.append(Event::User { text: "?".into(), by: "t".into() }).await.unwrap();
+        let delta = |text: &str| crate::event::Delta { message_id: "msg_1".into(), index: 0, text: text.into() };
+        // Subscribed (the stream exists) but not yet polled: the delta waits
+        // in its subscription while the text is appended.
+        let mut stream = Box::pin(attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new()));
+        log.delta(&delta("stale "));
+        log.append(Event::Text { text: "stale text".into(), message_id: Some("msg_1".into()), index: Some(0) })
+            .await
+            .unwrap();
+        let mut frames = Vec::new();
+        loop {
+            let frame = stream.next().await.unwrap().unwrap();
+            let done = &frame[..] == CAUGHT_UP.as_bytes();
+            frames.push(String::from_utf8(frame.to_vec()).unwrap());
+            if done {
+                break;
+            }
+        }
+        log.delta(&delta("fresh"));
+        log.append(Event::TurnEnd).await.unwrap();
+        for _ in 0..2 {
+            frames.push(String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap());
+        }
+        assert!(frames[..2].iter().all(|f| f.starts_with("id: ")), "{frames:#?}");
+        assert_eq!(frames[2], CAUGHT_UP);
+        assert_eq!(frames[3], "event: delta\ndata: {\"index\":0,\"message_id\":\"msg_1\",\"text\":\"fresh\"}\n\n");
+        assert!(frames[4].starts_with("id: 2\n"), "{frames:#?}");
+    }
+
+    /// Deltas are ephemeral: a subscriber that falls behind a flood of them
+    /// may miss some, but never an event.
+    #[tokio::test]
+    async fn a_subscriber_lagging_behind_deltas_misses_no_event() {
+        let (_dir, log) = crate::log::tests::temp_log().await;
+        let log = Arc::new(log);
+        let mut stream = Box::pin(attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new()));
+        assert_eq!(&stream.next().await.unwrap().unwrap()[..], CAUGHT_UP.as_bytes());
+        let delta = crate::event::Delta { message_id: "msg_1".into(), index: 0, text: "x".into() };
+        for i in 0..50 {
+            log.append(Event::Status { text: i.to_string() }).await.unwrap();
+            for _ in 0..crate::hub::CAPACITY {
+                log.delta(&delta);
+            }
+        }
+        log.append(Event::TurnEnd).await.unwrap();
+        let (ids, _) = ids_until_turn_end(stream).await;
+        assert_eq!(ids, (0..=50).collect::<Vec<_>>());
     }
 
     #[test]

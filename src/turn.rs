@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::agent::line::{self, AgentLine};
 use crate::agent::process::{AgentProcess, DRAIN, Line, Spec};
-use crate::agent::translate::translate;
+use crate::agent::translate::{Translated, Translator};
 use crate::agent::user::AgentUser;
 use crate::config::AgentConfig;
 use crate::event::Event;
@@ -329,6 +329,11 @@ impl Runner {
         .into_iter()
         .map(OsString::from)
         .collect();
+        // Stream events too, so the console shows text as it is written
+        // (README, "How a turn runs the agent").
+        if self.agent.partial_messages {
+            args.push("--include-partial-messages".into());
+        }
         let stdin = if request.prompt.len() < MAX_PROMPT_ARG {
             args.push("--".into());
             args.push(request.prompt.clone().into());
@@ -379,6 +384,7 @@ struct Output<'a> {
     /// Once a write of this turn fails, none after it is kept either.
     fence: Fence,
     pending: VecDeque<Pending>,
+    translator: Translator,
     saw_result: bool,
     started: &'a mut bool,
 }
@@ -388,7 +394,14 @@ const IN_FLIGHT: usize = 256;
 
 impl<'a> Output<'a> {
     fn new(log: &'a Log, started: &'a mut bool) -> Self {
-        Output { log, fence: Fence::default(), pending: VecDeque::new(), saw_result: false, started }
+        Output {
+            log,
+            fence: Fence::default(),
+            pending: VecDeque::new(),
+            translator: Translator::default(),
+            saw_result: false,
+            started,
+        }
     }
 
     /// Translates one line of the agent's output and submits its events.
@@ -405,7 +418,16 @@ impl<'a> Output<'a> {
             AgentLine::Result(_) => self.saw_result = true,
             _ => {}
         }
-        for event in translate(parsed) {
+        for translated in self.translator.line(parsed) {
+            let event = match translated {
+                Translated::Event(event) => event,
+                Translated::Delta(delta) => {
+                    // Events submitted before it reach clients before it.
+                    self.flush().await?;
+                    self.log.delta(&delta);
+                    continue;
+                }
+            };
             if self.pending.len() >= IN_FLIGHT
                 && let Some(oldest) = self.pending.pop_front()
             {

@@ -1,7 +1,7 @@
 // The console: attaches to the session's event stream, renders the
 // transcript, sends prompts, and drives the VM controls. The transcript fold
 // itself lives in transcript.js (pure, unit-tested).
-import { emptyTranscript, apply, lastId, turnRunning, preview, toolSummary, resultFacts } from "./transcript.js";
+import { emptyTranscript, apply, applyDelta, lastId, turnRunning, preview, toolSummary, resultFacts } from "./transcript.js";
 
 const $ = (id) => document.getElementById(id);
 const SESSION_KEY = "breakglass.session";
@@ -113,6 +113,19 @@ function attach() {
     apply(state.transcript, event);
     scheduleRender();
   };
+  // Live text: a named event without an id, so the stream's last event id
+  // (what a reconnect resumes from) stays that of the last logged event.
+  source.addEventListener("delta", (message) => {
+    state.lastSignal = Date.now();
+    let delta;
+    try {
+      delta = JSON.parse(message.data);
+    } catch {
+      return;
+    }
+    applyDelta(state.transcript, delta);
+    scheduleRender();
+  });
   source.addEventListener("caught-up", () => {
     state.caughtUp = true;
     state.linkDown = false;
@@ -186,6 +199,7 @@ function scheduleRender() {
 
 function render() {
   const list = $("transcript");
+  const kept = new Set();
   const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
   let previous = null;
   for (const message of state.transcript.messages) {
@@ -201,12 +215,21 @@ function render() {
     const expected = previous ? previous.nextSibling : list.firstChild;
     if (expected !== element) list.insertBefore(element, expected);
     previous = element;
+    kept.add(message);
+  }
+  // Text that was still growing when its turn ended is gone from the fold.
+  for (const [message, element] of rendered) {
+    if (!kept.has(message)) {
+      element.remove();
+      rendered.delete(message);
+    }
   }
   if (nearBottom) list.scrollTop = list.scrollHeight;
   lamp();
 }
 
 function version(message) {
+  if (message.live) return `live ${message.text.length}`;
   return message.role === "tool" ? (message.result ? "answered" : "asked") : "1";
 }
 
@@ -226,6 +249,11 @@ function draw(m) {
       break;
     case "agent":
       item.append(el("span", "meta", "agent"), document.createTextNode(m.text));
+      // Still being written: assistive technology waits for the whole text.
+      if (m.live) {
+        item.classList.add("live");
+        item.setAttribute("aria-busy", "true");
+      }
       break;
     case "tool": {
       const details = el("details");

@@ -9,10 +9,15 @@
 //   dropped; they follow the events that had arrived before them.
 // - A `tool_result` is folded under the `tool` call it answers, even when it
 //   arrives first.
+// - Deltas (README, "API": live text, never logged) grow a message keyed by
+//   `message_id`; the `text` event with that `message_id` turns the same
+//   message object into the durable one, so nothing is drawn twice. A delta
+//   of a message whose text is in, or whose turn has ended, is ignored, so a
+//   replay (which has no deltas) gives the same messages.
 
 /** A fresh, empty transcript. */
 export function emptyTranscript() {
-  return { messages: [], seen: new Set(), orphans: new Map(), noticeSeq: 0, maxId: -1 };
+  return { messages: [], seen: new Set(), orphans: new Map(), noticeSeq: 0, maxId: -1, growing: new Map(), finished: new Set() };
 }
 
 /** Output shown before "show more" (characters). */
@@ -42,8 +47,26 @@ export function apply(t, event) {
     else t.orphans.set(message.toolUseId, message);
     return t;
   }
-  // A turn's end: output whose call never came is shown on its own.
+  if (message.role === "agent" && message.messageId) {
+    t.finished.add(message.messageId);
+    const growing = t.growing.get(message.messageId);
+    if (growing) {
+      // The same object becomes the durable message, moved to its id's place.
+      t.growing.delete(message.messageId);
+      t.messages.splice(t.messages.indexOf(growing), 1);
+      Object.assign(growing, message, { live: false });
+      insertSorted(t.messages, growing);
+      return t;
+    }
+  }
+  // A turn's end: output whose call never came is shown on its own, and
+  // text still growing is dropped (the log never got it).
   if (message.role === "turn_end") {
+    for (const [messageId, growing] of t.growing) {
+      t.messages.splice(t.messages.indexOf(growing), 1);
+      t.finished.add(messageId);
+    }
+    t.growing.clear();
     for (const orphan of t.orphans.values()) insertSorted(t.messages, { ...orphan, role: "output" });
     t.orphans.clear();
   }
@@ -52,6 +75,28 @@ export function apply(t, event) {
     t.orphans.delete(message.toolUseId);
   }
   insertSorted(t.messages, message);
+  return t;
+}
+
+/**
+ * Folds one delta (new characters of a text block, sent without an id) into
+ * the transcript (in place) and returns it.
+ * @param {ReturnType<typeof emptyTranscript>} t
+ * @param {{message_id: string, index: number, text: string}} delta
+ */
+export function applyDelta(t, delta) {
+  if (!delta || typeof delta !== "object") return t;
+  const { message_id: messageId, index, text } = delta;
+  if (typeof messageId !== "string" || !messageId || !Number.isInteger(index) || index < 0) return t;
+  if (typeof text !== "string" || !text || t.finished.has(messageId)) return t;
+  let growing = t.growing.get(messageId);
+  if (!growing) {
+    // Sorts after every event that had arrived before it, like a notice.
+    growing = { id: null, order: [t.maxId, ++t.noticeSeq], at: "", role: "agent", text: "", messageId, live: true };
+    t.growing.set(messageId, growing);
+    insertSorted(t.messages, growing);
+  }
+  growing.text += text;
   return t;
 }
 
@@ -101,7 +146,7 @@ function toMessage(e, order) {
     case "user":
       return { ...base, role: "user", text: str(e.text), by: str(e.by) };
     case "text":
-      return { ...base, role: "agent", text: str(e.text) };
+      return { ...base, role: "agent", text: str(e.text), messageId: str(e.message_id) };
     case "tool":
       return { ...base, role: "tool", name: str(e.name), input: e.input ?? null, toolUseId: str(e.tool_use_id), result: null };
     case "tool_result":

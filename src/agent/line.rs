@@ -1,5 +1,6 @@
 //! One line of the agent CLI's `--output-format stream-json --verbose`
-//! output, parsed. This is the only module that knows that format.
+//! output (with `--include-partial-messages`, its `stream_event` lines too),
+//! parsed. This is the only module that knows that format.
 //!
 //! The parse is lenient by design: keys come in any order, fields may be
 //! missing or `null`, and a line that is not a JSON object is simply not an
@@ -19,18 +20,43 @@ pub enum AgentLine {
         max_retries: Option<u64>,
         error: Option<String>,
     },
-    /// Any other `system` line (hooks, compaction, status…).
+    /// Any other `system` line (hooks, compaction, the `requesting` status
+    /// printed before each API request…).
     OtherSystem,
-    /// An `assistant` message's content blocks, in order.
+    /// An `assistant` message's content blocks, in order. With partial
+    /// messages the CLI prints one such line per block, after the block's
+    /// last delta and before its `content_block_stop`.
     Assistant {
+        /// `message.id`: the model API's id of the message.
+        message_id: Option<String>,
         blocks: Vec<Block>,
+    },
+    /// A `stream_event` line: one raw event of the model API's stream.
+    Stream {
+        /// `api_message_id`, which the CLI adds to some stream events.
+        message_id: Option<String>,
+        event: StreamEvent,
     },
     /// The `tool_result` blocks of a `user` message (the tools' answers).
     ToolResults {
         results: Vec<ToolResult>,
     },
     Result(ResultLine),
-    /// `stream_event` and any type this version does not know.
+    /// Any type this version does not know.
+    Other,
+}
+
+/// The model API's stream events that matter here (the Messages API's
+/// streaming format).
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    /// `message_start`: `message.id` names the message the next blocks belong to.
+    MessageStart { message_id: Option<String> },
+    /// `content_block_start`: block `index` begins.
+    BlockStart { index: u64 },
+    /// `content_block_delta` with a `text_delta`: characters of text block `index`.
+    TextDelta { index: u64, text: String },
+    /// Every other event (tool input, thinking, stops, pings…).
     Other,
 }
 
@@ -80,7 +106,14 @@ pub fn parse(raw: &[u8]) -> Option<AgentLine> {
     };
     Some(match str_field(&obj, "type") {
         Some("system") => system(&obj),
-        Some("assistant") => AgentLine::Assistant { blocks: content(&obj).iter().map(block).collect() },
+        Some("assistant") => AgentLine::Assistant {
+            message_id: obj.get("message").and_then(|m| m.get("id")).and_then(Value::as_str).map(str::to_owned),
+            blocks: content(&obj).iter().map(block).collect(),
+        },
+        Some("stream_event") => AgentLine::Stream {
+            message_id: str_field(&obj, "api_message_id").map(str::to_owned),
+            event: obj.get("event").map_or(StreamEvent::Other, stream_event),
+        },
         Some("user") => AgentLine::ToolResults { results: content(&obj).iter().filter_map(tool_result).collect() },
         Some("result") => AgentLine::Result(result(&obj)),
         _ => AgentLine::Other,
@@ -99,6 +132,27 @@ fn system(obj: &Map<String, Value>) -> AgentLine {
             error: obj.get("error").and_then(describe_error),
         },
         _ => AgentLine::OtherSystem,
+    }
+}
+
+fn stream_event(event: &Value) -> StreamEvent {
+    let index = event.get("index").and_then(Value::as_u64);
+    match (event.get("type").and_then(Value::as_str), index) {
+        (Some("message_start"), _) => StreamEvent::MessageStart {
+            message_id: event.get("message").and_then(|m| m.get("id")).and_then(Value::as_str).map(str::to_owned),
+        },
+        (Some("content_block_start"), Some(index)) => StreamEvent::BlockStart { index },
+        (Some("content_block_delta"), Some(index)) => {
+            let delta = event.get("delta");
+            match (
+                delta.and_then(|d| d.get("type")).and_then(Value::as_str),
+                delta.and_then(|d| d.get("text")).and_then(Value::as_str),
+            ) {
+                (Some("text_delta"), Some(text)) => StreamEvent::TextDelta { index, text: text.to_owned() },
+                _ => StreamEvent::Other,
+            }
+        }
+        _ => StreamEvent::Other,
     }
 }
 

@@ -1,13 +1,91 @@
-//! Agent lines to events: the translation table of SPEC §5. Pure.
+//! Agent lines to events: the translation table of SPEC §5, and the live
+//! text of partial messages (README, "How a turn runs the agent"). Pure: a
+//! [`Translator`] only remembers what earlier lines of the same turn said.
 
-use crate::agent::line::{AgentLine, Block};
-use crate::event::{Event, TurnResult};
+use std::collections::HashSet;
+
+use crate::agent::line::{AgentLine, Block, StreamEvent};
+use crate::event::{Delta, Event, TurnResult};
 
 /// Tool output kept in a `tool_result` event; the rest is cut with a note.
 pub const TOOL_RESULT_CAP: usize = 64 * 1024;
 
-/// The events one agent line stands for, in order (often none).
-pub fn translate(line: AgentLine) -> Vec<Event> {
+/// What one agent line stands for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Translated {
+    /// An event for the log.
+    Event(Event),
+    /// New characters of a text block, for the clients attached now only.
+    Delta(Delta),
+}
+
+/// Translates the lines of one turn, in order.
+#[derive(Debug, Default)]
+pub struct Translator {
+    /// The message being streamed (its `message_start`).
+    message_id: Option<String>,
+    /// The block being streamed (its `content_block_start` or latest delta).
+    block: Option<u64>,
+    /// Messages whose text event is out: their late deltas are dropped, so
+    /// no client sees a delta of a message after its text (README, "API").
+    finished: HashSet<String>,
+}
+
+impl Translator {
+    /// What one agent line stands for, in order (often nothing).
+    pub fn line(&mut self, line: AgentLine) -> Vec<Translated> {
+        match line {
+            AgentLine::Stream { message_id, event } => self.stream(message_id, event).into_iter().collect(),
+            AgentLine::Assistant { message_id, blocks } => {
+                let message_id = message_id.or_else(|| self.message_id.clone());
+                // The CLI prints a streamed block's whole line before that
+                // block stops, so the open block is this one.
+                let index = if message_id.is_some() && message_id == self.message_id { self.block } else { None };
+                blocks
+                    .into_iter()
+                    .filter_map(|block| match block {
+                        Block::Text(text) if !text.is_empty() => {
+                            if let Some(id) = &message_id {
+                                self.finished.insert(id.clone());
+                            }
+                            Some(Event::Text { text, message_id: message_id.clone(), index })
+                        }
+                        Block::ToolUse { id, name, input } => Some(Event::Tool { name, input, tool_use_id: id }),
+                        Block::Text(_) | Block::Other => None,
+                    })
+                    .map(Translated::Event)
+                    .collect()
+            }
+            other => translate(other).into_iter().map(Translated::Event).collect(),
+        }
+    }
+
+    fn stream(&mut self, api_message_id: Option<String>, event: StreamEvent) -> Option<Translated> {
+        match event {
+            StreamEvent::MessageStart { message_id } => {
+                self.message_id = message_id.or(api_message_id);
+                self.block = None;
+                None
+            }
+            StreamEvent::BlockStart { index } => {
+                self.block = Some(index);
+                None
+            }
+            StreamEvent::TextDelta { index, text } => {
+                self.block = Some(index);
+                let message_id = api_message_id.or_else(|| self.message_id.clone())?;
+                if text.is_empty() || self.finished.contains(&message_id) {
+                    return None;
+                }
+                Some(Translated::Delta(Delta { message_id, index, text }))
+            }
+            StreamEvent::Other => None,
+        }
+    }
+}
+
+/// The events of one agent line that needs nothing from the lines before it.
+fn translate(line: AgentLine) -> Vec<Event> {
     match line {
         AgentLine::Init { session_id } => vec![Event::Session { session_id }],
         AgentLine::ApiRetry { attempt, max_retries, error } => {
@@ -19,14 +97,6 @@ pub fn translate(line: AgentLine) -> Vec<Event> {
             }
             vec![Event::Status { text }]
         }
-        AgentLine::Assistant { blocks } => blocks
-            .into_iter()
-            .filter_map(|block| match block {
-                Block::Text(text) if !text.is_empty() => Some(Event::Text { text }),
-                Block::ToolUse { id, name, input } => Some(Event::Tool { name, input, tool_use_id: id }),
-                Block::Text(_) | Block::Other => None,
-            })
-            .collect(),
         AgentLine::ToolResults { results } => results
             .into_iter()
             .map(|r| Event::ToolResult {
@@ -43,6 +113,8 @@ pub fn translate(line: AgentLine) -> Vec<Event> {
             num_turns: r.num_turns,
             total_cost_usd: r.total_cost_usd,
         })],
+        // Read by the translator, which keeps their state.
+        AgentLine::Assistant { .. } | AgentLine::Stream { .. } => Vec::new(),
         AgentLine::OtherSystem | AgentLine::Other => Vec::new(),
     }
 }

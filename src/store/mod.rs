@@ -489,7 +489,12 @@ mod tests {
         let mut pending = Vec::new();
         for i in 0..1000 {
             let hub = Arc::new(Hub::default());
-            pending.push(store.submit(id, Event::Text { text: i.to_string() }, hub, None).await.unwrap());
+            pending.push(
+                store
+                    .submit(id, Event::Text { text: i.to_string(), message_id: None, index: None }, hub, None)
+                    .await
+                    .unwrap(),
+            );
         }
         for (i, p) in pending.into_iter().enumerate() {
             assert_eq!(p.committed().await.unwrap().id, i as u64);

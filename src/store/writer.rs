@@ -396,7 +396,7 @@ mod tests {
         fence: Option<&Fence>,
     ) -> (Command, oneshot::Receiver<Result<Stored, StoreError>>) {
         let (reply, rx) = oneshot::channel();
-        let event = Event::Text { text: text.into() };
+        let event = Event::Text { text: text.into(), message_id: None, index: None };
         (Command::Append { session, event, hub: Arc::new(Hub::default()), fence: fence.cloned(), reply }, rx)
     }
 

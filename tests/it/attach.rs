@@ -86,7 +86,7 @@ async fn attaching_during_a_flood_neither_skips_nor_doubles() {
                             return (i, seen);
                         }
                     }
-                    Frame::Notice(_) | Frame::CaughtUp | Frame::Keepalive => {}
+                    Frame::Notice(_) | Frame::Delta(_) | Frame::CaughtUp | Frame::Keepalive => {}
                 }
             }
         }));

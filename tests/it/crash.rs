@@ -64,7 +64,7 @@ async fn read_until(clients: &mut [Attached; 3], reading: [bool; 3], leader: usi
         };
         match frame.expect("a stream ended while the turn ran") {
             Frame::Event { .. } => received[i] += 1,
-            Frame::Notice(_) | Frame::CaughtUp | Frame::Keepalive => {}
+            Frame::Notice(_) | Frame::Delta(_) | Frame::CaughtUp | Frame::Keepalive => {}
         }
     }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::harness::{
-    AGENT_HOME, AGENT_USER, AGENT_USER_LOCK, BASIC, Server, agent_user, alive, eventually, kinds,
+    AGENT_HOME, AGENT_USER, AGENT_USER_LOCK, BASIC, Frame, Server, agent_user, alive, eventually, kinds,
     real_cli_for_agent_user, wait_until,
 };
 use crate::model_api::{ModelApi, Reply};
@@ -379,4 +379,43 @@ async fn an_overloaded_api_shows_each_retry_as_a_status_then_the_turn_succeeds()
     assert_eq!((events[5]["is_error"].as_bool(), events[5]["result"].as_str()), (Some(false), Some("devvm answered.")));
     assert_eq!(api.main_requests().len(), 3);
     eprintln!("drill: two 529s and a reply took {} ms", started.elapsed().as_millis());
+}
+
+/// Live text from the real CLI: the model's words reach an attached client
+/// as `delta` frames (README, "API") before the logged `text` that
+/// completes them, under the message id the API gave.
+#[tokio::test]
+#[ignore = "needs the real Claude Code CLI (scripts/test installs it)"]
+async fn the_models_words_arrive_as_deltas_before_the_logged_text() {
+    let _agent_user = AGENT_USER_LOCK.lock().await;
+    fresh_agent_home();
+    let answer = "devvm is up, its load is low and / has room to spare.";
+    let api = ModelApi::start(vec![Reply::text(answer)]);
+    let server = breakglass(&api, None);
+    let (session, mut stream) = server.attached().await;
+    server.start_turn(&session, "Is devvm healthy?").await;
+    let mut frames = Vec::new();
+    loop {
+        match stream.next().await.expect("stream ended before turn_end") {
+            Frame::Event { data, .. } if data["kind"] == "turn_end" => break,
+            Frame::Keepalive | Frame::CaughtUp => {}
+            frame => frames.push(frame),
+        }
+    }
+    let deltas: Vec<&Value> =
+        frames.iter().filter_map(|f| if let Frame::Delta(d) = f { Some(d) } else { None }).collect();
+    let streamed: String = deltas.iter().map(|d| d["text"].as_str().unwrap()).collect();
+    assert_eq!(streamed, answer, "{frames:#?}");
+    assert!(deltas.len() > 1, "word by word: {deltas:#?}");
+    let text_at = frames
+        .iter()
+        .position(|f| matches!(f, Frame::Event { data, .. } if data["kind"] == "text"))
+        .expect("a text event");
+    assert!(frames[text_at..].iter().all(|f| !matches!(f, Frame::Delta(_))), "no delta after the text: {frames:#?}");
+    let Frame::Event { data: text, .. } = &frames[text_at] else { unreachable!() };
+    assert_eq!(text["text"], answer);
+    assert!(text["message_id"].as_str().is_some_and(|id| id.starts_with("msg_")), "{text}");
+    for delta in &deltas {
+        assert_eq!((&delta["message_id"], &delta["index"]), (&text["message_id"], &text["index"]), "{delta}");
+    }
 }

@@ -475,6 +475,8 @@ pub enum Frame {
     },
     /// An event the log could not keep, sent without an id.
     Notice(Value),
+    /// New characters of a text block (`event: delta`), without an id.
+    Delta(Value),
     CaughtUp,
     Keepalive,
 }
@@ -518,7 +520,7 @@ impl Attached {
             match self.next().await.expect("stream ended before caught-up") {
                 Frame::Event { data, .. } => events.push(data),
                 Frame::CaughtUp => return events,
-                Frame::Notice(_) | Frame::Keepalive => {}
+                Frame::Notice(_) | Frame::Delta(_) | Frame::Keepalive => {}
             }
         }
     }
@@ -535,7 +537,7 @@ impl Attached {
                         return events;
                     }
                 }
-                Frame::Notice(_) | Frame::CaughtUp | Frame::Keepalive => {}
+                Frame::Notice(_) | Frame::Delta(_) | Frame::CaughtUp | Frame::Keepalive => {}
             }
         }
     }
@@ -585,6 +587,9 @@ fn parse_frame(block: &[u8]) -> Frame {
     }
     if text == "event: caught-up\ndata: {}" {
         return Frame::CaughtUp;
+    }
+    if let Some(data) = text.strip_prefix("event: delta\ndata: ") {
+        return Frame::Delta(serde_json::from_str(data).expect("delta JSON"));
     }
     if let Some(data) = text.strip_prefix("data: ") {
         return Frame::Notice(serde_json::from_str(data).expect("notice JSON"));

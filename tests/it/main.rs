@@ -16,6 +16,7 @@ mod drill;
 mod frozen;
 mod lifecycle;
 mod limits;
+mod live;
 mod model_api;
 mod pve;
 mod real_claude;

@@ -485,7 +485,7 @@ async fn until_turn_end_or_notice(stream: &mut crate::harness::Attached) -> (Vec
                     return (events, notices);
                 }
             }
-            Frame::CaughtUp | Frame::Keepalive => {}
+            Frame::Delta(_) | Frame::CaughtUp | Frame::Keepalive => {}
         }
     }
 }

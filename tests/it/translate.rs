@@ -1,25 +1,31 @@
 //! Translation, data-driven: each `tests/fixtures/transcripts/NAME.jsonl` is
 //! fed through the same line reader, parser and translator a turn uses, and
 //! must give the events in `NAME.expected.jsonl` (one JSON object per line,
-//! without ids).
+//! without ids; a delta, which is not an event, as `{"delta": …}`).
 
 use breakglass::agent::line;
 use breakglass::agent::process::{Line, LineReader, MAX_LINE};
-use breakglass::agent::translate::{TOOL_RESULT_CAP, translate};
+use breakglass::agent::translate::{TOOL_RESULT_CAP, Translated, Translator};
 use serde_json::Value;
 
 use crate::harness::repo;
 
-/// The events (as JSON, ids stripped) a transcript's bytes stand for.
+/// The events (as JSON, ids stripped) and deltas a transcript's bytes stand for.
 async fn events_of(bytes: &[u8]) -> Vec<Value> {
     let mut reader = LineReader::new(bytes, MAX_LINE);
+    let mut translator = Translator::default();
     let mut events = Vec::new();
     while let Some(line) = reader.next_line().await.expect("in-memory read") {
         let Line::Complete(raw) = line else { continue };
-        for event in line::parse(&raw).map(translate).unwrap_or_default() {
-            let mut json = event.to_json(0);
-            json.as_object_mut().unwrap().remove("id");
-            events.push(json);
+        for translated in line::parse(&raw).map(|l| translator.line(l)).unwrap_or_default() {
+            events.push(match translated {
+                Translated::Event(event) => {
+                    let mut json = event.to_json(0);
+                    json.as_object_mut().unwrap().remove("id");
+                    json
+                }
+                Translated::Delta(delta) => serde_json::json!({ "delta": delta.to_json() }),
+            });
         }
     }
     events
@@ -74,6 +80,21 @@ async fn recorded_real_not_logged_in() {
 #[tokio::test]
 async fn recorded_real_resume_of_an_unknown_session() {
     check("real-resume-unknown").await;
+}
+
+#[tokio::test]
+async fn partial_messages_give_deltas_then_the_text_and_no_late_delta() {
+    check("partial").await;
+}
+
+#[tokio::test]
+async fn recorded_real_partial_messages_of_a_text_reply() {
+    check("real-partial-text").await;
+}
+
+#[tokio::test]
+async fn recorded_real_partial_messages_of_a_tool_call_and_its_answer() {
+    check("real-partial-tool").await;
 }
 
 #[tokio::test]

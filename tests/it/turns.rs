@@ -50,6 +50,7 @@ async fn first_turn_uses_session_id_and_later_turns_resume() {
             "sonnet",
             flag,
             &session,
+            "--include-partial-messages",
             "--",
             "replay basic",
         ]

@@ -1,7 +1,7 @@
 // node --test web/test/: the transcript fold.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { emptyTranscript, apply, applyAll, lastId, turnRunning, preview, toolSummary, resultFacts } from "../transcript.js";
+import { emptyTranscript, apply, applyAll, applyDelta, lastId, turnRunning, preview, toolSummary, resultFacts } from "../transcript.js";
 
 const turn = [
   { id: 0, kind: "user", text: "Is devvm up?", by: "alice", at: "T0" },
@@ -116,4 +116,69 @@ test("output whose call never came is shown when the turn ends", () => {
   apply(t, { id: 2, kind: "turn_end" });
   const shown = t.messages.find((m) => m.content === "orphaned output");
   assert.equal(shown.role, "output");
+});
+
+// Live text (README, "API"): deltas grow a message until its text replaces it.
+const delta = (text, message_id = "msg_1", index = 0) => ({ message_id, index, text });
+const agentTexts = (t) => t.messages.filter((m) => m.role === "agent").map((m) => m.text);
+
+test("deltas grow a message, and its text replaces it in place", () => {
+  const t = applyAll(emptyTranscript(), turn.slice(0, 2));
+  applyDelta(t, delta("Checking "));
+  const growing = t.messages.at(-1);
+  assert.equal(growing.live, true);
+  applyDelta(t, delta("devvm."));
+  assert.deepEqual(agentTexts(t), ["Checking devvm."]);
+  assert.equal(lastId(t), 1, "deltas have no id");
+  apply(t, { id: 2, kind: "text", text: "Checking devvm.", message_id: "msg_1", index: 0 });
+  assert.deepEqual(agentTexts(t), ["Checking devvm."], "one message, not two");
+  assert.equal(t.messages.at(-1), growing, "the same message, so the page redraws it where it is");
+  assert.equal(growing.live, false);
+  assert.equal(growing.id, 2);
+  apply(t, { id: 3, kind: "tool", name: "Bash", input: {}, tool_use_id: "t9" });
+  assert.deepEqual(roles(t), ["user", "agent", "tool"]);
+});
+
+test("a delta that comes after its message's text is ignored", () => {
+  const t = applyAll(emptyTranscript(), turn.slice(0, 2));
+  applyDelta(t, delta("Check"));
+  apply(t, { id: 2, kind: "text", text: "Checking devvm.", message_id: "msg_1", index: 0 });
+  applyDelta(t, delta("ing devvm."));
+  applyDelta(t, delta("late", "msg_1", 2));
+  assert.deepEqual(agentTexts(t), ["Checking devvm."]);
+  // Even when the text came first of all (attached mid-message).
+  const u = applyAll(emptyTranscript(), turn.slice(0, 2));
+  apply(u, { id: 2, kind: "text", text: "Checking devvm.", message_id: "msg_1", index: 0 });
+  applyDelta(u, delta("devvm."));
+  assert.deepEqual(agentTexts(u), ["Checking devvm."]);
+});
+
+test("a reload replays the log without deltas and shows each message once", () => {
+  const live = applyAll(emptyTranscript(), turn.slice(0, 2));
+  for (const piece of ["Check", "ing."]) applyDelta(live, delta(piece));
+  apply(live, { id: 2, kind: "text", text: "Checking.", message_id: "msg_1", index: 0 });
+  applyAll(live, turn.slice(3));
+  const log = [...turn.slice(0, 2), { id: 2, kind: "text", text: "Checking.", message_id: "msg_1", index: 0 }, ...turn.slice(3)];
+  const reloaded = applyAll(emptyTranscript(), log);
+  const strip = (t) => t.messages.map(({ role, id, text }) => ({ role, id, text }));
+  assert.deepEqual(strip(reloaded), strip(live));
+  assert.deepEqual(agentTexts(reloaded), ["Checking."]);
+});
+
+test("a message cut short by the turn's end is not left growing", () => {
+  const t = applyAll(emptyTranscript(), turn.slice(0, 2));
+  applyDelta(t, delta("half a sent"));
+  apply(t, { id: 2, kind: "cancelled" });
+  apply(t, { id: 3, kind: "turn_end" });
+  assert.deepEqual(roles(t), ["user", "cancelled", "turn_end"], "the log never had it: a reload would not show it");
+  applyDelta(t, delta("ence"));
+  assert.deepEqual(roles(t), ["user", "cancelled", "turn_end"]);
+});
+
+test("malformed deltas are ignored", () => {
+  const t = applyAll(emptyTranscript(), turn.slice(0, 2));
+  for (const bad of [null, "x", {}, { message_id: "m", index: 0 }, { message_id: 3, index: 0, text: "a" }, { message_id: "m", index: -1, text: "a" }]) {
+    applyDelta(t, bad);
+  }
+  assert.deepEqual(roles(t), ["user"]);
 });
