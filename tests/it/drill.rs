@@ -393,15 +393,27 @@ async fn the_models_words_arrive_as_deltas_before_the_logged_text() {
     let api = ModelApi::start(vec![Reply::text(answer)]);
     let server = breakglass(&api, None);
     let (session, mut stream) = server.attached().await;
+    let asked = Instant::now();
     server.start_turn(&session, "Is devvm healthy?").await;
     let mut frames = Vec::new();
+    let mut first_delta = None;
     loop {
         match stream.next().await.expect("stream ended before turn_end") {
             Frame::Event { data, .. } if data["kind"] == "turn_end" => break,
             Frame::Keepalive | Frame::CaughtUp => {}
-            frame => frames.push(frame),
+            frame => {
+                if matches!(frame, Frame::Delta(_)) {
+                    first_delta.get_or_insert_with(|| asked.elapsed());
+                }
+                frames.push(frame)
+            }
         }
     }
+    eprintln!(
+        "drill: first delta {} ms after the prompt, turn_end {} ms",
+        first_delta.unwrap_or_default().as_millis(),
+        asked.elapsed().as_millis()
+    );
     let deltas: Vec<&Value> =
         frames.iter().filter_map(|f| if let Frame::Delta(d) = f { Some(d) } else { None }).collect();
     let streamed: String = deltas.iter().map(|d| d["text"].as_str().unwrap()).collect();
