@@ -136,7 +136,8 @@ pub struct ServeArgs {
     #[arg(long, env = "BREAKGLASS_MAX_CONCURRENT_TURNS", default_value_t = 2)]
     pub max_concurrent_turns: usize,
 
-    /// Bearer token for scripts and terminals (prefer the environment variable).
+    /// Bearer token for scripts and terminals: from the environment only
+    /// (the flag is refused, since argv is readable by every local user).
     #[arg(long, env = "API_BEARER_TOKEN", hide_env_values = true)]
     pub api_bearer_token: Option<String>,
 
@@ -179,6 +180,12 @@ pub struct ServeArgs {
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    // Any local user (the agent's among them) can read a process's argv.
+    if std::env::args_os().any(|a| a.to_string_lossy().starts_with("--api-bearer-token")) {
+        anyhow::bail!(
+            "API_BEARER_TOKEN: pass the token in the environment, not as --api-bearer-token (argv is readable by every local user)"
+        );
+    }
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
         Some(Command::Audit(AuditCommand::Verify { data_dir })) => return verify_audit(&data_dir),

@@ -102,17 +102,18 @@ impl Registry {
         if conns.len() < max {
             return true;
         }
-        let idlest = conns
-            .values()
-            .filter(|c| c.in_flight.load(Ordering::SeqCst) == 0 && !c.evict.is_cancelled())
-            .min_by_key(|c| c.idle_since.load(Ordering::SeqCst));
-        match idlest {
-            Some(conn) => {
+        let mut idle: Vec<&Arc<Conn>> = conns.values().filter(|c| c.in_flight.load(Ordering::SeqCst) == 0).collect();
+        idle.sort_by_key(|c| c.idle_since.load(Ordering::SeqCst));
+        // Claimed atomically: a request that arrives on it meanwhile either
+        // counted itself first (the connection is busy, try the next) or
+        // sees it closing and is answered 503.
+        for conn in idle {
+            if conn.in_flight.compare_exchange(0, EVICTING, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
                 conn.evict.cancel();
-                true
+                return true;
             }
-            None => false,
         }
+        false
     }
 
     fn register(&self) -> (u64, Arc<Conn>) {
@@ -141,10 +142,15 @@ struct InFlight {
     registry: Arc<Registry>,
 }
 
+/// `in_flight` of a connection claimed for eviction.
+const EVICTING: usize = usize::MAX;
+
 impl InFlight {
-    fn new(conn: Arc<Conn>, registry: Arc<Registry>) -> Self {
-        conn.in_flight.fetch_add(1, Ordering::SeqCst);
-        InFlight { conn, registry }
+    /// None when the connection is being closed to make room.
+    fn new(conn: Arc<Conn>, registry: Arc<Registry>) -> Option<Self> {
+        let counted =
+            conn.in_flight.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n != EVICTING).then(|| n + 1));
+        counted.is_ok().then_some(InFlight { conn, registry })
     }
 }
 
@@ -179,6 +185,16 @@ impl http_body::Body for Tracked {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The answer to a request that arrived on a connection just claimed for
+/// eviction.
+fn closing() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut response =
+        crate::http::error::ApiError::Unavailable("too many connections; try again shortly".into()).into_response();
+    response.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+    response
 }
 
 /// The canned answer over the cap: written without waiting, then closed.
@@ -279,6 +295,9 @@ async fn serve_connection(
         request.extensions_mut().insert(ConnectInfo(Peer(addr)));
         let app = app.clone();
         async move {
+            let Some(in_flight) = in_flight else {
+                return Ok(closing());
+            };
             // A body that stops arriving is cut off like a head that does.
             let request = request.map(|body| Body::new(TimeoutBody::new(header_timeout, body)));
             let response = app.oneshot(request).await.unwrap_or_else(|never: Infallible| match never {});

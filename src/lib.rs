@@ -10,7 +10,8 @@
 //! - [`sse`] encodes the attach stream: backlog, `caught-up`, live tail;
 //! - [`http`] holds the routes, authentication and error mapping.
 //!
-//! Beside the pipeline: [`session`] ties a log to at most one running turn,
+//! Beside the pipeline: [`approval`] decides which tool calls wait for the
+//! operator, [`session`] ties a log to at most one running turn,
 //! [`turn`] runs one turn of the agent, [`agent::process`] owns the child
 //! process group, [`capture`] reads child output with a cap,
 //! [`power`] is the only place `ssh` is started, [`config`]
@@ -20,6 +21,7 @@
 //! the drain, and [`shutdown`] listens for the signals.
 
 pub mod agent;
+pub mod approval;
 pub mod capture;
 pub mod cli;
 pub mod config;

@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -35,7 +36,7 @@ pub struct Runner {
     /// Server-wide turn slots (`BREAKGLASS_MAX_CONCURRENT_TURNS`).
     pub slots: Semaphore,
     /// Agents alive now.
-    pub running: Running,
+    pub running: Arc<Running>,
 }
 
 /// Counts the agents alive, so that the last one to end can sweep away
@@ -50,22 +51,48 @@ impl Running {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn spawn(&self, spec: &Spec) -> std::io::Result<AgentProcess> {
+    /// Starts an agent, counted until the returned guard is dropped,
+    /// however the turn ends (an early return, a panic, an abort).
+    fn spawn(self: &Arc<Self>, spec: &Spec) -> std::io::Result<(AgentProcess, Alive)> {
         let mut count = self.lock();
         let agent = AgentProcess::spawn(spec)?;
         *count += 1;
-        Ok(agent)
+        Ok((agent, Alive { running: self.clone(), user: spec.user.clone() }))
     }
 
-    /// One agent is reaped; the last one out sweeps the agent user (a scan
-    /// of /proc: a few milliseconds, done inline under the lock).
-    fn ended(&self, user: Option<&AgentUser>) {
-        let mut count = self.lock();
-        *count = count.saturating_sub(1);
-        if let (0, Some(user)) = (*count, user) {
+    /// Kills every process of the agent user if no agent runs (a scan of
+    /// /proc: called off the async threads).
+    fn sweep_if_idle(&self, user: &AgentUser) {
+        let count = self.lock();
+        if *count == 0 {
             let killed = crate::agent::user::kill_all(user);
             if killed > 0 {
                 tracing::info!(user = %user.name, killed, "killed what the agent user left running");
+            }
+        }
+    }
+}
+
+/// One agent counted as alive; dropping it (once the agent is reaped) lets
+/// the last one out sweep the agent user.
+#[derive(Debug)]
+struct Alive {
+    running: Arc<Running>,
+    user: Option<AgentUser>,
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        let last = {
+            let mut count = self.running.lock();
+            *count = count.saturating_sub(1);
+            *count == 0
+        };
+        if let (true, Some(user)) = (last, self.user.take()) {
+            let running = self.running.clone();
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || running.sweep_if_idle(&user))),
+                Err(_) => running.sweep_if_idle(&user),
             }
         }
     }
@@ -227,8 +254,9 @@ impl Runner {
         if let Err(err) = recorded {
             return Ending::LogFailed(err);
         }
-        let mut agent = match self.running.spawn(&spec) {
-            Ok(agent) => agent,
+        // Held until the agent is reaped, whichever way this function ends.
+        let (mut agent, _alive) = match self.running.spawn(&spec) {
+            Ok(spawned) => spawned,
             Err(err) => return Ending::CannotStart(format!("{}: {err}", spec.program.display())),
         };
         let began = Instant::now();
@@ -291,7 +319,6 @@ impl Runner {
             }
         }
         let finished = agent.reap().await;
-        self.running.ended(self.agent.user.as_ref());
         tracing::debug!(session = %request.session_id, elapsed_ms = began.elapsed().as_millis() as u64, "agent reaped");
         let saw_result = output.saw_result;
         if let Err(err) = output.flush().await {
@@ -448,15 +475,34 @@ impl<'a> Output<'a> {
 }
 
 /// Creates the workspace and writes the agent definition unless one is
-/// there; with an agent user, hands all of it to that user (0700).
+/// there.
+///
+/// With an agent user the workspace is handed over once, and root never
+/// touches anything inside it again: the agent owns what is in it and
+/// could plant symlinks there that root would follow. Until the handover
+/// the workspace is root's and closed (0700), so nothing in it can have
+/// been planted by the agent user; the handover changes owners without
+/// following links.
 async fn prepare_workspace(
     workspace: &Path,
     agent: &str,
     definition: &str,
     user: Option<&AgentUser>,
 ) -> std::io::Result<()> {
-    let claude = workspace.join(".claude");
-    let agents = claude.join("agents");
+    if let Some(user) = user {
+        match tokio::fs::symlink_metadata(workspace).await {
+            Ok(meta) if !meta.is_dir() => {
+                return Err(std::io::Error::other("the workspace is not a directory"));
+            }
+            Ok(meta) if std::os::unix::fs::MetadataExt::uid(&meta) == user.uid => return Ok(()),
+            Ok(_) => {}
+            // The sessions directory is root's: only root creates here.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => tokio::fs::create_dir(workspace).await?,
+            Err(err) => return Err(err),
+        }
+        tokio::fs::set_permissions(workspace, std::os::unix::fs::PermissionsExt::from_mode(0o700)).await?;
+    }
+    let agents = workspace.join(".claude").join("agents");
     tokio::fs::create_dir_all(&agents).await?;
     let file = agents.join(format!("{agent}.md"));
     match tokio::fs::OpenOptions::new().write(true).create_new(true).open(&file).await {
@@ -469,9 +515,8 @@ async fn prepare_workspace(
         Err(err) => return Err(err),
     }
     if let Some(user) = user {
-        for path in [workspace, &claude, &agents, &file] {
-            user.give(path)?;
-        }
+        let (workspace, user) = (workspace.to_owned(), user.clone());
+        tokio::task::spawn_blocking(move || user.give_tree(&workspace)).await.map_err(std::io::Error::other)??;
     }
     Ok(())
 }

@@ -196,7 +196,14 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         if !self.reaped {
             self.signal(Signal::SIGKILL);
-            kill_marked(&self.marker);
+            // The sweep reads /proc: off the async threads when there are any.
+            let marker = std::mem::take(&mut self.marker);
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || kill_marked(&marker))),
+                Err(_) => {
+                    kill_marked(&marker);
+                }
+            }
         }
     }
 }

@@ -13,7 +13,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use nix::unistd::{Gid, Uid, User};
+use nix::unistd::{Uid, User};
 
 /// The user the agent runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,10 +53,21 @@ impl AgentUser {
         Ok(AgentUser { name: name.to_owned(), uid: user.uid.as_raw(), gid: user.gid.as_raw(), home })
     }
 
-    /// Hands a path the server created in a workspace to the agent.
-    pub fn give(&self, path: &Path) -> std::io::Result<()> {
-        nix::unistd::chown(path, Some(Uid::from_raw(self.uid)), Some(Gid::from_raw(self.gid)))
-            .map_err(std::io::Error::from)
+    /// Hands a workspace and everything in it to the agent, changing
+    /// owners without following a single link. Only for a tree nobody but
+    /// root could change while it runs (a workspace not yet handed over).
+    pub fn give_tree(&self, root: &Path) -> std::io::Result<()> {
+        let mut pending = vec![root.to_owned()];
+        while let Some(path) = pending.pop() {
+            let meta = std::fs::symlink_metadata(&path)?;
+            std::os::unix::fs::lchown(&path, Some(self.uid), Some(self.gid))?;
+            if meta.is_dir() {
+                for entry in std::fs::read_dir(&path)? {
+                    pending.push(entry?.path());
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -165,3 +165,29 @@ fn an_unusable_agent_user_is_refused_at_start() {
         assert!(stderr.contains("BREAKGLASS_AGENT_USER"), "{user}: {stderr}");
     }
 }
+
+/// Regression: before every turn root chowned the agent definition by its
+/// path inside the workspace, which the agent owns; a symlink planted there
+/// handed root's files to the agent user at the next turn.
+#[tokio::test]
+async fn links_the_agent_plants_in_its_workspace_never_hand_it_the_servers_files() {
+    let _turn = AGENT_USER_LOCK.lock().await;
+    let (uid, _) = agent_user();
+    let server = separated();
+    let session = server.open_session().await;
+    let data = server.data_dir();
+    let (d, w) = (data.display(), data.join("sessions").join(&session));
+    let w = w.display();
+    let plant = format!(
+        "symlink {d}/login.key {w}/.claude/agents/breakglass.md\nsymlink {d} {w}/.claude/agents/planted-dir\nresult"
+    );
+    let events = server.run_turn(&session, &plant).await;
+    assert!(texts(&events).contains(&format!("symlink {w}/.claude/agents/breakglass.md: ok")), "{events:#?}");
+    let events = server.run_turn(&session, &format!("try-read {d}/login.key\nresult")).await;
+    assert!(texts(&events).contains(&format!("read {d}/login.key: denied")), "{events:#?}");
+    for secret in ["login.key", "breakglass.db", "."] {
+        let meta = std::fs::metadata(data.join(secret)).unwrap();
+        assert_ne!(meta.uid(), uid, "{secret} was handed to the agent user");
+    }
+    assert_eq!(mode(&data.join("login.key")), 0o600);
+}
