@@ -1,6 +1,6 @@
 //! The command line: `breakglass [serve] [flags]`.
 //!
-//! Every flag is mirrored by an environment variable (SPEC §9); the flag wins.
+//! Every flag is mirrored by an environment variable (README "Configuration"); the flag wins.
 //! `serve` is the default subcommand, so `breakglass --listen …` and
 //! `breakglass serve --listen …` mean the same.
 

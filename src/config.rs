@@ -38,7 +38,7 @@ pub struct Config {
     pub presets: Vec<Preset>,
 }
 
-/// How turns start the agent CLI (SPEC §5).
+/// How turns start the agent CLI (README "How a turn runs the agent").
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub program: PathBuf,
@@ -57,7 +57,7 @@ pub struct AgentConfig {
     pub partial_messages: bool,
 }
 
-/// Who may call `/api` (SPEC §6).
+/// Who may call `/api` (README "Authentication").
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
     pub bearer_token: Option<String>,
@@ -71,7 +71,7 @@ pub struct AuthConfig {
 
 impl AuthConfig {
     /// Neither a token nor a proxy: a bare machine's first run. The console
-    /// is then reached through a one-time login link (SPEC §8) and every
+    /// is then reached through a one-time login link (README "The web console") and every
     /// other `/api` request is refused.
     pub fn is_first_run(&self) -> bool {
         self.bearer_token.is_none() && self.trusted_proxies.is_empty()
@@ -149,7 +149,7 @@ pub fn load_presets(path: &std::path::Path) -> anyhow::Result<Vec<Preset>> {
     Ok(presets)
 }
 
-/// How power verbs reach the hypervisor (SPEC §7).
+/// How power verbs reach the hypervisor (README "Setting up the hypervisor").
 #[derive(Debug, Clone)]
 pub struct PowerConfig {
     pub host: Option<String>,

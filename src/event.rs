@@ -1,4 +1,4 @@
-//! The events of a session's log: the UI vocabulary of SPEC §5.
+//! The events of a session's log: the vocabulary of README "API" (events).
 //!
 //! [`Event`] is the domain type; [`Event::to_json`] is the one place that
 //! gives it its JSON form (the `data:` of an SSE frame, and what storage

@@ -1,4 +1,4 @@
-//! The power path (SPEC §7): a closed set of verbs sent to the hypervisor's
+//! The power path (README "Setting up the hypervisor"): a closed set of verbs sent to the hypervisor's
 //! forced command over ssh, with no agent in the path.
 //!
 //! This is the only module that starts `ssh`, and it only ever passes a

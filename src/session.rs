@@ -158,7 +158,7 @@ impl Sessions {
         session
     }
 
-    /// Closes the turns the server died during (SPEC: nothing lost on a
+    /// Closes the turns the server died during (README "Restart": nothing lost on a
     /// restart): kills what their agents left running, then logs their end.
     /// Runs at start-up, before any client can attach.
     pub async fn recover(&self) -> Result<usize, StoreError> {

@@ -1,4 +1,4 @@
-//! The attach stream (SPEC §4), in the `text/event-stream` format of the
+//! The attach stream (README "API"), in the `text/event-stream` format of the
 //! HTML Living Standard (§9.2 Server-sent events).
 //!
 //! Order on one stream: the backlog (every event, or those after
@@ -40,7 +40,7 @@ use crate::store::StoreError;
 const PAGE: usize = 256;
 
 pub const CAUGHT_UP: &str = "event: caught-up\ndata: {}\n\n";
-/// A comment (SPEC §4) that also dispatches a `keepalive` event: pages using
+/// A comment (README "API") that also dispatches a `keepalive` event: pages using
 /// `EventSource` never see comments, and need some sign that a silent link
 /// is alive.
 pub const KEEPALIVE: &str = ": keepalive\nevent: keepalive\ndata: {}\n\n";

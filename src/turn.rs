@@ -1,4 +1,4 @@
-//! One turn: one run of the agent CLI on one prompt (SPEC §5).
+//! One turn: one run of the agent CLI on one prompt (README "How a turn runs the agent").
 //!
 //! [`run`] prepares the workspace, starts the agent, translates its stdout
 //! into events appended to the session's log, and reports how the turn
@@ -25,7 +25,7 @@ use crate::event::Event;
 use crate::log::{Log, LogError};
 use crate::store::{Fence, Pending};
 
-/// Longest error message taken from the agent's stderr (SPEC §5).
+/// Longest error message taken from the agent's stderr (README "How a turn runs the agent").
 const ERROR_CHARS: usize = 500;
 
 /// What every turn shares: how to run the agent, where, and how many at once.
@@ -335,7 +335,7 @@ impl Runner {
         }
     }
 
-    /// The agent's command line (SPEC §5), with the prompt after `--` so it
+    /// The agent's command line (README "How a turn runs the agent"), with the prompt after `--` so it
     /// is never read as an option, or on stdin when it is too long for one
     /// argument.
     fn spec(&self, request: &Request, cwd: PathBuf) -> Spec {

@@ -1,4 +1,4 @@
-//! The web console (SPEC §8): plain HTML, CSS and ES modules from `web/`,
+//! The web console (README "The web console"): plain HTML, CSS and ES modules from `web/`,
 //! compiled into the binary so that it runs with nothing beside it.
 //!
 //! Every file is served with its MIME type, a strong `ETag` (its SHA-256)

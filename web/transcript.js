@@ -1,4 +1,4 @@
-// The transcript: a pure fold of a session's events (SPEC §5) into the
+// The transcript: a pure fold of a session's events (README "API") into the
 // messages the console shows. No DOM, no network: the same events in any
 // order, any number of times, give the same messages.
 //

@@ -1,8 +1,8 @@
-//! Agent lines to events: the translation table of SPEC §5, and the live
+//! Agent lines to events: the translation table of README "API" (events), and the live
 //! text of partial messages (README, "How a turn runs the agent"). Pure: a
 //! [`Translator`] only remembers what earlier lines of the same turn said.
 
-use std::collections::HashSet;
+use std::collections::VecDeque;
 
 use crate::agent::line::{AgentLine, Block, StreamEvent};
 use crate::event::{Delta, Event, TurnResult};
@@ -26,12 +26,27 @@ pub struct Translator {
     message_id: Option<String>,
     /// The block being streamed (its `content_block_start` or latest delta).
     block: Option<u64>,
-    /// Messages whose text event is out: their late deltas are dropped, so
-    /// no client sees a delta of a message after its text (README, "API").
-    finished: HashSet<String>,
+    /// The latest messages whose text event is out: their late deltas are
+    /// dropped, so no client sees a delta of a message after its text
+    /// (README, "API"). Bounded: hostile output could name endless messages.
+    finished: VecDeque<String>,
 }
 
+/// Finished messages remembered; late deltas only ever follow the last few.
+const FINISHED: usize = 64;
+/// Longest message id remembered (the API's are about 30 characters).
+const MESSAGE_ID_MAX: usize = 256;
+
 impl Translator {
+    fn finish(&mut self, id: &str) {
+        if id.len() <= MESSAGE_ID_MAX && !self.finished.iter().any(|f| f == id) {
+            if self.finished.len() == FINISHED {
+                self.finished.pop_front();
+            }
+            self.finished.push_back(id.to_owned());
+        }
+    }
+
     /// What one agent line stands for, in order (often nothing).
     pub fn line(&mut self, line: AgentLine) -> Vec<Translated> {
         match line {
@@ -46,7 +61,7 @@ impl Translator {
                     .filter_map(|block| match block {
                         Block::Text(text) if !text.is_empty() => {
                             if let Some(id) = &message_id {
-                                self.finished.insert(id.clone());
+                                self.finish(id);
                             }
                             Some(Event::Text { text, message_id: message_id.clone(), index })
                         }
@@ -74,7 +89,7 @@ impl Translator {
             StreamEvent::TextDelta { index, text } => {
                 self.block = Some(index);
                 let message_id = api_message_id.or_else(|| self.message_id.clone())?;
-                if text.is_empty() || self.finished.contains(&message_id) {
+                if text.is_empty() || self.finished.iter().any(|f| *f == message_id) {
                     return None;
                 }
                 Some(Translated::Delta(Delta { message_id, index, text }))
@@ -137,6 +152,21 @@ pub fn cap(mut text: String, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hostile output naming message after message (some with huge ids)
+    /// keeps the translator's memory to the last few.
+    #[test]
+    fn the_finished_messages_remembered_are_bounded() {
+        let mut translator = Translator::default();
+        for i in 0..10_000 {
+            let id = if i % 2 == 0 { format!("msg_{i}") } else { "x".repeat(100_000) + &i.to_string() };
+            let line = AgentLine::Assistant { message_id: Some(id), blocks: vec![Block::Text("t".into())] };
+            translator.line(line);
+        }
+        assert!(translator.finished.len() <= FINISHED, "{}", translator.finished.len());
+        assert!(translator.finished.iter().all(|id| id.len() <= MESSAGE_ID_MAX));
+        assert!(translator.finished.iter().any(|id| id == "msg_9998"), "the latest is remembered");
+    }
 
     #[test]
     fn cap_keeps_short_text_and_cuts_on_a_char_boundary() {

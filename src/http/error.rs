@@ -1,4 +1,4 @@
-//! Every error the API answers, as `{"detail": "..."}` with its status (SPEC §3).
+//! Every error the API answers, as `{"detail": "..."}` with its status (README "API").
 
 use axum::Json;
 use axum::http::StatusCode;

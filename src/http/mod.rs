@@ -1,4 +1,4 @@
-//! HTTP: the routes of SPEC §3, authentication, and error mapping.
+//! HTTP: the routes of README "API", authentication, and error mapping.
 //!
 //! [`router`] is a plain function of the shared state, so tests can build
 //! the whole application without a socket.
@@ -32,9 +32,9 @@ use crate::power::Power;
 use crate::session::Sessions;
 use error::ApiError;
 
-/// Largest request body accepted (SPEC §6).
+/// Largest request body accepted (README "Authentication").
 pub const MAX_BODY: usize = 1024 * 1024;
-/// Longest prompt accepted, in characters (SPEC §6).
+/// Longest prompt accepted, in characters (README "Authentication").
 pub const MAX_PROMPT_CHARS: usize = 100_000;
 
 /// What every handler shares.
@@ -45,7 +45,7 @@ pub struct AppState {
     pub power: Arc<Power>,
     /// Fires when attach streams must end (after turns have drained).
     pub streams_end: CancellationToken,
-    /// Audit records that could not be written (SPEC: logged and counted).
+    /// Audit records that could not be written (README "The audit trail": logged and counted).
     pub audit_failures: Arc<AtomicU64>,
     /// What requests started and must finish even if their client leaves.
     pub tasks: TaskTracker,

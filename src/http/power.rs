@@ -1,4 +1,4 @@
-//! `/api/pve/…`: the verb catalogue and running a verb (SPEC §3, §7).
+//! `/api/pve/…`: the verb catalogue and running a verb (README "API", "Setting up the hypervisor").
 
 use axum::extract::{Extension, State};
 use axum::http::StatusCode;

@@ -1,4 +1,4 @@
-//! `/api/session…`: open, attach, prompt, cancel (SPEC §3–§5), and the
+//! `/api/session…`: open, attach, prompt, cancel (README "API"), and the
 //! session list, one session, and its export.
 
 use std::sync::Arc;
@@ -107,7 +107,7 @@ async fn one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Js
     Ok(Json(session_json(&state, &row)))
 }
 
-/// Attach (SPEC §4): backlog, `caught-up`, live tail.
+/// Attach (README "API", the attach stream): backlog, `caught-up`, live tail.
 async fn attach(
     State(state): State<AppState>,
     Path(id): Path<String>,

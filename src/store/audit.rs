@@ -239,23 +239,27 @@ pub(super) fn chain_hash(prev: &str, seq: i64, at_ms: i64, r: &AuditRecord) -> S
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::{AuthMethod, Durability, Store};
+
+    /// The `i`th of a run of ordinary records, for tests.
+    pub fn sample_record(i: usize) -> AuditRecord {
+        AuditRecord {
+            identity: "alice".into(),
+            peer: "10.0.0.1".into(),
+            action: "prompt".into(),
+            target: format!("s{i}"),
+            outcome: "ok".into(),
+            via: Some(AuthMethod::Proxy),
+        }
+    }
 
     async fn store_with_records(n: usize) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), Durability::Normal).unwrap();
         for i in 0..n {
-            let record = AuditRecord {
-                identity: "alice".into(),
-                peer: "10.0.0.1".into(),
-                action: "prompt".into(),
-                target: format!("s{i}"),
-                outcome: "ok".into(),
-                via: Some(AuthMethod::Proxy),
-            };
-            store.audit(record).await.unwrap();
+            store.audit(sample_record(i)).await.unwrap();
         }
         (dir, store)
     }

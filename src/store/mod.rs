@@ -540,15 +540,8 @@ mod tests {
     async fn the_audit_chain_verifies_and_detects_an_edit() {
         let (dir, store) = open();
         for i in 0..5 {
-            let record = AuditRecord {
-                identity: "alice".into(),
-                peer: "10.0.0.1".into(),
-                action: "prompt".into(),
-                target: format!("s{i}"),
-                outcome: "ok".into(),
-                via: Some(AuthMethod::Proxy),
-            };
-            assert_eq!(store.audit(record).await.unwrap().seq, i + 1);
+            let record = audit::tests::sample_record(i);
+            assert_eq!(store.audit(record).await.unwrap().seq, i as i64 + 1);
         }
         assert_eq!(verify_audit(dir.path()).unwrap(), AuditCheck::Intact { records: 5 });
         let conn = Connection::open(dir.path().join("breakglass.db")).unwrap();

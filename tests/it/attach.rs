@@ -1,4 +1,4 @@
-//! Attach (SPEC §4): backlog, caught-up, live tail, resume, fan-out, stalls.
+//! Attach (README "API"): backlog, caught-up, live tail, resume, fan-out, stalls.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -183,7 +183,7 @@ async fn an_idle_stream_gets_keepalive_comments() {
     assert!(stream.until_caught_up().await.is_empty());
     assert_eq!(stream.next().await, Some(Frame::Keepalive));
     assert_eq!(stream.next().await, Some(Frame::Keepalive));
-    // A comment (SPEC §4) that also names a `keepalive` event for EventSource pages.
+    // A comment (README "API") that also names a `keepalive` event for EventSource pages.
     let keepalive = ": keepalive\nevent: keepalive\ndata: {}\n\n";
     let raw = String::from_utf8_lossy(&stream.raw).into_owned();
     assert!(raw.ends_with(&format!("event: caught-up\ndata: {{}}\n\n{keepalive}{keepalive}")), "{raw:?}");

@@ -644,3 +644,28 @@ pub fn spawn_sshd(dir: &std::path::Path, port: u16, host_key: &std::path::Path, 
 pub fn spawn_ssh_agent(socket: &std::path::Path) -> Child {
     Command::new("ssh-agent").arg("-D").arg("-a").arg(socket).stdout(Stdio::null()).spawn().expect("start ssh-agent")
 }
+
+/// Starts the binary with `args` and `env` on a fresh data directory,
+/// expects it to refuse to start (exit 1, within the deadline, killed
+/// otherwise) and returns what it said on stderr.
+pub fn refused_at_start(args: &[&str], env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let stderr = dir.path().join("stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_breakglass"))
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("BREAKGLASS_DATA_DIR", dir.path().join("data"))
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .expect("start breakglass");
+    let status = wait_child(&mut child, DEADLINE);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let said = std::fs::read_to_string(&stderr).unwrap_or_default();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{args:?} {env:?} was not refused at start: {said}");
+    said
+}

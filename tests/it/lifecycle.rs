@@ -310,22 +310,7 @@ async fn a_stalled_log_sink_does_not_stall_the_server() {
 #[test]
 fn a_bearer_token_on_the_command_line_is_refused() {
     for args in [&["serve", "--api-bearer-token", "s3cret"][..], &["--api-bearer-token=s3cret"]] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_breakglass"))
-            .args(args)
-            .args(["--listen", "127.0.0.1:0"])
-            .env("BREAKGLASS_DATA_DIR", dir.path().join("data"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
-            .spawn()
-            .unwrap();
-        let status = crate::harness::wait_child(&mut child, crate::harness::DEADLINE);
-        if status.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        assert_eq!(status.and_then(|s| s.code()), Some(1), "{args:?}: refused at start");
-        let stderr = std::fs::read_to_string(dir.path().join("stderr")).unwrap();
+        let stderr = crate::harness::refused_at_start(args, &[]);
         assert!(stderr.contains("pass the token in the environment"), "{args:?}: {stderr}");
         assert!(!stderr.contains("s3cret"), "the token is not echoed");
     }

@@ -1,4 +1,4 @@
-//! The power path (SPEC §7): the hypervisor-side forced command on its own
+//! The power path (README "Setting up the hypervisor"): the hypervisor-side forced command on its own
 //! (run by a plain shell, fast), then end to end through the real binary,
 //! a real OpenSSH server on loopback and the real script, with a stand-in
 //! for Proxmox's `qm` (tests/fake-pve/qm) that keeps one VM's state.

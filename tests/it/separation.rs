@@ -3,7 +3,6 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::Value;
 
@@ -145,23 +144,7 @@ async fn without_an_agent_user_the_server_warns_that_the_agent_shares_its_rights
 fn an_unusable_agent_user_is_refused_at_start() {
     agent_user();
     for user in ["root", "no-such-user-here"] {
-        let dir = tempfile::tempdir().unwrap();
-        let stderr_path = dir.path().join("stderr");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_breakglass"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .env("BREAKGLASS_AGENT_USER", user)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&stderr_path).unwrap())
-            .spawn()
-            .unwrap();
-        let status = crate::harness::wait_child(&mut child, crate::harness::DEADLINE);
-        if status.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        assert_eq!(status.and_then(|s| s.code()), Some(1), "{user}: refused at start");
-        let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+        let stderr = crate::harness::refused_at_start(&["serve"], &[("BREAKGLASS_AGENT_USER", user)]);
         assert!(stderr.contains("BREAKGLASS_AGENT_USER"), "{user}: {stderr}");
     }
 }

@@ -1,4 +1,4 @@
-//! Turns (SPEC §5): the agent's command line, every way a turn ends, and the
+//! Turns (README "How a turn runs the agent"): the agent's command line, every way a turn ends, and the
 //! process group.
 
 use serde_json::{Value, json};

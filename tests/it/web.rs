@@ -1,4 +1,4 @@
-//! The embedded web console (SPEC §8): served from the binary with types,
+//! The embedded web console (README "The web console"): served from the binary with types,
 //! validators and a strict content security policy; presets from config.
 
 use serde_json::Value;
