@@ -217,7 +217,11 @@ impl Writer {
         // Producers with a write that failed in this transaction: their
         // later writes are refused, as their fence will say once it is over.
         let mut failed: Vec<&Fence> = Vec::new();
-        let tx = self.conn.transaction()?;
+        // Immediate: the write lock is taken (waiting out the busy timeout)
+        // before anything is read, so a transaction never has to upgrade a
+        // read lock, which SQLite refuses at once when another connection
+        // (a checkpoint, an operator's sqlite3) holds the database.
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for command in batch {
             let fenced = match command {
                 Command::Append { fence: Some(fence), .. } => {
@@ -408,6 +412,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         drop(Store::open(dir.path(), Durability::Normal).unwrap());
         let conn = Connection::open(dir.path().join("breakglass.db")).unwrap();
+        // The dropped store's writer thread may still be closing its
+        // connection (a checkpoint that holds the lock): wait for it, as the
+        // store's own connections do.
+        conn.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
         let (good, bad) = (Uuid::new_v4(), Uuid::new_v4());
         conn.execute_batch(&format!(
             "PRAGMA foreign_keys = ON;
@@ -430,7 +438,7 @@ mod tests {
         .unzip();
         writer.apply(batch);
         let answers: Vec<_> = replies.into_iter().map(|mut rx| rx.try_recv().expect("answered")).collect();
-        assert_eq!(answers[0].as_ref().map(|s| s.id).ok(), Some(0));
+        assert_eq!(answers[0].as_ref().map(|s| s.id).ok(), Some(0), "{:?}", answers[0]);
         assert!(matches!(&answers[1], Err(StoreError::Sqlite(e)) if e.contains("FOREIGN KEY")), "{:?}", answers[1]);
         assert_eq!(answers[2].as_ref().map(|s| s.id).ok(), Some(1));
         assert!(matches!(answers[3], Err(StoreError::Fenced)), "{:?}", answers[3]);
@@ -444,5 +452,48 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(kept, [(good.to_string(), 0), (good.to_string(), 1)]);
+    }
+
+    /// Another connection writing while a batch starts (a checkpoint on
+    /// close, an operator's sqlite3): the batch waits for it, and does not
+    /// fail because its read snapshot went stale before it could write.
+    #[test]
+    fn a_batch_waits_out_another_connections_write() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), Durability::Normal).unwrap());
+        let path = dir.path().join("breakglass.db");
+        let mut conn = Connection::open(&path).unwrap();
+        conn.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+        let session = Uuid::new_v4();
+        conn.execute(
+            "INSERT INTO sessions (id, created_ms, last_activity_ms) VALUES (?1, 0, 0)",
+            [session.to_string()],
+        )
+        .unwrap();
+        // The writer's busy handler says when it is waiting; only then does
+        // the other connection commit (or after a deadline, if it never waits).
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static WAITING: AtomicBool = AtomicBool::new(false);
+        fn busy(_: i32) -> bool {
+            WAITING.store(true, Ordering::SeqCst);
+            std::thread::yield_now();
+            true
+        }
+        conn.busy_handler(Some(busy)).unwrap();
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE; UPDATE sessions SET last_activity_ms = 1;").unwrap();
+        let committer = std::thread::spawn(move || {
+            let deadline = Instant::now() + std::time::Duration::from_secs(5);
+            while !WAITING.load(Ordering::SeqCst) && Instant::now() < deadline {
+                std::thread::yield_now();
+            }
+            other.execute_batch("COMMIT").unwrap();
+        });
+        let mut writer = Writer::new(conn, dir.path().to_owned(), true, Durability::Full, Faults::default());
+        let (command, mut reply) = append(session, "a", None);
+        writer.apply(vec![command]);
+        committer.join().unwrap();
+        let answer = reply.try_recv().expect("answered");
+        assert_eq!(answer.as_ref().map(|s| s.id).ok(), Some(0), "{answer:?}");
     }
 }
