@@ -288,13 +288,18 @@ async fn a_phone_that_slept_through_the_request_finds_the_card_waiting_and_decid
     server.start_turn(&session, "hook Bash ssh pve reset\nresult").await;
     until_kind(&mut stream, "user").await;
     drop(stream); // the phone sleeps before the call is even asked
+    // Wakes up now and then, and attaches again from what it last saw.
     let deadline = std::time::Instant::now() + crate::harness::DEADLINE;
-    while session_json(&server, &session).await["pending_approvals"] != 1 {
-        assert!(std::time::Instant::now() < deadline, "the call never waited");
-    }
-    let mut stream = server.attach(&session, Some("0")).await;
-    let replayed = stream.until_caught_up().await;
+    let (mut stream, replayed) = loop {
+        let mut stream = server.attach(&session, Some("0")).await;
+        let replayed = stream.until_caught_up().await;
+        if kinds(&replayed).contains(&"approval") {
+            break (stream, replayed);
+        }
+        assert!(std::time::Instant::now() < deadline, "the call never waited: {replayed:#?}");
+    };
     assert_eq!(kinds(&replayed), ["tool", "approval"], "the backlog after the prompt");
+    assert_eq!(session_json(&server, &session).await["pending_approvals"], 1);
     let id = replayed[1]["tool_use_id"].as_str().unwrap();
     assert_eq!(decide(&server, &session, id, json!({"decision": "allow"})).await.0, 200);
     let after = stream.until_turn_end().await;
