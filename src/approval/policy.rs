@@ -208,7 +208,14 @@ fn read_only(argv: &[&str]) -> Option<String> {
             reason("reports the system's state")
         }
         "mount" if args.is_empty() => reason("lists mounts"),
-        "df" | "ps" | "ss" => reason("reports the system's state"),
+        "df" | "ps" => reason("reports the system's state"),
+        // `ss -K` closes the sockets it lists.
+        "ss" if !args
+            .iter()
+            .any(|a| *a == "--kill" || (a.starts_with('-') && !a.starts_with("--") && a.contains('K'))) =>
+        {
+            reason("reports the system's state")
+        }
         "top" if matches!(args, ["-bn1"] | ["-b", "-n", "1"] | ["-b", "-n1"] | ["-n", "1", "-b"]) => {
             reason("one batch snapshot")
         }
@@ -345,6 +352,10 @@ mod tests {
             "ssh devvm cat /var/log/*.log",
             "ssh devvm uptime\nreboot",
             "ssh devvm uptime # comment",
+            // Diagnosis tools with an option that changes something.
+            "ssh devvm ss -K dst 10.0.0.1",
+            "ssh devvm ss -tnK",
+            "ssh devvm ss --kill",
             "ssh devvm 'uptime",
             "ssh devvm \"cat '/var/log/a b'\"",
             // ssh options and other hosts or programs.
