@@ -15,6 +15,7 @@ mod connections;
 mod crash;
 mod drill;
 mod frozen;
+mod hook_probe;
 mod lifecycle;
 mod limits;
 mod live;
