@@ -430,3 +430,31 @@ impl Drop for TurnHook {
 fn digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hook input the pinned CLI posted for a Bash call, verbatim.
+    #[test]
+    fn the_clis_recorded_hook_input_parses_as_a_tool_call() {
+        let recorded = include_str!("../../tests/fixtures/hooks/pre_tool_use_bash.json");
+        let call: ToolCall = serde_json::from_str(recorded).unwrap();
+        assert_eq!(call.tool_name, "Bash");
+        assert_eq!(call.tool_input["command"], "echo hi-from-bash");
+        assert!(call.tool_use_id.starts_with("toolu_"), "{call:?}");
+    }
+
+    /// A 200 without `hookSpecificOutput` lets the CLI run the tool, so
+    /// every answer carries the decision, a deny included.
+    #[test]
+    fn every_answer_carries_the_decision_in_the_clis_format() {
+        for (answer, decision) in [(Answer { allow: true, reason: "r".into() }, "allow"), (Answer::deny("no"), "deny")]
+        {
+            let output = answer.to_hook_output();
+            assert_eq!(output["hookSpecificOutput"]["hookEventName"], "PreToolUse");
+            assert_eq!(output["hookSpecificOutput"]["permissionDecision"], decision);
+            assert_eq!(output["hookSpecificOutput"]["permissionDecisionReason"], answer.reason.as_str());
+        }
+    }
+}

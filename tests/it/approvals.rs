@@ -102,7 +102,11 @@ async fn a_denied_call_gives_the_agent_the_operators_message_and_the_turn_goes_o
     assert_eq!(kinds(&after), ["approval_decision", "tool_result", "text", "result", "turn_end"]);
     assert_eq!((&after[0]["decision"], &after[0]["message"]), (&json!("deny"), &json!("not during the backup")));
     assert_eq!(tool_result(&after)["is_error"], true);
-    assert_eq!(tool_result(&after)["content"], "denied by the operator: not during the backup");
+    assert_eq!(
+        tool_result(&after)["content"],
+        "PreToolUse:Bash hook error: denied by the operator: not during the backup",
+        "the CLI prefixes a Bash deny"
+    );
     assert_eq!(audit(&server).await[0]["outcome"], "deny");
 }
 
