@@ -401,8 +401,15 @@ function paintCard(item, m) {
   if (status.textContent !== view.text) status.textContent = view.text;
   status.hidden = !view.text;
   const decide = item.querySelector(".decide-area");
-  if (decide && view.buttons === "none") decide.remove();
-  else if (decide) {
+  if (decide && view.buttons === "none") {
+    // Decided: no buttons left to tap. A keyboard that was on them stays on the card.
+    const hadFocus = decide.contains(document.activeElement);
+    decide.remove();
+    if (hadFocus) {
+      item.tabIndex = -1;
+      item.focus({ preventScroll: true });
+    }
+  } else if (decide) {
     for (const control of decide.querySelectorAll("button, input")) control.disabled = view.buttons !== "enabled";
   }
   if (view.phase === "pending" && state.caughtUp && !state.announced.has(m.toolUseId)) {
@@ -410,7 +417,7 @@ function paintCard(item, m) {
     // the operator's eyes and ears.
     state.announced.add(m.toolUseId);
     item.scrollIntoView({ block: "nearest" });
-    $("alert").textContent = `The agent waits for your decision: ${view.command}. ${view.countdown}.`;
+    $("alert").textContent = [`The agent waits for your decision: ${view.command}.`, view.countdown && `${view.countdown}.`].filter(Boolean).join(" ");
   }
 }
 
