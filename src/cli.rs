@@ -118,6 +118,21 @@ pub struct ServeArgs {
     #[arg(long, env = "BREAKGLASS_PARTIAL_MESSAGES", default_value_t = true, action = clap::ArgAction::Set)]
     pub partial_messages: bool,
 
+    /// `on`: every tool call of the agent is checked by the policy, and what
+    /// it does not allow waits for the operator; `off`: the agent runs
+    /// every tool call unasked (README "Approvals").
+    #[arg(long, env = "BREAKGLASS_APPROVALS", default_value = "on", value_parser = ["on", "off"])]
+    pub approvals: String,
+
+    /// A tool call nobody decides on within this many seconds is denied.
+    #[arg(long, env = "BREAKGLASS_APPROVAL_TIMEOUT_SECONDS", default_value_t = 600)]
+    pub approval_timeout_seconds: u64,
+
+    /// A TOML file of commands the agent may run without asking, with
+    /// reasons (README "Approvals").
+    #[arg(long, env = "BREAKGLASS_POLICY_FILE")]
+    pub policy_file: Option<PathBuf>,
+
     /// An idle attach stream gets a keepalive comment this often.
     #[arg(long, env = "BREAKGLASS_SSE_KEEPALIVE_SECONDS", default_value_t = 15)]
     pub sse_keepalive_seconds: u64,

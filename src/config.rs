@@ -36,6 +36,18 @@ pub struct Config {
     pub power: PowerConfig,
     /// The console's one-tap prompts.
     pub presets: Vec<Preset>,
+    /// Which tool calls wait for the operator (README "Approvals").
+    pub approvals: ApprovalConfig,
+}
+
+/// The operator in the loop (README "Approvals").
+#[derive(Debug, Clone)]
+pub struct ApprovalConfig {
+    /// `BREAKGLASS_APPROVALS=on`: every tool call is checked.
+    pub enabled: bool,
+    /// No decision within this is a deny.
+    pub timeout: Duration,
+    pub policy: crate::approval::policy::Policy,
 }
 
 /// How turns start the agent CLI (README "How a turn runs the agent").
@@ -204,7 +216,21 @@ impl Config {
             Some(path) => load_presets(path).context("BREAKGLASS_PRESETS_FILE")?,
             None => default_presets(),
         };
+        let policy = match &args.policy_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("BREAKGLASS_POLICY_FILE: cannot read {}", path.display()))?;
+                crate::approval::policy::Policy::from_toml(&text)
+                    .map_err(|e| anyhow::anyhow!("BREAKGLASS_POLICY_FILE: {}: {e}", path.display()))?
+            }
+            None => crate::approval::policy::Policy::default(),
+        };
+        let approval_timeout = positive_seconds("BREAKGLASS_APPROVAL_TIMEOUT_SECONDS", args.approval_timeout_seconds)?;
+        if approval_timeout > MAX_APPROVAL_TIMEOUT {
+            bail!("BREAKGLASS_APPROVAL_TIMEOUT_SECONDS must be at most {}", MAX_APPROVAL_TIMEOUT.as_secs());
+        }
         Ok(Config {
+            approvals: ApprovalConfig { enabled: args.approvals == "on", timeout: approval_timeout, policy },
             presets,
             listen,
             data_dir: args.data_dir,
@@ -251,6 +277,9 @@ impl Config {
         })
     }
 }
+
+/// The longest an agent's tool call may wait for the operator: a day.
+const MAX_APPROVAL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// 244 random bits, hex: a token nobody guesses.
 pub fn random_token() -> String {

@@ -51,6 +51,43 @@ pub enum Event {
     Cancelled,
     /// Always the last event of a turn, however it ended.
     TurnEnd,
+    /// A tool call waits for the operator (README "Approvals").
+    Approval {
+        tool_use_id: String,
+        tool: String,
+        input: Value,
+        reason: String,
+        /// What it would do, in plain words, where the policy knows.
+        effect: Option<String>,
+        /// When it is denied unless decided (ms since the epoch).
+        deadline_ms: i64,
+    },
+    /// The one decision on an [`Event::Approval`].
+    ApprovalDecision {
+        tool_use_id: String,
+        decision: Decision,
+        /// The operator's identity, `timeout`, `turn-ended` or `restart`.
+        by: String,
+        at_ms: i64,
+        /// The operator's words to the agent.
+        message: Option<String>,
+    },
+}
+
+/// An approval's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Deny,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+        }
+    }
 }
 
 /// The agent's summary of a turn (its `result` line).
@@ -78,6 +115,8 @@ impl Event {
             Event::Error { .. } => "error",
             Event::Cancelled => "cancelled",
             Event::TurnEnd => "turn_end",
+            Event::Approval { .. } => "approval",
+            Event::ApprovalDecision { .. } => "approval_decision",
         }
     }
 
@@ -124,6 +163,25 @@ impl Event {
             }
             Event::Error { error } => put("error", json!(error)),
             Event::Cancelled | Event::TurnEnd => {}
+            Event::Approval { tool_use_id, tool, input, reason, effect, deadline_ms } => {
+                put("tool_use_id", json!(tool_use_id));
+                put("tool", json!(tool));
+                put("input", input.clone());
+                put("reason", json!(reason));
+                if let Some(effect) = effect {
+                    put("effect", json!(effect));
+                }
+                put("deadline_ms", json!(deadline_ms));
+            }
+            Event::ApprovalDecision { tool_use_id, decision, by, at_ms, message } => {
+                put("tool_use_id", json!(tool_use_id));
+                put("decision", json!(decision.as_str()));
+                put("by", json!(by));
+                put("at_ms", json!(at_ms));
+                if let Some(message) = message {
+                    put("message", json!(message));
+                }
+            }
         }
         obj.insert("id".into(), id.into());
         Value::Object(obj)

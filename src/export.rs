@@ -129,6 +129,18 @@ pub fn markdown(event: &Value) -> String {
         "error" => format!("**{at} Error:** {}\n\n", one_line(s("error"))),
         "cancelled" => format!("**{at} Cancelled by the operator.**\n\n"),
         "turn_end" => "---\n\n".to_owned(),
+        "approval" => {
+            let what = if event.get("effect").is_some() { s("effect") } else { s("reason") };
+            format!("**{at} Waiting for the operator** (`{}`): {}\n\n", s("tool_use_id"), one_line(what))
+        }
+        "approval_decision" => {
+            let verb = if s("decision") == "allow" { "Allowed" } else { "Denied" };
+            let said = match event.get("message").and_then(Value::as_str) {
+                Some(message) => format!(": {}", one_line(message)),
+                None => String::new(),
+            };
+            format!("**{at} {verb}** by {} (`{}`){said}\n\n", s("by"), s("tool_use_id"))
+        }
         other => format!("_{at} {other} event_\n\n"),
     }
 }

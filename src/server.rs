@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::approval::Approvals;
 use crate::config::Config;
 use crate::connections::{Limits, Stopping, accept_loop, connection_cap};
 use crate::http::login::Logins;
@@ -115,15 +116,18 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let writer_failed = store.writer_failed();
-    let sessions = Arc::new(Sessions::new(&config, store));
+    let addr = listener.local_addr().context("while reading the bound address")?;
+    let audit_failures: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+    let approvals = Arc::new(Approvals::new(config.approvals.clone(), addr, audit_failures.clone()));
+    let sessions = Arc::new(Sessions::new(&config, store, approvals));
     let recovered = sessions.recover().await.context("while closing turns interrupted by the last stop")?;
     if recovered > 0 {
         tracing::warn!(recovered, "closed turns that were running when the server last stopped");
     }
     let state = AppState {
-        audit_failures: Arc::default(),
+        audit_failures,
         tasks: TaskTracker::new(),
-        logins: Arc::new(Logins::open(&config, listener.local_addr().context("while reading the bound address")?)?),
+        logins: Arc::new(Logins::open(&config, addr)?),
         power: Arc::new(Power::new(config.power.clone())),
         sessions: sessions.clone(),
         streams_end: CancellationToken::new(),

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use crate::approval::Approvals;
 use crate::config::Config;
 use crate::event::Event;
 use crate::log::{Log, LogError};
@@ -108,7 +109,7 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    pub fn new(config: &Config, store: Arc<Store>) -> Self {
+    pub fn new(config: &Config, store: Arc<Store>, approvals: Arc<Approvals>) -> Self {
         Sessions {
             live: StdMutex::default(),
             store,
@@ -117,6 +118,7 @@ impl Sessions {
                 sessions_dir: config.sessions_dir.clone(),
                 slots: Semaphore::new(config.max_concurrent_turns),
                 running: Default::default(),
+                approvals,
             }),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -126,6 +128,10 @@ impl Sessions {
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    pub fn approvals(&self) -> &Arc<Approvals> {
+        &self.runner.approvals
     }
 
     pub async fn create(&self) -> Result<Arc<Session>, StoreError> {
@@ -180,6 +186,7 @@ impl Sessions {
             }
             let log = Log::new(row.id, self.store.clone());
             let closed = async {
+                self.runner.approvals.close_after_restart(row.id, &log).await?;
                 log.append(Event::Error { error: "server stopped during the turn".into() }).await?;
                 log.append(Event::TurnEnd).await
             };

@@ -20,6 +20,7 @@ use crate::agent::line::{self, AgentLine};
 use crate::agent::process::{AgentProcess, DRAIN, Line, Spec};
 use crate::agent::translate::{Translated, Translator};
 use crate::agent::user::AgentUser;
+use crate::approval::{Approvals, TurnHook};
 use crate::config::AgentConfig;
 use crate::event::Event;
 use crate::log::{Log, LogError};
@@ -37,6 +38,8 @@ pub struct Runner {
     pub slots: Semaphore,
     /// Agents alive now.
     pub running: Arc<Running>,
+    /// Tool calls waiting for the operator, and the turns' hooks.
+    pub approvals: Arc<Approvals>,
 }
 
 /// Counts the agents alive, so that the last one to end can sweep away
@@ -244,7 +247,10 @@ impl Runner {
         if let Err(err) = prepared {
             return Ending::CannotStart(format!("workspace {}: {err}", workspace.display()));
         }
-        let spec = self.spec(request, workspace);
+        // Registered before the agent starts, closed once it is reaped: a
+        // tool call can only wait while its agent can still run it.
+        let hook = self.approvals.open_turn(request.session_id);
+        let spec = self.spec(request, workspace, hook.as_ref());
         // Recorded first, so that a restart can find this turn's processes
         // even if the server dies before it learns their process group.
         let recorded = tokio::select! {
@@ -319,6 +325,9 @@ impl Runner {
             }
         }
         let finished = agent.reap().await;
+        if let Some(hook) = hook {
+            hook.close(log).await;
+        }
         tracing::debug!(session = %request.session_id, elapsed_ms = began.elapsed().as_millis() as u64, "agent reaped");
         let saw_result = output.saw_result;
         if let Err(err) = output.flush().await {
@@ -338,7 +347,7 @@ impl Runner {
     /// The agent's command line (README "How a turn runs the agent"), with the prompt after `--` so it
     /// is never read as an option, or on stdin when it is too long for one
     /// argument.
-    fn spec(&self, request: &Request, cwd: PathBuf) -> Spec {
+    fn spec(&self, request: &Request, cwd: PathBuf, hook: Option<&TurnHook>) -> Spec {
         let session_flag = if request.resume { "--resume" } else { "--session-id" };
         let mut args: Vec<OsString> = [
             "-p",
@@ -361,6 +370,11 @@ impl Runner {
         if self.agent.partial_messages {
             args.push("--include-partial-messages".into());
         }
+        // Every tool call is put to the server first (README "Approvals").
+        if let Some(hook) = hook {
+            args.push("--settings".into());
+            args.push(hook.settings().into());
+        }
         let stdin = if request.prompt.len() < MAX_PROMPT_ARG {
             args.push("--".into());
             args.push(request.prompt.clone().into());
@@ -375,6 +389,7 @@ impl Runner {
             stdin,
             marker: request.marker.clone(),
             user: self.agent.user.clone(),
+            env: hook.map(TurnHook::env).into_iter().collect(),
         }
     }
 }

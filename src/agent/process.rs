@@ -49,6 +49,8 @@ pub struct Spec {
     pub marker: String,
     /// Run as this user rather than the server's.
     pub user: Option<AgentUser>,
+    /// More of the agent's environment: its turn's hook secret.
+    pub env: Vec<(String, String)>,
 }
 
 /// A running agent process group.
@@ -113,6 +115,7 @@ impl AgentProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .envs(spec.marker.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+            .envs(spec.env.iter().cloned())
             .process_group(0)
             .kill_on_drop(true);
         let mut child = command.spawn()?;

@@ -34,15 +34,20 @@ pub async fn record(
         action: action.into(),
         target: target.into(),
         outcome: outcome.into(),
-        via: Some(match identity.via {
-            Via::Bearer => AuthMethod::Bearer,
-            Via::ProxyHeader => AuthMethod::Proxy,
-            Via::Cookie => AuthMethod::Login,
-        }),
+        via: Some(auth_method(identity.via)),
     };
     // A stalled disk must not hold the request (a Stop, a verb) for ever:
     // the record stays queued and lands when storage answers again.
     tokio::time::timeout(AUDIT_WAIT, state.sessions.store().audit(record)).await.unwrap_or(Err(StoreError::Stalled))
+}
+
+/// How the audit trail names a way of authenticating.
+pub fn auth_method(via: Via) -> AuthMethod {
+    match via {
+        Via::Bearer => AuthMethod::Bearer,
+        Via::ProxyHeader => AuthMethod::Proxy,
+        Via::Cookie => AuthMethod::Login,
+    }
 }
 
 /// Longest a request waits for its audit record to be committed.

@@ -3,6 +3,7 @@
 //! [`router`] is a plain function of the shared state, so tests can build
 //! the whole application without a socket.
 
+mod approvals;
 mod audit;
 pub mod auth;
 mod body;
@@ -82,12 +83,15 @@ pub fn router(state: AppState) -> Router {
         .route("/whoami", get(whoami))
         .route("/presets", get(presets))
         .merge(power::router())
+        .merge(approvals::router())
         .fallback(api_not_found)
         .method_not_allowed_fallback(api_method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), auth::require));
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        // The agent's hook authenticates with its turn's secret, not as a caller of `/api`.
+        .route(crate::approval::HOOK_PATH, axum::routing::post(approvals::pre_tool_use))
         // HEAD is not GET here: it must not spend the link (see `login_head`).
         .route("/login", get(login).head(login_head))
         .nest("/api", api)

@@ -40,7 +40,7 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id).map_err(|_| ApiError::session_not_found())
 }
 
-async fn find(state: &AppState, id: &str) -> Result<Arc<Session>, ApiError> {
+pub(super) async fn find(state: &AppState, id: &str) -> Result<Arc<Session>, ApiError> {
     state.sessions.get(parse_id(id)?).await?.ok_or_else(ApiError::session_not_found)
 }
 
@@ -80,6 +80,8 @@ fn session_json(state: &AppState, row: &SessionRow) -> Value {
         "last_activity": rfc3339(row.last_activity_ms),
         "running": state.sessions.is_running(row.id),
         "event_count": row.event_count,
+        // Tool calls waiting for the operator now (README "Approvals").
+        "pending_approvals": state.sessions.approvals().waiting_in(row.id),
     })
 }
 

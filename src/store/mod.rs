@@ -36,6 +36,7 @@ use crate::event::{Event, EventId, Stored};
 use crate::hub::Hub;
 
 pub use audit::{HEAD_FILE, verify_audit};
+pub use read::Asked;
 use read::Readers;
 use schema::prepare;
 pub use writer::{BATCH_MAX, BATCH_WINDOW};
@@ -185,6 +186,8 @@ pub enum AuthMethod {
     Proxy,
     /// The cookie of the first-run login link.
     Login,
+    /// Nobody: the server itself acted (an approval's timeout, a turn's end).
+    Server,
 }
 
 impl AuthMethod {
@@ -193,11 +196,14 @@ impl AuthMethod {
             AuthMethod::Bearer => "bearer",
             AuthMethod::Proxy => "proxy",
             AuthMethod::Login => "login",
+            AuthMethod::Server => "server",
         }
     }
 
     fn parse(text: &str) -> Option<Self> {
-        [AuthMethod::Bearer, AuthMethod::Proxy, AuthMethod::Login].into_iter().find(|m| m.as_str() == text)
+        [AuthMethod::Bearer, AuthMethod::Proxy, AuthMethod::Login, AuthMethod::Server]
+            .into_iter()
+            .find(|m| m.as_str() == text)
     }
 }
 

@@ -12,6 +12,15 @@ use uuid::Uuid;
 use super::{AuditEntry, AuditRecord, AuthMethod, SessionRow, Store, StoreError, to_sql};
 use crate::event::{EventId, Stored};
 
+/// A tool call asked of the operator, as the log shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Asked {
+    pub tool_use_id: String,
+    pub tool: String,
+    pub input: serde_json::Value,
+    pub decided: bool,
+}
+
 /// Read connections, at most; readers beyond these wait for one.
 const READERS: usize = 4;
 /// A page of events stops once it holds this many bytes (at least one event).
@@ -75,6 +84,35 @@ impl Store {
             let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE turn_running = 1");
             let mut stmt = conn.prepare_cached(&sql)?;
             let rows = stmt.query_map([], session_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// The tool calls asked of the operator in a session (README
+    /// "Approvals"), all of them or the one with `tool_use_id`, oldest
+    /// first, each with whether its decision is in the log.
+    pub async fn approvals(&self, session: Uuid, tool_use_id: Option<String>) -> Result<Vec<Asked>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT a.json ->> '$.tool_use_id', a.json ->> '$.tool', a.json -> '$.input',
+                    EXISTS (SELECT 1 FROM events d WHERE d.session = a.session AND d.id > a.id
+                            AND d.json ->> '$.kind' = 'approval_decision'
+                            AND d.json ->> '$.tool_use_id' = a.json ->> '$.tool_use_id')
+                 FROM events a
+                 WHERE a.session = ?1 AND a.json ->> '$.kind' = 'approval'
+                   AND (?2 IS NULL OR a.json ->> '$.tool_use_id' = ?2)
+                 ORDER BY a.id",
+            )?;
+            let rows = stmt.query_map(params![session.to_string(), tool_use_id], |row| {
+                let input: Option<String> = row.get(2)?;
+                Ok(Asked {
+                    tool_use_id: row.get(0)?,
+                    tool: row.get(1)?,
+                    input: input.and_then(|i| serde_json::from_str(&i).ok()).unwrap_or_default(),
+                    decided: row.get(3)?,
+                })
+            })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await

@@ -20,7 +20,7 @@ use crate::harness::{
     real_cli_for_agent_user, wait_until,
 };
 use crate::model_api::{ModelApi, Reply};
-use crate::pve::free_port;
+use crate::pve::{Pve, free_port};
 
 /// The account the agent logs in as on the stand-in target ("an
 /// unprivileged user" in README's ssh config example).
@@ -72,12 +72,20 @@ struct Devvm {
     ssh_agent: Child,
     relay: Child,
     port: u16,
+    /// The hypervisor, when the drill has one: a second sshd whose only
+    /// key runs the real forced command (deploy/pve/breakglass-pve) with
+    /// the stand-in `qm`, as README "Setting up the hypervisor" sets it up.
+    pve: Option<(Child, u16, Pve)>,
 }
 
 impl Devvm {
     /// Starts it all and writes the agent user's `~/.ssh` (after
     /// [`fresh_agent_home`]).
     fn start() -> Devvm {
+        Devvm::start_with(false)
+    }
+
+    fn start_with(with_pve: bool) -> Devvm {
         target_user();
         fresh_agent_home();
         let dir = tempfile::tempdir().unwrap();
@@ -112,7 +120,27 @@ impl Devvm {
             .stderr(std::fs::File::create(d.join("socat.log")).unwrap())
             .spawn()
             .expect("start socat (scripts/test installs it)");
-        let devvm = Devvm { dir, sshd, ssh_agent, relay, port };
+        let pve = with_pve.then(|| {
+            let pve = Pve::new();
+            let pd = d.join("pve");
+            std::fs::create_dir(&pd).unwrap();
+            let client_pub = std::fs::read_to_string(keys.join("client_key.pub")).unwrap();
+            std::fs::write(
+                pd.join("authorized_keys"),
+                format!("command=\"{}\",restrict {client_pub}", pve.forced_command()),
+            )
+            .unwrap();
+            let pve_port = free_port();
+            let sshd = crate::harness::spawn_sshd(
+                &pd,
+                pve_port,
+                &keys.join("host_key"),
+                "PermitRootLogin prohibit-password\nAllowUsers root\n",
+            );
+            wait_until("the hypervisor's sshd to greet", || greets(pve_port));
+            (sshd, pve_port, pve)
+        });
+        let devvm = Devvm { dir, sshd, ssh_agent, relay, port, pve };
         wait_until("the relay to listen", || devvm.relay_sock().exists());
         wait_until("sshd to greet", || greets(port));
         devvm.write_agent_ssh_config();
@@ -142,15 +170,24 @@ impl Devvm {
         std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700)).unwrap();
         let host_key = std::fs::read_to_string(self.dir.path().join("keys/host_key.pub")).unwrap();
         let mut host_key = host_key.split_whitespace();
-        let known_hosts =
-            format!("[127.0.0.1]:{} {} {}\n", self.port, host_key.next().unwrap(), host_key.next().unwrap());
-        let config = format!(
+        let (kind, key) = (host_key.next().unwrap(), host_key.next().unwrap());
+        let mut known_hosts = format!("[127.0.0.1]:{} {kind} {key}\n", self.port);
+        let mut config = format!(
             "Host devvm\n    BatchMode yes\n    ConnectTimeout 10\n    ServerAliveInterval 5\n    ServerAliveCountMax 2\n    \
              StrictHostKeyChecking yes\n    UserKnownHostsFile {AGENT_HOME}/.ssh/known_hosts\n    \
              IdentityAgent {}\n    HostName 127.0.0.1\n    Port {}\n    User {TARGET_USER}\n",
             self.relay_sock().display(),
             self.port
         );
+        if let Some((_, pve_port, _)) = &self.pve {
+            known_hosts.push_str(&format!("[127.0.0.1]:{pve_port} {kind} {key}\n"));
+            config.push_str(&format!(
+                "Host pve\n    BatchMode yes\n    ConnectTimeout 10\n    StrictHostKeyChecking yes\n    \
+                 UserKnownHostsFile {AGENT_HOME}/.ssh/known_hosts\n    IdentityAgent {}\n    \
+                 HostName 127.0.0.1\n    Port {pve_port}\n    User root\n",
+                self.relay_sock().display()
+            ));
+        }
         for (name, content) in [("config", config), ("known_hosts", known_hosts)] {
             std::fs::write(ssh.join(name), content).unwrap();
             std::fs::set_permissions(ssh.join(name), std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -162,7 +199,8 @@ impl Devvm {
 
 impl Drop for Devvm {
     fn drop(&mut self) {
-        for child in [&mut self.relay, &mut self.ssh_agent, &mut self.sshd] {
+        let pve = self.pve.as_mut().map(|(sshd, _, _)| sshd);
+        for child in [&mut self.relay, &mut self.ssh_agent, &mut self.sshd].into_iter().chain(pve) {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -183,12 +221,21 @@ fn greets(port: u16) -> bool {
 /// traffic (a reachability check, telemetry, updates) is switched off:
 /// the machine has no other network to reach.
 fn breakglass(api: &ModelApi, devvm: Option<&Devvm>) -> Server {
+    breakglass_with(api, devvm, Server::options())
+}
+
+/// [`breakglass`] with more settings.
+fn breakglass_with(api: &ModelApi, devvm: Option<&Devvm>, options: crate::harness::Options) -> Server {
     agent_user();
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let mut options = Server::options()
+    let mut options = if options.env.iter().any(|(key, _)| key == "BREAKGLASS_CLAUDE_BIN") {
+        options
+    } else {
+        options.env("BREAKGLASS_CLAUDE_BIN", real_cli_for_agent_user().display().to_string())
+    };
+    options = options
         .env("BREAKGLASS_AGENT_USER", AGENT_USER)
-        .env("BREAKGLASS_CLAUDE_BIN", real_cli_for_agent_user().display().to_string())
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("ANTHROPIC_BASE_URL", &api.base_url)
         .env("ANTHROPIC_API_KEY", "sk-standin")
@@ -255,7 +302,9 @@ async fn an_incident_turn_runs_the_models_ssh_on_the_target_and_the_next_turn_re
     let check = "ssh devvm 'uptime; df -h /; id -un'";
     let api =
         ModelApi::start(vec![Reply::bash("Let me look at devvm.", check), Reply::text("devvm is up and / has room.")]);
-    let server = breakglass(&api, Some(&devvm));
+    // The operator chose to let the agent run unasked (README "Approvals"):
+    // the compound check would otherwise wait for a decision.
+    let server = breakglass_with(&api, Some(&devvm), Server::options().env("BREAKGLASS_APPROVALS", "off"));
     let session = server.open_session().await;
 
     let started = Instant::now();
@@ -322,7 +371,7 @@ async fn cancel_while_the_model_stalls_leaves_no_process_of_the_turn() {
         Reply::bash_in_background("I'll keep an eye on it.", "ssh devvm 'sleep 30'"),
         Reply::stall(Duration::from_secs(120), "Never said."),
     ]);
-    let server = breakglass(&api, Some(&devvm));
+    let server = breakglass_with(&api, Some(&devvm), Server::options().env("BREAKGLASS_APPROVALS", "off"));
     let (session, mut stream) = server.attached().await;
     server.start_turn(&session, "Watch devvm").await;
     api.until_main_requests(2).await;
@@ -430,4 +479,136 @@ async fn the_models_words_arrive_as_deltas_before_the_logged_text() {
     for delta in &deltas {
         assert_eq!((&delta["message_id"], &delta["index"]), (&text["message_id"], &text["index"]), "{delta}");
     }
+}
+
+/// Reads the attach stream until an event of `kind`; returns them all.
+async fn until_kind(stream: &mut crate::harness::Attached, kind: &str) -> Vec<Value> {
+    let mut events = Vec::new();
+    loop {
+        if let Frame::Event { data, .. } = stream.next().await.expect("stream ended") {
+            let done = data["kind"] == kind;
+            events.push(data);
+            if done {
+                return events;
+            }
+        }
+    }
+}
+
+/// The operator in the loop with the real CLI (README "Approvals"): a
+/// read-only diagnosis runs unasked; `ssh pve reset` waits until the
+/// operator allows it through the API, then the CLI's own Bash tool runs
+/// it, over ssh, through the hypervisor's forced command.
+#[tokio::test]
+#[ignore = "needs the real Claude Code CLI (scripts/test installs it)"]
+async fn the_operators_allow_lets_the_real_cli_reset_the_vm_and_a_diagnosis_runs_unasked() {
+    let _agent_user = AGENT_USER_LOCK.lock().await;
+    let devvm = Devvm::start_with(true);
+    let api = ModelApi::start(vec![
+        Reply::bash("First, is it up?", "ssh devvm uptime"),
+        Reply::bash("It is wedged; resetting.", "ssh pve reset"),
+        Reply::text("The VM was reset."),
+    ]);
+    let server = breakglass(&api, Some(&devvm));
+    let (session, mut stream) = server.attached().await;
+    server.start_turn(&session, "devvm hangs; fix it").await;
+    let before = until_kind(&mut stream, "approval").await;
+    let diagnosis = before.iter().find(|e| e["kind"] == "tool_result").expect("the diagnosis ran first");
+    assert!(text_of(diagnosis, "content").contains("load average:"), "{diagnosis}");
+    assert_eq!(before.iter().filter(|e| e["kind"] == "approval").count(), 1, "only the reset asks: {before:#?}");
+    let approval = before.last().unwrap();
+    assert_eq!(approval["input"]["command"], "ssh pve reset");
+    assert_eq!(approval["effect"], "hard reset of the VM: unsaved guest state is lost");
+    let pve = &devvm.pve.as_ref().unwrap().2;
+    assert!(!pve.calls().iter().any(|c| c.contains("reset")), "nothing ran before the decision: {:?}", pve.calls());
+
+    let id = text_of(approval, "tool_use_id");
+    let decided = server
+        .post(&format!("/api/session/{session}/approvals/{id}"))
+        .json(&serde_json::json!({"decision": "allow"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(decided.status(), 200);
+    let after = stream.until_turn_end().await;
+    assert_eq!(kinds(&after), ["approval_decision", "tool_result", "text", "result", "turn_end"], "{after:#?}");
+    assert_eq!(after[1]["tool_use_id"], id.as_str());
+    assert_eq!(after[1]["is_error"], false, "{:#?}", after[1]);
+    assert!(pve.calls().iter().any(|c| c.contains("reset")), "qm was asked to reset: {:?}", pve.calls());
+    let asked = api.main_requests();
+    assert_eq!(asked[2].tool_results()[0].0, id, "the model got the reset's output");
+}
+
+/// Deny: the CLI reports the operator's refusal to the model (with the
+/// operator's words) and the turn goes on; nothing reached the hypervisor.
+#[tokio::test]
+#[ignore = "needs the real Claude Code CLI (scripts/test installs it)"]
+async fn the_operators_deny_reaches_the_model_with_its_message_and_the_turn_goes_on() {
+    let _agent_user = AGENT_USER_LOCK.lock().await;
+    let devvm = Devvm::start_with(true);
+    let api = ModelApi::start(vec![
+        Reply::bash("Resetting the VM.", "ssh pve reset"),
+        Reply::text("Understood: no reset until the backup is done."),
+    ]);
+    let server = breakglass(&api, Some(&devvm));
+    let (session, mut stream) = server.attached().await;
+    server.start_turn(&session, "devvm hangs; fix it").await;
+    let approval = until_kind(&mut stream, "approval").await.pop().unwrap();
+    let id = text_of(&approval, "tool_use_id");
+    let decided = server
+        .post(&format!("/api/session/{session}/approvals/{id}"))
+        .json(&serde_json::json!({"decision": "deny", "message": "wait for the backup"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(decided.status(), 200);
+    let after = stream.until_turn_end().await;
+    assert_eq!(kinds(&after), ["approval_decision", "tool_result", "text", "result", "turn_end"], "{after:#?}");
+    assert_eq!(after[1]["is_error"], true, "{:#?}", after[1]);
+    assert!(text_of(&after[1], "content").contains("wait for the backup"), "{:#?}", after[1]);
+    let told = &api.main_requests()[1].tool_results()[0];
+    assert_eq!(told.0, id);
+    assert!(told.1.contains("wait for the backup"), "the model read the operator's words: {told:?}");
+    assert_eq!(after[2]["text"], "Understood: no reset until the backup is done.");
+    let pve = &devvm.pve.as_ref().unwrap().2;
+    assert!(!pve.calls().iter().any(|c| c.contains("reset")), "{:?}", pve.calls());
+}
+
+/// A hook that cannot reach the server blocks the call: the settings
+/// breakglass gives the CLI, run by the real CLI with the hook's address
+/// pointing where nothing listens (a wrapper rewrites the port), leave the
+/// reset unrun and tell the model it was blocked.
+#[tokio::test]
+#[ignore = "needs the real Claude Code CLI (scripts/test installs it)"]
+async fn a_hook_that_cannot_reach_the_server_fails_closed() {
+    let _agent_user = AGENT_USER_LOCK.lock().await;
+    let devvm = Devvm::start_with(true);
+    let api = ModelApi::start(vec![Reply::bash("Resetting the VM.", "ssh pve reset"), Reply::text("It was blocked.")]);
+    let wrapper = devvm.dir.path().join("claude-unreachable-hook");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n# The hook's address, moved to a port where nothing listens.\n\
+             for a; do shift; set -- \"$@\" \"$(printf '%s' \"$a\" | sed 's#http://127.0.0.1:[0-9]*/hook#http://127.0.0.1:9/hook#')\"; done\n\
+             exec {} \"$@\"\n",
+            real_cli_for_agent_user().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let server = breakglass_with(
+        &api,
+        Some(&devvm),
+        Server::options().env("BREAKGLASS_CLAUDE_BIN", wrapper.display().to_string()),
+    );
+    let session = server.open_session().await;
+    let events = server.run_turn(&session, "devvm hangs; fix it").await;
+    assert!(!kinds(&events).contains(&"approval"), "the server was never asked: {events:#?}");
+    let result = events.iter().find(|e| e["kind"] == "tool_result").expect("a tool_result");
+    assert_eq!(result["is_error"], true, "{result}");
+    let told = &api.main_requests()[1].tool_results()[0];
+    assert!(!told.1.is_empty(), "the model was told: {told:?}");
+    let pve = &devvm.pve.as_ref().unwrap().2;
+    assert!(!pve.calls().iter().any(|c| c.contains("reset")), "blocked: {:?}", pve.calls());
+    eprintln!("drill: an unreachable hook: the model was told {:?}", told.1);
 }

@@ -8,6 +8,7 @@
 
 mod harness;
 
+mod approvals;
 mod attach;
 mod auth;
 mod connections;

@@ -101,7 +101,11 @@ async fn the_agent_runs_as_its_own_user_and_cannot_reach_the_servers_secrets() {
     );
     let run = &runs[0];
     assert_eq!(run["env_has_token"], false);
-    assert_eq!(run["env_breakglass"], serde_json::json!(["BREAKGLASS_TURN"]), "no server setting reaches the agent");
+    assert_eq!(
+        run["env_breakglass"],
+        serde_json::json!(["BREAKGLASS_HOOK_TOKEN", "BREAKGLASS_TURN"]),
+        "no server setting reaches the agent: only its turn's marker and hook secret"
+    );
     let meta = std::fs::metadata(&workspace).unwrap();
     assert_eq!((meta.uid(), meta.gid(), mode(&workspace)), (uid, gid, 0o700), "the workspace is the agent's");
     assert_eq!(mode(&data), 0o711, "the data directory can be passed through, not listed");

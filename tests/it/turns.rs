@@ -36,7 +36,15 @@ async fn first_turn_uses_session_id_and_later_turns_resume() {
 
     let runs = server.agent_runs();
     assert_eq!(runs.len(), 2);
-    let argv = |i: usize| -> Vec<String> { serde_json::from_value(runs[i]["argv"].clone()).unwrap() };
+    // The hook's settings (tests/it/approvals.rs) stand as one placeholder.
+    let argv = |i: usize| -> Vec<String> {
+        let mut argv: Vec<String> = serde_json::from_value(runs[i]["argv"].clone()).unwrap();
+        if let Some(at) = argv.iter().position(|a| a == "--settings") {
+            assert!(argv[at + 1].contains("\"PreToolUse\""), "{}", argv[at + 1]);
+            argv[at + 1] = "<hook settings>".into();
+        }
+        argv
+    };
     let expected = |flag: &str| -> Vec<String> {
         [
             "-p",
@@ -51,6 +59,8 @@ async fn first_turn_uses_session_id_and_later_turns_resume() {
             flag,
             &session,
             "--include-partial-messages",
+            "--settings",
+            "<hook settings>",
             "--",
             "replay basic",
         ]
