@@ -316,6 +316,11 @@ test("a risky tool call waits for a tap on its card: one allowed, one denied wit
   assert.notEqual(await colours("button.deny"), await colours("button.allow"));
   assert.deepEqual(await axeViolations(), [], "a pending approval card");
   await page.screenshot({ path: path.join(shots, "4-approval.png") });
+  // The session list counts the calls that wait.
+  await page.click("#open-sessions");
+  await page.waitForSelector("#session-list .open");
+  assert.deepEqual(await page.locator("#session-list .badge").allTextContents(), ["1 waiting for you"]);
+  await page.click("[data-close=sessions-sheet]");
 
   // A reload replays the card from the log: still pending, still counting.
   await page.reload();
