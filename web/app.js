@@ -1,7 +1,9 @@
 // The console: attaches to the session's event stream, renders the
 // transcript, sends prompts, and drives the VM controls. The transcript fold
-// itself lives in transcript.js (pure, unit-tested).
-import { emptyTranscript, apply, applyDelta, lastId, turnRunning, preview, toolSummary, resultFacts } from "./transcript.js";
+// itself lives in transcript.js, the approval card's words in approval.js
+// (both pure, unit-tested).
+import { emptyTranscript, apply, applyDelta, lastId, turnRunning, pendingApprovals, preview, toolSummary, resultFacts } from "./transcript.js";
+import { cardView, serverOffsetMs } from "./approval.js";
 
 const $ = (id) => document.getElementById(id);
 const SESSION_KEY = "breakglass.session";
@@ -16,7 +18,16 @@ const state = {
   lastSignal: Date.now(),
   sending: false,
   signedOut: false,
+  // How far the server's clock is ahead of this device's: the auto-deny
+  // countdown runs on the server's clock (its deadline_ms).
+  clockOffsetMs: 0,
+  // This page's own attempt to decide each approval, by tool_use_id.
+  cardUi: new Map(),
+  // Approvals already scrolled to and announced, by tool_use_id.
+  announced: new Set(),
 };
+
+const serverNow = () => Date.now() + state.clockOffsetMs;
 
 // ---- API -----------------------------------------------------------------
 
@@ -42,7 +53,7 @@ async function api(method, path, body) {
   } catch {
     data = null;
   }
-  return { status: response.status, ok: response.ok, data };
+  return { status: response.status, ok: response.ok, data, date: response.headers.get("Date") };
 }
 
 // ---- The lamp and the banner ---------------------------------------------
@@ -53,13 +64,18 @@ function signedOut(yes) {
 }
 
 function lamp() {
+  const waiting = pendingApprovals(state.transcript).length;
+  // A background tab says it too.
+  const title = waiting ? `(${waiting}) waiting for you · breakglass` : "breakglass";
+  if (document.title !== title) document.title = title;
   let mode = "connecting";
   if (state.signedOut) mode = "signed-out";
   else if (state.linkDown) mode = "down";
-  else if (state.caughtUp) mode = turnRunning(state.transcript) ? "working" : "attached";
+  else if (state.caughtUp) mode = waiting ? "waiting" : turnRunning(state.transcript) ? "working" : "attached";
   const text = {
     connecting: "connecting",
     attached: "attached",
+    waiting: "waiting for you",
     working: "agent working",
     down: "link down",
     "signed-out": "signed out",
@@ -130,6 +146,8 @@ function attach() {
     state.caughtUp = true;
     state.linkDown = false;
     state.lastSignal = Date.now();
+    // The replay is in: an approval still waiting is now known to be.
+    scheduleRender();
     lamp();
   });
   source.onerror = async () => {
@@ -177,6 +195,7 @@ function switchTo(id) {
   state.session = id;
   localStorage.setItem(SESSION_KEY, id);
   state.transcript = emptyTranscript();
+  state.cardUi.clear();
   rendered.clear();
   $("transcript").replaceChildren();
   attach();
@@ -200,6 +219,7 @@ function scheduleRender() {
 function render() {
   const list = $("transcript");
   const kept = new Set();
+  waitingIds = new Set(pendingApprovals(state.transcript).map((m) => m.toolUseId));
   const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
   let previous = null;
   for (const message of state.transcript.messages) {
@@ -225,12 +245,23 @@ function render() {
     }
   }
   if (nearBottom) list.scrollTop = list.scrollHeight;
+  for (const [message, element] of rendered) {
+    if (message.role === "approval") paintCard(element, message);
+  }
   lamp();
 }
 
+/** tool_use_ids of the approvals now waiting, as of the last render. */
+let waitingIds = new Set();
+
 function version(message) {
   if (message.live) return `live ${message.text.length}`;
-  return message.role === "tool" ? (message.result ? "answered" : "asked") : "1";
+  // An approval card is drawn once and painted in place (paintCard), so
+  // what the operator types into it survives every event and tick.
+  if (message.role === "approval") return "card";
+  if (message.role !== "tool") return "1";
+  if (message.result) return "answered";
+  return waitingIds.has(message.toolUseId) ? "waiting" : "asked";
 }
 
 function el(tag, className, text) {
@@ -261,7 +292,7 @@ function draw(m) {
       summary.append(el("span", "", `${m.name}:`), el("code", "", toolSummary(m)));
       details.append(summary);
       if (m.result) details.append(output(m.result.content, m.result.isError));
-      else details.append(el("p", "meta", "running…"));
+      else details.append(el("p", "meta", waitingIds.has(m.toolUseId) ? "waiting for your decision…" : "running…"));
       item.append(details);
       break;
     }
@@ -272,6 +303,9 @@ function draw(m) {
     }
     case "error":
       item.append(el("span", "meta is-error", "error"), document.createTextNode(m.text));
+      break;
+    case "approval":
+      drawCard(item, m);
       break;
     case "output":
       item.append(el("span", "meta", "tool output"), output(m.content, m.isError));
@@ -298,6 +332,118 @@ function output(text, isError) {
     wrap.append(more);
   }
   return wrap;
+}
+
+// ---- Approval cards --------------------------------------------------------
+//
+// A risky tool call waits for the operator (README "The web console"). The
+// card is drawn once; paintCard brings it up to date in place, on every
+// render, every second (the countdown) and as this page's own decision goes
+// out and comes back.
+
+let cardSeq = 0;
+
+function drawCard(item, m) {
+  const n = ++cardSeq;
+  item.setAttribute("aria-labelledby", `card-${n}-title`);
+  const title = el("h2", "card-title"); // painted
+  title.id = `card-${n}-title`;
+  const command = el("pre", "command");
+  command.tabIndex = 0; // a long input scrolls: the keyboard must reach it
+  command.append(el("code", "", "")); // painted
+  const explain = el("p", "explain");
+  // Ticks every second: not read out each time (the card itself is announced).
+  const clock = el("p", "countdown");
+  clock.setAttribute("aria-live", "off");
+  const status = el("p", "card-status");
+  status.setAttribute("role", "status");
+  const decide = el("div", "decide-area");
+  const label = el("label", "", "Message with a deny (optional)");
+  label.htmlFor = `card-${n}-message`;
+  const message = el("input", "deny-message");
+  message.id = label.htmlFor;
+  message.type = "text";
+  message.maxLength = 500;
+  message.autocomplete = "off";
+  message.enterKeyHint = "done";
+  const row = el("div", "decide");
+  // Far apart, Deny under the left thumb and Allow under the right: no mis-tap.
+  const deny = el("button", "deny", "✕ Deny");
+  const allow = el("button", "allow", "✓ Allow");
+  for (const [button, decision] of [[deny, "deny"], [allow, "allow"]]) {
+    button.type = "button";
+    button.dataset.decision = decision;
+    button.addEventListener("click", () => decideCard(m, decision, item));
+    row.append(button);
+  }
+  decide.append(label, message, row);
+  item.append(title, command, explain, clock, decide, status);
+}
+
+function paintCard(item, m) {
+  const view = cardView(m, state.cardUi.get(m.toolUseId) ?? {}, serverNow());
+  item.dataset.phase = view.phase;
+  item.classList.toggle("waiting", view.phase !== "resolved");
+  if (view.outcome) item.dataset.outcome = view.outcome;
+  const title = `The agent ${view.phase === "resolved" ? "asked" : "asks"} to run ${m.tool || "a tool"}`;
+  const heading = item.querySelector(".card-title");
+  if (heading.textContent !== title) heading.textContent = title;
+  const code = item.querySelector(".command code");
+  if (code.textContent !== view.command) code.textContent = view.command;
+  const explain = item.querySelector(".explain");
+  const said = view.explain ? `${view.explainIsEffect ? "Effect" : "Why it asks"}: ${view.explain}` : "";
+  if (explain.textContent !== said) explain.textContent = said;
+  explain.hidden = !said;
+  const clock = item.querySelector(".countdown");
+  if (clock.textContent !== view.countdown) clock.textContent = view.countdown;
+  clock.hidden = !view.countdown;
+  const status = item.querySelector(".card-status");
+  if (status.textContent !== view.text) status.textContent = view.text;
+  status.hidden = !view.text;
+  const decide = item.querySelector(".decide-area");
+  if (decide && view.buttons === "none") {
+    // Decided: no buttons left to tap. A keyboard that was on them stays on the card.
+    const hadFocus = decide.contains(document.activeElement);
+    decide.remove();
+    if (hadFocus) {
+      item.tabIndex = -1;
+      item.focus({ preventScroll: true });
+    }
+  } else if (decide) {
+    for (const control of decide.querySelectorAll("button, input")) control.disabled = view.buttons !== "enabled";
+  }
+  if (view.phase === "pending" && state.caughtUp && !state.announced.has(m.toolUseId)) {
+    // It has just arrived (or the page has just opened on it): bring it to
+    // the operator's eyes and ears.
+    state.announced.add(m.toolUseId);
+    item.scrollIntoView({ block: "nearest" });
+    $("alert").textContent = [`The agent waits for your decision: ${view.command}.`, view.countdown && `${view.countdown}.`].filter(Boolean).join(" ");
+  }
+}
+
+async function decideCard(m, decision, item) {
+  const ui = state.cardUi.get(m.toolUseId) ?? {};
+  if (m.decision || ui.sending || ui.sent || ui.already) return; // a double tap sends once
+  const text = decision === "deny" ? (item.querySelector(".deny-message")?.value.trim() ?? "") : "";
+  const session = state.session;
+  state.cardUi.set(m.toolUseId, { sending: decision });
+  paintCard(item, m);
+  const body = text ? { decision, message: text } : { decision };
+  const got = await api("POST", `/api/session/${session}/approvals/${encodeURIComponent(m.toolUseId)}`, body);
+  let next;
+  if (got.ok) next = { sent: decision };
+  else if (got.status === 409) next = { already: true };
+  else next = { error: got.data?.detail ?? `the server answered ${got.status}` };
+  if (session !== state.session) return; // the operator moved on meanwhile
+  state.cardUi.set(m.toolUseId, next);
+  paintCard(item, m);
+}
+
+/** The countdowns, once a second. */
+function tickCards() {
+  for (const [message, element] of rendered) {
+    if (message.role === "approval" && message.decision === null) paintCard(element, message);
+  }
 }
 
 // ---- Prompts -------------------------------------------------------------
@@ -430,6 +576,7 @@ async function loadSessions() {
     const item = el("li");
     const open = el("button", "open", `${s.title ?? "(no prompt yet)"} · ${s.created.slice(0, 16).replace("T", " ")}${s.running ? " · running" : ""}`);
     open.type = "button";
+    if (s.pending_approvals > 0) open.append(el("span", "badge", `${s.pending_approvals} waiting for you`));
     open.addEventListener("click", () => {
       closeSheet("sessions-sheet");
       switchTo(s.id);
@@ -449,6 +596,7 @@ async function loadSessions() {
 async function whoami() {
   const me = await api("GET", "/api/whoami");
   if (me.ok) {
+    state.clockOffsetMs = serverOffsetMs(me.date, Date.now());
     signedOut(false);
     $("who").textContent = `signed in as ${me.data.identity}${me.data.power_configured ? "" : " · no hypervisor configured"}`;
     state.keepaliveMs = (me.data.keepalive_seconds || 15) * 1000;
@@ -510,6 +658,7 @@ async function start() {
   });
   window.addEventListener("online", refresh);
   setInterval(watchdog, 5000);
+  setInterval(tickCards, 1000);
 
   // Nothing waits on anything else: the VM controls must come up even when
   // the chat cannot.

@@ -1,7 +1,7 @@
 // The service worker keeps the app shell (never /api) so the console opens
 // on a flaky network; the API always goes to the network.
-const CACHE = "breakglass-shell-v2";
-const SHELL = ["/", "/app.js", "/transcript.js", "/style.css", "/manifest.webmanifest", "/icon.svg", "/icon-192.png", "/icon-512.png"];
+const CACHE = "breakglass-shell-v3";
+const SHELL = ["/", "/app.js", "/transcript.js", "/approval.js", "/style.css", "/manifest.webmanifest", "/icon.svg", "/icon-192.png", "/icon-512.png"];
 
 self.addEventListener("install", (event) => {
   event.waitUntil(caches.open(CACHE).then((cache) => cache.addAll(SHELL)).then(() => self.skipWaiting()));

@@ -14,10 +14,13 @@
 //   message object into the durable one, so nothing is drawn twice. A delta
 //   of a message whose text is in, or whose turn has ended, is ignored, so a
 //   replay (which has no deltas) gives the same messages.
+// - An `approval_decision` is folded into the `approval` it decides (README,
+//   "The web console": the approval card), even when it arrives first, so a
+//   replayed card shows its decision and one without a decision is pending.
 
 /** A fresh, empty transcript. */
 export function emptyTranscript() {
-  return { messages: [], seen: new Set(), orphans: new Map(), noticeSeq: 0, maxId: -1, growing: new Map(), finished: new Set() };
+  return { messages: [], seen: new Set(), orphans: new Map(), noticeSeq: 0, maxId: -1, growing: new Map(), finished: new Set(), decisions: new Map() };
 }
 
 /** Output shown before "show more" (characters). */
@@ -46,6 +49,17 @@ export function apply(t, event) {
     if (tool) tool.result = message;
     else t.orphans.set(message.toolUseId, message);
     return t;
+  }
+  if (message.role === "approval_decision") {
+    if (!message.toolUseId) return t; // decides nothing that could be shown
+    const approval = t.messages.find((m) => m.role === "approval" && m.toolUseId === message.toolUseId);
+    if (approval) approval.decision = message;
+    else t.decisions.set(message.toolUseId, message);
+    return t;
+  }
+  if (message.role === "approval" && t.decisions.has(message.toolUseId)) {
+    message.decision = t.decisions.get(message.toolUseId);
+    t.decisions.delete(message.toolUseId);
   }
   if (message.role === "agent" && message.messageId) {
     t.finished.add(message.messageId);
@@ -123,6 +137,11 @@ export function turnRunning(t) {
   return false;
 }
 
+/** The approvals still waiting for a decision, in log order. */
+export function pendingApprovals(t) {
+  return t.messages.filter((m) => m.role === "approval" && m.decision === null);
+}
+
 /** Tool output cut for display, and whether there is more. */
 export function preview(text, limit = OUTPUT_PREVIEW) {
   const s = typeof text === "string" ? text : "";
@@ -170,6 +189,20 @@ function toMessage(e, order) {
       return { ...base, role: "cancelled", text: "Stopped by the operator" };
     case "turn_end":
       return { ...base, role: "turn_end" };
+    case "approval":
+      return {
+        ...base,
+        role: "approval",
+        toolUseId: str(e.tool_use_id),
+        tool: str(e.tool),
+        input: e.input ?? null,
+        reason: str(e.reason),
+        effect: str(e.effect),
+        deadlineMs: num(e.deadline_ms),
+        decision: null,
+      };
+    case "approval_decision":
+      return { ...base, role: "approval_decision", toolUseId: str(e.tool_use_id), decision: str(e.decision), by: str(e.by), atMs: num(e.at_ms), message: str(e.message) };
     case "session":
       return null;
     default:

@@ -272,6 +272,101 @@ test("Stop ends a turn", async () => {
   await page.waitForSelector("#send:not([disabled])");
 });
 
+/** The session's log, as the server has it (JSON Lines export). */
+async function logOf(session) {
+  const got = await page.request.get(`${base}/api/session/${session}/export?format=jsonl`);
+  assert.equal(got.status(), 200);
+  return (await got.text()).split("\n").filter(Boolean).map((line) => JSON.parse(line));
+}
+
+/** The pending approval card whose command is `command`. */
+const pendingCard = (command) => page.locator(".msg.approval[data-phase=pending]", { has: page.locator(".command", { hasText: command }) });
+
+test("a risky tool call waits for a tap on its card: one allowed, one denied with a message, both logged", async () => {
+  await page.waitForSelector("#send:not([disabled])");
+  const session = await page.evaluate(() => localStorage.getItem("breakglass.session"));
+  const results = await page.locator(".msg.result").count();
+  await sendPrompt("hook Bash ssh pve reset\nhook Bash ssh pve stop\nresult");
+  const reset = pendingCard("ssh pve reset");
+  await reset.waitFor({ timeout: DEADLINE });
+  await page.waitForSelector("#lamp[data-state=waiting]");
+  assert.equal((await page.textContent("#lamp-text")).trim(), "waiting for you");
+  assert.match(await page.title(), /^\(1\) waiting for you/);
+  // The card is on screen and said out loud.
+  const card = await reset.boundingBox();
+  assert.ok(card.y >= 0 && card.y + card.height <= 844, `the card is in view: ${JSON.stringify(card)}`);
+  assert.match(await page.textContent("#alert"), /waits for your decision: ssh pve reset/);
+  assert.equal(await reset.locator(".command").textContent(), "ssh pve reset", "the exact command");
+  assert.equal(await reset.locator(".command").evaluate((e) => getComputedStyle(e).fontFamily.includes("monospace")), true);
+  assert.equal(await reset.locator(".explain").textContent(), "Effect: hard reset of the VM: unsaved guest state is lost");
+  // The countdown runs.
+  const first = await reset.locator(".countdown").textContent();
+  assert.match(first, /^auto-deny in \d+:\d\d$/);
+  await page.waitForFunction(
+    (was) => document.querySelector(".msg.approval[data-phase=pending] .countdown")?.textContent !== was,
+    first,
+    { timeout: 5000 },
+  );
+  // Two big targets, far apart, that do not look alike.
+  const deny = await reset.locator("button.deny").boundingBox();
+  const allow = await reset.locator("button.allow").boundingBox();
+  assert.ok(deny.height >= 48 && allow.height >= 48, `48 px tall: ${deny.height}, ${allow.height}`);
+  assert.ok(allow.x - (deny.x + deny.width) >= 48, `far apart: ${JSON.stringify([deny, allow])}`);
+  const colours = async (button) => reset.locator(button).evaluate((e) => getComputedStyle(e).backgroundColor);
+  assert.notEqual(await colours("button.deny"), await colours("button.allow"));
+  assert.deepEqual(await axeViolations(), [], "a pending approval card");
+  await page.screenshot({ path: path.join(shots, "4-approval.png") });
+  // The session list counts the calls that wait.
+  await page.click("#open-sessions");
+  await page.waitForSelector("#session-list .open");
+  assert.deepEqual(await page.locator("#session-list .badge").allTextContents(), ["1 waiting for you"]);
+  await page.click("[data-close=sessions-sheet]");
+
+  // A reload replays the card from the log: still pending, still counting.
+  await page.reload();
+  await reset.waitFor({ timeout: DEADLINE });
+  assert.match(await reset.locator(".countdown").textContent(), /^auto-deny in \d+:\d\d$/);
+  await page.waitForSelector("#lamp[data-state=waiting]");
+
+  await reset.locator("button.allow").tap();
+  const allowed = page.locator(".msg.approval[data-phase=resolved]", { has: page.locator(".command", { hasText: "ssh pve reset" }) });
+  await allowed.waitFor({ timeout: DEADLINE });
+  assert.match(await allowed.locator(".card-status").textContent(), /^Allowed by console at \d\d:\d\d$/);
+  assert.equal(await allowed.locator("button").count(), 0, "no buttons once decided");
+
+  const stop = pendingCard("ssh pve stop");
+  await stop.waitFor({ timeout: DEADLINE });
+  await stop.locator(".deny-message").fill("not during office hours");
+  await stop.locator("button.deny").tap();
+  const denied = page.locator(".msg.approval[data-phase=resolved]", { has: page.locator(".command", { hasText: "ssh pve stop" }) });
+  await denied.waitFor({ timeout: DEADLINE });
+  assert.match(await denied.locator(".card-status").textContent(), /^Denied by console at \d\d:\d\d: “not during office hours”$/);
+  // The turn goes on to its end.
+  await page.waitForFunction((n) => document.querySelectorAll(".msg.result").length > n, results, { timeout: DEADLINE });
+  await page.waitForSelector("#lamp[data-state=attached]");
+  assert.equal(await page.title(), "breakglass");
+
+  // The server got both decisions, from this operator.
+  const log = await logOf(session);
+  const asked = (command) => log.find((e) => e.kind === "approval" && e.input?.command === command);
+  const decided = (command) => log.filter((e) => e.kind === "approval_decision" && e.tool_use_id === asked(command).tool_use_id);
+  assert.deepEqual(
+    decided("ssh pve reset").map(({ decision, by }) => ({ decision, by })),
+    [{ decision: "allow", by: "console" }],
+  );
+  assert.deepEqual(
+    decided("ssh pve stop").map(({ decision, by, message }) => ({ decision, by, message })),
+    [{ decision: "deny", by: "console", message: "not during office hours" }],
+  );
+
+  // After a reload both cards show their decisions, and nothing waits.
+  await page.reload();
+  await page.waitForSelector("#lamp[data-state=attached]", { timeout: DEADLINE });
+  await page.waitForFunction(() => document.querySelectorAll(".msg.approval[data-phase=resolved]").length === 2, null, { timeout: DEADLINE });
+  assert.equal(await page.locator(".msg.approval button").count(), 0);
+  await page.waitForSelector("#lamp[data-state=attached]");
+});
+
 test("a mutating verb needs its confirm and shows its output", async () => {
   await page.click("#open-vm");
   await page.waitForSelector("#vm-sheet:not([hidden])");

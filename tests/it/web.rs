@@ -37,6 +37,7 @@ async fn the_console_is_served_from_the_binary_with_a_strict_policy() {
     for (path, content_type) in [
         ("/app.js", "text/javascript; charset=utf-8"),
         ("/transcript.js", "text/javascript; charset=utf-8"),
+        ("/approval.js", "text/javascript; charset=utf-8"),
         ("/style.css", "text/css; charset=utf-8"),
         ("/manifest.webmanifest", "application/manifest+json; charset=utf-8"),
         ("/icon.svg", "image/svg+xml"),
