@@ -279,7 +279,7 @@ impl Runner {
             let _ = agent.reap().await;
             return ending;
         }
-        let mut output = Output::new(log, started);
+        let mut output = Output::new(log, started, hook.as_ref());
 
         let deadline = tokio::time::sleep(self.agent.turn_timeout);
         tokio::pin!(deadline);
@@ -325,12 +325,16 @@ impl Runner {
             }
         }
         let finished = agent.reap().await;
+        tracing::debug!(session = %request.session_id, elapsed_ms = began.elapsed().as_millis() as u64, "agent reaped");
+        let saw_result = output.saw_result;
+        let flushed = output.flush().await;
+        drop(output);
+        // The agent is gone: whatever it still waits on is denied, and
+        // logged before the turn's end.
         if let Some(hook) = hook {
             hook.close(log).await;
         }
-        tracing::debug!(session = %request.session_id, elapsed_ms = began.elapsed().as_millis() as u64, "agent reaped");
-        let saw_result = output.saw_result;
-        if let Err(err) = output.flush().await {
+        if let Err(err) = flushed {
             return Ending::LogFailed(err);
         }
         if let Some(ending) = stopped {
@@ -423,6 +427,8 @@ const MAX_PROMPT_ARG: usize = 128 * 1024 - 1;
 /// transactions instead of waiting for one commit per event.
 struct Output<'a> {
     log: &'a Log,
+    /// Told of each `tool` logged, for the approval that may wait on it.
+    hook: Option<&'a TurnHook>,
     /// Once a write of this turn fails, none after it is kept either.
     fence: Fence,
     pending: VecDeque<Pending>,
@@ -435,9 +441,10 @@ struct Output<'a> {
 const IN_FLIGHT: usize = 256;
 
 impl<'a> Output<'a> {
-    fn new(log: &'a Log, started: &'a mut bool) -> Self {
+    fn new(log: &'a Log, started: &'a mut bool, hook: Option<&'a TurnHook>) -> Self {
         Output {
             log,
+            hook,
             fence: Fence::default(),
             pending: VecDeque::new(),
             translator: Translator::default(),
@@ -475,7 +482,16 @@ impl<'a> Output<'a> {
             {
                 oldest.committed().await?;
             }
+            let tool_use_id = match (&event, self.hook) {
+                (Event::Tool { tool_use_id, .. }, Some(_)) => Some(tool_use_id.clone()),
+                _ => None,
+            };
             self.pending.push_back(self.log.submit(event, Some(self.fence.clone())).await?);
+            // Submitted: the writer keeps the order, so an approval appended
+            // from now on comes after this `tool`.
+            if let (Some(hook), Some(id)) = (self.hook, tool_use_id) {
+                hook.printed(&id);
+            }
         }
         Ok(())
     }

@@ -120,10 +120,22 @@ pub struct Approvals {
     table: Mutex<Table>,
     /// Audit records that could not be written (shared with `/metrics`).
     audit_failures: Arc<AtomicU64>,
+    /// Bumped whenever a turn logs a `tool`.
+    printed_changed: tokio::sync::watch::Sender<u64>,
 }
+
+/// Tool call ids remembered per running turn.
+const PRINTED: usize = 64;
+/// Longest an approval waits for its `tool` to be logged first. The CLI
+/// prints a call before it asks its hook, but the two reach the server by
+/// different paths (stdout and HTTP), and the hook may win the race.
+const PRINTED_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Default)]
 struct Table {
+    /// Tool calls each running turn's agent has printed (and the turn has
+    /// logged as `tool`), the latest few: an approval waits for its `tool`.
+    printed: HashMap<Uuid, std::collections::VecDeque<String>>,
     /// Running turns by the SHA-256 of their hook secret.
     turns: HashMap<[u8; 32], Uuid>,
     /// Waiting calls by session and tool call id.
@@ -147,7 +159,13 @@ impl Approvals {
             ip => ip,
         };
         let hook_url = format!("http://{}{HOOK_PATH}", std::net::SocketAddr::new(ip, listen.port()));
-        Approvals { config, hook_url, table: Mutex::default(), audit_failures }
+        Approvals {
+            config,
+            hook_url,
+            table: Mutex::default(),
+            audit_failures,
+            printed_changed: tokio::sync::watch::Sender::new(0),
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -190,6 +208,7 @@ impl Approvals {
             }
             Verdict::Ask { reason, effect } => (reason, effect),
         };
+        self.until_printed(session, &call.tool_use_id).await;
         let key = (session, call.tool_use_id.clone());
         let (answer_tx, answer_rx) = oneshot::channel();
         {
@@ -235,6 +254,37 @@ impl Approvals {
                 answer
             }
             None => answer_rx.await.unwrap_or_else(|_| Answer::deny("denied: the turn ended")),
+        }
+    }
+
+    /// Notes that a turn has logged the `tool` of this call.
+    fn printed(&self, session: Uuid, tool_use_id: &str) {
+        {
+            let mut table = self.lock();
+            let printed = table.printed.entry(session).or_default();
+            if printed.len() >= PRINTED {
+                printed.pop_front();
+            }
+            printed.push_back(tool_use_id.to_owned());
+        }
+        self.printed_changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Waits (bounded) until the turn has logged this call's `tool`, so
+    /// that the log shows a call before the request to approve it.
+    async fn until_printed(&self, session: Uuid, tool_use_id: &str) {
+        let mut changed = self.printed_changed.subscribe();
+        let seen = || self.lock().printed.get(&session).is_some_and(|p| p.iter().any(|id| id == tool_use_id));
+        let waited = tokio::time::timeout(PRINTED_WAIT, async {
+            while !seen() {
+                if changed.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        if waited.is_err() {
+            tracing::debug!(%session, %tool_use_id, "asked about a call the agent's output has not shown");
         }
     }
 
@@ -402,6 +452,11 @@ impl TurnHook {
         .to_string()
     }
 
+    /// The turn has logged this call's `tool` (its hook may be waiting on it).
+    pub fn printed(&self, tool_use_id: &str) {
+        self.approvals.printed(self.session, tool_use_id);
+    }
+
     /// Ends the hook: its secret stops working and every call still
     /// waiting is denied, logged as `turn-ended`.
     pub async fn close(mut self, log: &Log) {
@@ -412,7 +467,9 @@ impl TurnHook {
     fn unregister(&mut self) {
         if !self.closed {
             self.closed = true;
-            self.approvals.lock().turns.remove(&digest(&self.secret));
+            let mut table = self.approvals.lock();
+            table.turns.remove(&digest(&self.secret));
+            table.printed.remove(&self.session);
         }
     }
 }

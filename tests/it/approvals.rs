@@ -309,3 +309,17 @@ async fn a_phone_that_slept_through_the_request_finds_the_card_waiting_and_decid
     let after = stream.until_turn_end().await;
     assert_eq!(tool_result(&after)["content"], "ran: ssh pve reset");
 }
+
+/// The CLI prints a call before it asks its hook, but stdout and the hook's
+/// request race to the server: the approval still comes after its `tool`.
+#[tokio::test]
+async fn an_approval_is_logged_after_its_tool_even_when_the_hook_wins_the_race() {
+    let server = Server::start();
+    let (session, mut stream) = server.attached().await;
+    server.start_turn(&session, "hook-late Bash ssh pve reset\nresult").await;
+    let before = until_kind(&mut stream, "approval").await;
+    assert_eq!(kinds(&before), ["user", "tool", "approval"]);
+    let id = before[2]["tool_use_id"].as_str().unwrap();
+    assert_eq!(decide(&server, &session, id, json!({"decision": "deny"})).await.0, 200);
+    stream.until_turn_end().await;
+}
