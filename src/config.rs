@@ -36,6 +36,19 @@ pub struct Config {
     pub power: PowerConfig,
     /// The console's one-tap prompts.
     pub presets: Vec<Preset>,
+    pub notify: NotifyConfig,
+}
+
+/// Where notifications go (README "Notifications").
+#[derive(Debug, Clone)]
+pub struct NotifyConfig {
+    /// `BREAKGLASS_NOTIFY_URL`; may carry a token, so never logged whole.
+    pub webhook: Option<reqwest::Url>,
+    pub format: crate::notify::webhook::Format,
+    /// The console as browsers reach it, without a trailing slash.
+    pub public_url: Option<String>,
+    /// The VAPID `sub` claim.
+    pub push_contact: String,
 }
 
 /// How turns start the agent CLI (README "How a turn runs the agent").
@@ -204,7 +217,9 @@ impl Config {
             Some(path) => load_presets(path).context("BREAKGLASS_PRESETS_FILE")?,
             None => default_presets(),
         };
+        let notify = notify_config(args.notify_url, args.notify_format, args.public_url, args.push_contact)?;
         Ok(Config {
+            notify,
             presets,
             listen,
             data_dir: args.data_dir,
@@ -250,6 +265,45 @@ impl Config {
             },
         })
     }
+}
+
+fn notify_config(
+    url: Option<String>,
+    format: crate::notify::webhook::Format,
+    public_url: Option<String>,
+    contact: Option<String>,
+) -> anyhow::Result<NotifyConfig> {
+    let webhook = match url.filter(|u| !u.is_empty()) {
+        // The URL itself is never repeated: it may hold a token.
+        Some(url) => match reqwest::Url::parse(&url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Some(url),
+            _ => bail!("BREAKGLASS_NOTIFY_URL: not an http:// or https:// URL"),
+        },
+        None => None,
+    };
+    let public_url = match public_url.filter(|u| !u.is_empty()) {
+        Some(text) => match reqwest::Url::parse(&text) {
+            Ok(url)
+                if matches!(url.scheme(), "http" | "https")
+                    && url.has_host()
+                    && url.query().is_none()
+                    && url.fragment().is_none() =>
+            {
+                Some(url.as_str().trim_end_matches('/').to_owned())
+            }
+            _ => bail!("BREAKGLASS_PUBLIC_URL: {text:?} is not an http(s) URL without query or fragment"),
+        },
+        None => None,
+    };
+    let push_contact = match contact.filter(|c| !c.is_empty()) {
+        Some(c) if (c.starts_with("mailto:") || c.starts_with("https://")) && !c.chars().any(char::is_control) => c,
+        Some(c) => bail!("BREAKGLASS_PUSH_CONTACT: {c:?} must be a mailto: or https:// URI"),
+        None => match &public_url {
+            Some(url) if url.starts_with("https://") => url.clone(),
+            _ => "mailto:breakglass@localhost".to_owned(),
+        },
+    };
+    Ok(NotifyConfig { webhook, format, public_url, push_contact })
 }
 
 /// 244 random bits, hex: a token nobody guesses.
