@@ -175,7 +175,8 @@ fn start_notifier(config: &Config) -> anyhow::Result<Notifier> {
         tracing::info!(to = %crate::notify::origin(&url), format = ?notify.format, "notifications go to a webhook");
         Webhook::new(url, notify.format, notify.public_url.clone(), client.clone())
     });
-    let push = Push::open(&config.data_dir, client, notify.push_contact.clone(), notify.public_url.clone(), stats.clone())?;
+    let push =
+        Push::open(&config.data_dir, client, notify.push_contact.clone(), notify.public_url.clone(), stats.clone())?;
     Ok(Notifier::start(webhook, Some(Arc::new(push)), stats))
 }
 

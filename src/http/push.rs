@@ -71,10 +71,8 @@ async fn unsubscribe(
         .detach({
             let state = state.clone();
             async move {
-                let removed = push
-                    .unsubscribe(&request.endpoint)
-                    .await
-                    .map_err(|err| ApiError::Unavailable(err.to_string()))?;
+                let removed =
+                    push.unsubscribe(&request.endpoint).await.map_err(|err| ApiError::Unavailable(err.to_string()))?;
                 if removed {
                     record_or_count(&state, &identity, "push.unsubscribe", &origin, "ok").await;
                 }

@@ -113,13 +113,7 @@ impl Note {
     /// A tool call waits for the operator: the most urgent note there is,
     /// since the agent is stopped until someone taps.
     pub fn approval(session: Uuid, tool: &str, command: &str) -> Note {
-        Note::new(
-            NoteKind::Approval,
-            format!("Approval needed: {tool}"),
-            command,
-            Priority::Urgent,
-            Some(session),
-        )
+        Note::new(NoteKind::Approval, format!("Approval needed: {tool}"), command, Priority::Urgent, Some(session))
     }
 
     /// A turn ended: with the agent's result line (`Ok`) or the error that
@@ -233,9 +227,11 @@ impl Stats {
     }
 
     fn count(&self, channel: ChannelName, sent: u64, failed: u64) {
+        // Failures first: whoever sees a note's deliveries counted sees
+        // its failures counted too.
         let counts = self.of(channel);
-        counts.sent.fetch_add(sent, Ordering::Relaxed);
-        counts.failed.fetch_add(failed, Ordering::Relaxed);
+        counts.failed.fetch_add(failed, Ordering::SeqCst);
+        counts.sent.fetch_add(sent, Ordering::SeqCst);
     }
 }
 
@@ -473,14 +469,8 @@ mod tests {
         let (queue, notes) = mpsc::channel(QUEUE);
         let (closing, cut_off) = (CancellationToken::new(), CancellationToken::new());
         let worker = tokio::spawn(work(notes, vec![recorder.clone()], stats.clone(), closing.clone(), cut_off.clone()));
-        let notifier = Notifier {
-            queue,
-            stats: stats.clone(),
-            push: None,
-            closing,
-            cut_off,
-            worker: TaskTracker::new(),
-        };
+        let notifier =
+            Notifier { queue, stats: stats.clone(), push: None, closing, cut_off, worker: TaskTracker::new() };
         let session = Uuid::new_v4();
         // The worker holds one note at the closed gate; QUEUE more fit.
         let started = std::time::Instant::now();

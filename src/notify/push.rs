@@ -424,8 +424,14 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let open = || {
-            Push::open(dir.path(), crate::notify::http_client().unwrap(), "mailto:ops@example.org".into(), None, Arc::default())
-                .unwrap()
+            Push::open(
+                dir.path(),
+                crate::notify::http_client().unwrap(),
+                "mailto:ops@example.org".into(),
+                None,
+                Arc::default(),
+            )
+            .unwrap()
         };
         let push = open();
         assert_eq!(URL_SAFE_NO_PAD.decode(push.public_key()).unwrap().len(), 65);
