@@ -99,10 +99,10 @@ fn tags(note: &Note) -> &'static str {
 /// decodes (<https://docs.ntfy.sh/publish/#message-title>).
 fn header_text(text: &str) -> HeaderValue {
     let clean: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-    if clean.is_ascii() {
-        if let Ok(value) = HeaderValue::from_str(&clean) {
-            return value;
-        }
+    if clean.is_ascii()
+        && let Ok(value) = HeaderValue::from_str(&clean)
+    {
+        return value;
     }
     let encoded = base64::engine::general_purpose::STANDARD.encode(clean.as_bytes());
     HeaderValue::from_str(&format!("=?UTF-8?B?{encoded}?=")).unwrap_or_else(|_| HeaderValue::from_static("breakglass"))
