@@ -410,7 +410,7 @@ async fn a_gone_subscription_is_pruned_and_the_key_survives_a_restart() {
 
 #[tokio::test]
 async fn subscriptions_are_validated_and_removed_on_request() {
-    let server = Server::start();
+    let server = Server::options().env("BREAKGLASS_TRUSTED_PROXIES", "127.0.0.1/32").start();
     let browser = Browser::new();
     let bad = [
         browser.subscription("http://push.example/not-https"),
@@ -434,6 +434,18 @@ async fn subscriptions_are_validated_and_removed_on_request() {
     assert_eq!(answer, json!({"removed": true}));
     let answer: Value = removed("https://push.example/send/1").send().await.unwrap().json().await.unwrap();
     assert_eq!(answer, json!({"removed": false}));
+    assert_eq!(metric(&server, "breakglass_push_subscriptions").await, 0);
+    // A browser's cross-site POST is refused like every other API POST.
+    let cross_site = server
+        .client
+        .post(server.url("/api/push/subscriptions"))
+        .header("X-authentik-username", "alice")
+        .header("Sec-Fetch-Site", "cross-site")
+        .json(&good)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross_site.status(), 403);
     assert_eq!(metric(&server, "breakglass_push_subscriptions").await, 0);
     // Without a token, nothing.
     let response = server.client.get(server.url("/api/push/key")).send().await.unwrap();
