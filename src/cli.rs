@@ -192,6 +192,24 @@ pub struct ServeArgs {
     /// A power verb taking longer than this is killed.
     #[arg(long, env = "BREAKGLASS_PVE_VERB_TIMEOUT_SECONDS", default_value_t = 660)]
     pub pve_verb_timeout_seconds: u64,
+
+    /// Webhook for notifications (ntfy topic URL or any receiver): from the
+    /// environment only, since it may carry a token (README "Notifications").
+    #[arg(long, env = "BREAKGLASS_NOTIFY_URL", hide_env_values = true)]
+    pub notify_url: Option<String>,
+
+    /// Body of the webhook's POST: ntfy (message body, Title/Priority/Tags/Click headers) or json.
+    #[arg(long, env = "BREAKGLASS_NOTIFY_FORMAT", value_enum, default_value = "ntfy")]
+    pub notify_format: crate::notify::webhook::Format,
+
+    /// The console's address as browsers reach it, for links in notifications [default: no link].
+    #[arg(long, env = "BREAKGLASS_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// Contact (mailto: or https:) that Web Push messages carry for the push services
+    /// [default: the public URL when it is https].
+    #[arg(long, env = "BREAKGLASS_PUSH_CONTACT")]
+    pub push_contact: Option<String>,
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -199,6 +217,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     if std::env::args_os().any(|a| a.to_string_lossy().starts_with("--api-bearer-token")) {
         anyhow::bail!(
             "API_BEARER_TOKEN: pass the token in the environment, not as --api-bearer-token (argv is readable by every local user)"
+        );
+    }
+    if std::env::args_os().any(|a| a.to_string_lossy().starts_with("--notify-url")) {
+        anyhow::bail!(
+            "BREAKGLASS_NOTIFY_URL: pass the URL in the environment, not as --notify-url (it may carry a token, and argv is readable by every local user)"
         );
     }
     let args = match cli.command {

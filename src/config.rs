@@ -38,6 +38,7 @@ pub struct Config {
     pub presets: Vec<Preset>,
     /// Which tool calls wait for the operator (README "Approvals").
     pub approvals: ApprovalConfig,
+    pub notify: NotifyConfig,
 }
 
 /// The operator in the loop (README "Approvals").
@@ -48,6 +49,18 @@ pub struct ApprovalConfig {
     /// No decision within this is a deny.
     pub timeout: Duration,
     pub policy: crate::approval::policy::Policy,
+}
+
+/// Where notifications go (README "Notifications").
+#[derive(Debug, Clone)]
+pub struct NotifyConfig {
+    /// `BREAKGLASS_NOTIFY_URL`; may carry a token, so never logged whole.
+    pub webhook: Option<reqwest::Url>,
+    pub format: crate::notify::webhook::Format,
+    /// The console as browsers reach it, without a trailing slash.
+    pub public_url: Option<String>,
+    /// The VAPID `sub` claim.
+    pub push_contact: String,
 }
 
 /// How turns start the agent CLI (README "How a turn runs the agent").
@@ -229,8 +242,10 @@ impl Config {
         if approval_timeout > MAX_APPROVAL_TIMEOUT {
             bail!("BREAKGLASS_APPROVAL_TIMEOUT_SECONDS must be at most {}", MAX_APPROVAL_TIMEOUT.as_secs());
         }
+        let notify = notify_config(args.notify_url, args.notify_format, args.public_url, args.push_contact)?;
         Ok(Config {
             approvals: ApprovalConfig { enabled: args.approvals == "on", timeout: approval_timeout, policy },
+            notify,
             presets,
             listen,
             data_dir: args.data_dir,
@@ -280,6 +295,45 @@ impl Config {
 
 /// The longest an agent's tool call may wait for the operator: a day.
 const MAX_APPROVAL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+fn notify_config(
+    url: Option<String>,
+    format: crate::notify::webhook::Format,
+    public_url: Option<String>,
+    contact: Option<String>,
+) -> anyhow::Result<NotifyConfig> {
+    let webhook = match url.filter(|u| !u.is_empty()) {
+        // The URL itself is never repeated: it may hold a token.
+        Some(url) => match reqwest::Url::parse(&url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Some(url),
+            _ => bail!("BREAKGLASS_NOTIFY_URL: not an http:// or https:// URL"),
+        },
+        None => None,
+    };
+    let public_url = match public_url.filter(|u| !u.is_empty()) {
+        Some(text) => match reqwest::Url::parse(&text) {
+            Ok(url)
+                if matches!(url.scheme(), "http" | "https")
+                    && url.has_host()
+                    && url.query().is_none()
+                    && url.fragment().is_none() =>
+            {
+                Some(url.as_str().trim_end_matches('/').to_owned())
+            }
+            _ => bail!("BREAKGLASS_PUBLIC_URL: {text:?} is not an http(s) URL without query or fragment"),
+        },
+        None => None,
+    };
+    let push_contact = match contact.filter(|c| !c.is_empty()) {
+        Some(c) if (c.starts_with("mailto:") || c.starts_with("https://")) && !c.chars().any(char::is_control) => c,
+        Some(c) => bail!("BREAKGLASS_PUSH_CONTACT: {c:?} must be a mailto: or https:// URI"),
+        None => match &public_url {
+            Some(url) if url.starts_with("https://") => url.clone(),
+            _ => "mailto:breakglass@localhost".to_owned(),
+        },
+    };
+    Ok(NotifyConfig { webhook, format, public_url, push_contact })
+}
 
 /// 244 random bits, hex: a token nobody guesses.
 pub fn random_token() -> String {

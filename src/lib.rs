@@ -16,7 +16,9 @@
 //! process group, [`capture`] reads child output with a cap,
 //! [`power`] is the only place `ssh` is started, [`config`]
 //! validates the command line, [`cli`] dispatches subcommands, [`export`]
-//! renders a transcript for people, [`connections`] accepts and bounds
+//! renders a transcript for people, [`notify`] tells the operator's phone
+//! (webhook, Web Push) without ever holding up a turn, [`files`] writes the
+//! data directory's private files, [`connections`] accepts and bounds
 //! HTTP connections, [`server`] wires everything to a listener and orders
 //! the drain, and [`shutdown`] listens for the signals.
 
@@ -28,10 +30,12 @@ pub mod config;
 pub mod connections;
 pub mod event;
 pub mod export;
+pub mod files;
 pub mod http;
 pub mod hub;
 pub mod log;
 pub mod logging;
+pub mod notify;
 pub mod power;
 pub mod server;
 pub mod session;

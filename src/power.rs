@@ -197,6 +197,7 @@ async fn run_ssh(config: &PowerConfig, verb: Verb) -> Result<VerbOutcome, PowerE
         .arg(format!("{}@{}", config.user, host))
         .arg(verb.as_str())
         .env_remove("API_BEARER_TOKEN")
+        .env_remove("BREAKGLASS_NOTIFY_URL")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -20,6 +20,9 @@ use crate::config::Config;
 use crate::connections::{Limits, Stopping, accept_loop, connection_cap};
 use crate::http::login::Logins;
 use crate::http::{AppState, router};
+use crate::notify::push::Push;
+use crate::notify::webhook::Webhook;
+use crate::notify::{Notifier, Stats};
 use crate::power::Power;
 use crate::session::Sessions;
 use crate::store::Store;
@@ -31,6 +34,8 @@ const CONNECTION_GRACE: Duration = Duration::from_secs(5);
 const VERB_GRACE: Duration = Duration::from_secs(15);
 /// How long a verb cut off at shutdown gets to be recorded and answered.
 const VERB_CUT_OFF: Duration = Duration::from_secs(2);
+/// How long shutdown lets queued notifications go out.
+const NOTIFY_GRACE: Duration = Duration::from_secs(5);
 /// The whole drain, whatever happens.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
@@ -118,8 +123,9 @@ pub async fn run(
     let writer_failed = store.writer_failed();
     let addr = listener.local_addr().context("while reading the bound address")?;
     let audit_failures: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+    let notifier = Arc::new(start_notifier(&config)?);
     let approvals = Arc::new(Approvals::new(config.approvals.clone(), addr, audit_failures.clone()));
-    let sessions = Arc::new(Sessions::new(&config, store, approvals));
+    let sessions = Arc::new(Sessions::new(&config, store, approvals, notifier.clone()));
     let recovered = sessions.recover().await.context("while closing turns interrupted by the last stop")?;
     if recovered > 0 {
         tracing::warn!(recovered, "closed turns that were running when the server last stopped");
@@ -132,6 +138,7 @@ pub async fn run(
         sessions: sessions.clone(),
         streams_end: CancellationToken::new(),
         config: config.clone(),
+        notifier,
     };
     let limits =
         Limits { max: connection_cap(), header_timeout: config.header_timeout, write_timeout: config.write_timeout };
@@ -161,6 +168,22 @@ pub async fn run(
     Ok(())
 }
 
+/// The notification channels (README "Notifications"): the webhook when
+/// `BREAKGLASS_NOTIFY_URL` is set, Web Push always (its key is made on
+/// first run; with no browser subscribed it sends nothing).
+fn start_notifier(config: &Config) -> anyhow::Result<Notifier> {
+    let notify = &config.notify;
+    let stats = Arc::new(Stats::default());
+    let client = crate::notify::http_client()?;
+    let webhook = notify.webhook.clone().map(|url| {
+        tracing::info!(to = %crate::notify::origin(&url), format = ?notify.format, "notifications go to a webhook");
+        Webhook::new(url, notify.format, notify.public_url.clone(), client.clone())
+    });
+    let push =
+        Push::open(&config.data_dir, client, notify.push_contact.clone(), notify.public_url.clone(), stats.clone())?;
+    Ok(Notifier::start(webhook, Some(Arc::new(push)), stats))
+}
+
 /// The order of a drain: no new connections; turns stopped and their ends
 /// logged, verbs in flight finished (or cut off and answered); then attach
 /// streams end after sending what the log holds; then each connection
@@ -177,7 +200,11 @@ async fn drain(state: &AppState, stopping: &Stopping, connections: &TaskTracker)
     state.streams_end.cancel();
     stopping.graceful.cancel();
     connections.close();
-    if tokio::time::timeout(CONNECTION_GRACE, connections.wait()).await.is_err() {
-        tracing::warn!("connections still open {CONNECTION_GRACE:?} after the drain; closing them");
-    }
+    // The notes of the turns and verbs just ended go out while connections close.
+    let connections_closed = async {
+        if tokio::time::timeout(CONNECTION_GRACE, connections.wait()).await.is_err() {
+            tracing::warn!("connections still open {CONNECTION_GRACE:?} after the drain; closing them");
+        }
+    };
+    tokio::join!(connections_closed, state.notifier.drain(NOTIFY_GRACE));
 }

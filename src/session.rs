@@ -23,6 +23,7 @@ use crate::approval::Approvals;
 use crate::config::Config;
 use crate::event::Event;
 use crate::log::{Log, LogError};
+use crate::notify::{Note, Notifier};
 use crate::store::{SessionRow, Store, StoreError};
 use crate::turn::{Ending, Request, Runner, Stops};
 
@@ -106,10 +107,12 @@ pub struct Sessions {
     shutdown: CancellationToken,
     /// False once shutdown has begun.
     accepting: tokio::sync::RwLock<bool>,
+    /// Told when a turn ends (README "Notifications").
+    notifier: Arc<Notifier>,
 }
 
 impl Sessions {
-    pub fn new(config: &Config, store: Arc<Store>, approvals: Arc<Approvals>) -> Self {
+    pub fn new(config: &Config, store: Arc<Store>, approvals: Arc<Approvals>, notifier: Arc<Notifier>) -> Self {
         Sessions {
             live: StdMutex::default(),
             store,
@@ -123,6 +126,7 @@ impl Sessions {
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             accepting: tokio::sync::RwLock::new(true),
+            notifier,
         }
     }
 
@@ -245,18 +249,19 @@ impl Sessions {
         session.running.store(true, Ordering::SeqCst);
         let runner = self.runner.clone();
         let session = session.clone();
+        let notifier = self.notifier.clone();
         self.tracker.spawn(async move {
             // A bug in a turn must not wedge its session: the end is logged
             // and the slot freed whatever happened.
             let outcome = AssertUnwindSafe(runner.run(request, &session.log, &stops)).catch_unwind().await;
-            let ending = match outcome {
+            let (ending, result) = match outcome {
                 Ok(outcome) => {
                     if outcome.agent_session_started {
                         session.agent_session_started.store(true, Ordering::SeqCst);
                     }
-                    outcome.ending
+                    (outcome.ending, outcome.result)
                 }
-                Err(_) => Ending::Internal,
+                Err(_) => (Ending::Internal, None),
             };
             tracing::info!(session = %session.id, ending = ending.label(), "turn ended");
             let mut slot = session.turn.lock().await;
@@ -274,6 +279,8 @@ impl Sessions {
             *slot = None;
             session.running.store(false, Ordering::SeqCst);
             let _ = done_tx.send(Some(matches!(ending, Ending::Cancelled)));
+            // Queued, never awaited: a slow receiver cannot hold up the turn.
+            notifier.send(turn_note(session.id, &ending, result.as_ref()));
         });
         Ok(())
     }
@@ -316,6 +323,27 @@ impl Sessions {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Held>> {
         self.live.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// What the operator is told when a turn ends: the agent's result line, or
+/// why the turn ended without one.
+fn turn_note(session: Uuid, ending: &Ending, result: Option<&crate::event::TurnResult>) -> Note {
+    let error = || {
+        ending
+            .events()
+            .iter()
+            .find_map(|event| match event {
+                Event::Error { error } => Some(error.clone()),
+                Event::Cancelled => Some("cancelled".to_owned()),
+                _ => None,
+            })
+            .unwrap_or_else(|| ending.label().to_owned())
+    };
+    match (ending, result) {
+        (Ending::Completed, Some(result)) if !result.is_error => Note::turn_ended(session, Ok(&result.result)),
+        (Ending::Completed, Some(result)) => Note::turn_ended(session, Err(&result.result)),
+        _ => Note::turn_ended(session, Err(&error())),
     }
 }
 

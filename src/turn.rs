@@ -22,7 +22,7 @@ use crate::agent::translate::{Translated, Translator};
 use crate::agent::user::AgentUser;
 use crate::approval::{Approvals, TurnHook};
 use crate::config::AgentConfig;
-use crate::event::Event;
+use crate::event::{Event, TurnResult};
 use crate::log::{Log, LogError};
 use crate::store::{Fence, Pending};
 
@@ -193,6 +193,8 @@ pub struct Outcome {
     pub ending: Ending,
     /// The agent CLI announced the session (`system/init`), so the next turn resumes it.
     pub agent_session_started: bool,
+    /// The turn's `result` event, if the agent printed one (the last one).
+    pub result: Option<TurnResult>,
 }
 
 impl Runner {
@@ -204,13 +206,14 @@ impl Runner {
     /// Runs one turn to its end. Waits for a server-wide slot first.
     pub async fn run(&self, mut request: Request, log: &Log, stops: &Stops) -> Outcome {
         let mut started = false;
+        let mut result = None;
         let _slot = match self.wait_for_slot(log, stops).await {
             Ok(permit) => permit,
             Err(ending) => {
-                return Outcome { ending, agent_session_started: started };
+                return Outcome { ending, agent_session_started: started, result };
             }
         };
-        let mut ending = self.run_agent(&request, log, stops, &mut started).await;
+        let mut ending = self.run_agent(&request, log, stops, &mut started, &mut result).await;
         // The CLI already has this session (a turn started it but its
         // announcement never reached us): resume it instead, once.
         if let Ending::Failed { stderr, .. } = &ending
@@ -222,9 +225,9 @@ impl Runner {
             tracing::info!(session = %request.session_id, "the agent already knows this session; resuming it");
             request.resume = true;
             started = true;
-            ending = self.run_agent(&request, log, stops, &mut started).await;
+            ending = self.run_agent(&request, log, stops, &mut started, &mut result).await;
         }
-        Outcome { ending, agent_session_started: started }
+        Outcome { ending, agent_session_started: started, result }
     }
 
     async fn wait_for_slot(&self, log: &Log, stops: &Stops) -> Result<SemaphorePermit<'_>, Ending> {
@@ -240,7 +243,14 @@ impl Runner {
         }
     }
 
-    async fn run_agent(&self, request: &Request, log: &Log, stops: &Stops, started: &mut bool) -> Ending {
+    async fn run_agent(
+        &self,
+        request: &Request,
+        log: &Log,
+        stops: &Stops,
+        started: &mut bool,
+        result: &mut Option<TurnResult>,
+    ) -> Ending {
         let workspace = self.workspace(request.session_id);
         let prepared =
             prepare_workspace(&workspace, &self.agent.name, &self.agent.definition, self.agent.user.as_ref()).await;
@@ -279,7 +289,7 @@ impl Runner {
             let _ = agent.reap().await;
             return ending;
         }
-        let mut output = Output::new(log, started, hook.as_ref());
+        let mut output = Output::new(log, started, result, hook.as_ref());
 
         let deadline = tokio::time::sleep(self.agent.turn_timeout);
         tokio::pin!(deadline);
@@ -435,13 +445,20 @@ struct Output<'a> {
     translator: Translator,
     saw_result: bool,
     started: &'a mut bool,
+    /// The last `result` event, for the turn's notification.
+    result: &'a mut Option<TurnResult>,
 }
 
 /// Events of one turn submitted and not yet known to be committed.
 const IN_FLIGHT: usize = 256;
 
 impl<'a> Output<'a> {
-    fn new(log: &'a Log, started: &'a mut bool, hook: Option<&'a TurnHook>) -> Self {
+    fn new(
+        log: &'a Log,
+        started: &'a mut bool,
+        result: &'a mut Option<TurnResult>,
+        hook: Option<&'a TurnHook>,
+    ) -> Self {
         Output {
             log,
             hook,
@@ -450,6 +467,7 @@ impl<'a> Output<'a> {
             translator: Translator::default(),
             saw_result: false,
             started,
+            result,
         }
     }
 
@@ -469,7 +487,12 @@ impl<'a> Output<'a> {
         }
         for translated in self.translator.line(parsed) {
             let event = match translated {
-                Translated::Event(event) => event,
+                Translated::Event(event) => {
+                    if let Event::Result(result) = &event {
+                        *self.result = Some(result.clone());
+                    }
+                    event
+                }
                 Translated::Delta(delta) => {
                     // Events submitted before it reach clients before it.
                     self.flush().await?;

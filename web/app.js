@@ -591,6 +591,67 @@ async function loadSessions() {
   if (!list.childElementCount) list.append(el("li", "note", got.ok ? "no sessions yet" : got.data?.detail ?? "unavailable"));
 }
 
+// ---- Notifications (README "Notifications") ------------------------------
+
+const pushSupported = window.isSecureContext && "serviceWorker" in navigator && "PushManager" in window && "Notification" in window;
+
+function base64urlBytes(text) {
+  const b64 = text.replace(/-/g, "+").replace(/_/g, "/");
+  const raw = atob(b64 + "=".repeat((4 - (b64.length % 4)) % 4));
+  return Uint8Array.from(raw, (c) => c.charCodeAt(0));
+}
+
+/** Shows whether this browser gets the server's push notes. */
+async function showPush() {
+  const button = $("push-toggle");
+  if (!pushSupported) return;
+  const registration = await navigator.serviceWorker.getRegistration().catch(() => null);
+  if (!registration) return;
+  button.hidden = false;
+  const subscription = await registration.pushManager.getSubscription().catch(() => null);
+  const on = Boolean(subscription) && Notification.permission === "granted";
+  button.setAttribute("aria-pressed", String(on));
+  button.textContent = `Notifications on this device: ${on ? "on" : "off"}`;
+}
+
+async function togglePush() {
+  const button = $("push-toggle");
+  button.disabled = true;
+  $("push-note").textContent = "";
+  try {
+    const registration = await navigator.serviceWorker.getRegistration();
+    const existing = await registration.pushManager.getSubscription();
+    if (existing) {
+      await api("DELETE", "/api/push/subscriptions", { endpoint: existing.endpoint });
+      await existing.unsubscribe();
+      return;
+    }
+    if ((await Notification.requestPermission()) !== "granted") {
+      $("push-note").textContent = "notifications are blocked for this site";
+      return;
+    }
+    const key = await api("GET", "/api/push/key");
+    if (!key.ok) {
+      $("push-note").textContent = key.data?.detail ?? "the server has no push key";
+      return;
+    }
+    const subscription = await registration.pushManager.subscribe({
+      userVisibleOnly: true,
+      applicationServerKey: base64urlBytes(key.data.public_key),
+    });
+    const saved = await api("POST", "/api/push/subscriptions", subscription.toJSON());
+    if (!saved.ok) {
+      await subscription.unsubscribe();
+      $("push-note").textContent = saved.data?.detail ?? "the server refused the subscription";
+    }
+  } catch (err) {
+    $("push-note").textContent = `could not change notifications (${err.message ?? err})`;
+  } finally {
+    button.disabled = false;
+    showPush();
+  }
+}
+
 // ---- Start ---------------------------------------------------------------
 
 async function whoami() {
@@ -607,6 +668,16 @@ async function whoami() {
 }
 
 async function start() {
+  // A notification's link names its session (`/?session=<id>`): open it, then
+  // drop it from the address bar so a reload keeps whatever is open then.
+  const linked = new URLSearchParams(location.search).get("session");
+  if (linked !== null) {
+    if (/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(linked)) {
+      state.session = linked.toLowerCase();
+      localStorage.setItem(SESSION_KEY, state.session);
+    }
+    history.replaceState(null, "", "/");
+  }
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
     send($("prompt").value);
@@ -633,7 +704,9 @@ async function start() {
   $("open-sessions").addEventListener("click", () => {
     openSheet("sessions-sheet");
     loadSessions();
+    showPush();
   });
+  $("push-toggle").addEventListener("click", togglePush);
   for (const close of document.querySelectorAll("[data-close]")) {
     close.addEventListener("click", () => closeSheet(close.dataset.close));
   }

@@ -22,9 +22,9 @@
 //! token or a proxy guards the server).
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -34,6 +34,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::{AuthConfig, Config, random_token};
+use crate::files::{match_parent_owner, write_atomically};
 
 /// The console's session cookie.
 pub const COOKIE: &str = "breakglass";
@@ -398,39 +399,6 @@ fn private_dir(path: &Path) -> anyhow::Result<()> {
         Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         Err(err) => Err(err).with_context(|| format!("while creating {}", path.display())),
     }
-}
-
-/// Writes a whole file or nothing: a temporary file beside it, renamed over
-/// it, so a reader never sees half a key or half a link.
-fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let temporary = dir.join(format!(".{name}.{}", random_token()));
-    let written = (|| {
-        let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&temporary)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        match_parent_owner(&temporary)?;
-        fs::rename(&temporary, path)
-    })();
-    if written.is_err() {
-        let _ = fs::remove_file(&temporary);
-    }
-    written
-}
-
-/// Only root can give a file away, and only a command run as root (by
-/// `sudo`, say) leaves files another user's server cannot use.
-fn match_parent_owner(path: &Path) -> io::Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(());
-    }
-    let parent = fs::metadata(path.parent().unwrap_or(Path::new(".")))?;
-    let own = fs::symlink_metadata(path)?;
-    if (own.uid(), own.gid()) != (parent.uid(), parent.gid()) {
-        std::os::unix::fs::chown(path, Some(parent.uid()), Some(parent.gid()))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod error;
 mod extract;
 pub mod login;
 mod power;
+mod push;
 mod sessions;
 
 use std::sync::Arc;
@@ -52,6 +53,8 @@ pub struct AppState {
     pub tasks: TaskTracker,
     /// Login links and the cookies they become.
     pub logins: Arc<login::Logins>,
+    /// Notifications to the operator (README "Notifications"): `send` queues and returns.
+    pub notifier: Arc<crate::notify::Notifier>,
 }
 
 impl AppState {
@@ -84,6 +87,7 @@ pub fn router(state: AppState) -> Router {
         .route("/presets", get(presets))
         .merge(power::router())
         .merge(approvals::router())
+        .merge(push::router())
         .fallback(api_not_found)
         .method_not_allowed_fallback(api_method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), auth::require));
@@ -125,12 +129,53 @@ async fn metrics(State(state): State<AppState>) -> Response {
          breakglass_log_lines_dropped_total {}\n\
          # HELP breakglass_storage_writer_failures_total Times the storage writer died (the server then stops).\n\
          # TYPE breakglass_storage_writer_failures_total counter\n\
-         breakglass_storage_writer_failures_total {}\n",
+         breakglass_storage_writer_failures_total {}\n{}",
         state.audit_failures.load(Ordering::Relaxed),
         crate::logging::dropped_lines(),
         state.sessions.store().writer_failures(),
+        notification_metrics(&state.notifier),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+}
+
+/// The notification counters (README "Notifications").
+fn notification_metrics(notifier: &crate::notify::Notifier) -> String {
+    use crate::notify::ChannelName;
+    let stats = notifier.stats();
+    let mut text = String::new();
+    let counters = [
+        ("sent", "Notifications delivered, by channel (a push note counts once per subscription)."),
+        ("failed", "Notifications that could not be delivered, by channel."),
+    ];
+    for (what, help) in counters {
+        text.push_str(&format!(
+            "# HELP breakglass_notifications_{what}_total {help}\n# TYPE breakglass_notifications_{what}_total counter\n"
+        ));
+        for channel in ChannelName::ALL {
+            let counts = stats.of(channel);
+            let value = if what == "sent" { &counts.sent } else { &counts.failed };
+            text.push_str(&format!(
+                "breakglass_notifications_{what}_total{{channel=\"{}\"}} {}\n",
+                channel.as_str(),
+                value.load(Ordering::Relaxed)
+            ));
+        }
+    }
+    let subscriptions = notifier.push().map_or(0, |push| push.subscription_count());
+    text.push_str(&format!(
+        "# HELP breakglass_notifications_dropped_total Notifications dropped because the queue was full.\n\
+         # TYPE breakglass_notifications_dropped_total counter\n\
+         breakglass_notifications_dropped_total {}\n\
+         # HELP breakglass_push_subscriptions_pruned_total Push subscriptions removed because their push service said they are gone.\n\
+         # TYPE breakglass_push_subscriptions_pruned_total counter\n\
+         breakglass_push_subscriptions_pruned_total {}\n\
+         # HELP breakglass_push_subscriptions Push subscriptions kept now.\n\
+         # TYPE breakglass_push_subscriptions gauge\n\
+         breakglass_push_subscriptions {subscriptions}\n",
+        stats.dropped.load(Ordering::Relaxed),
+        stats.pruned.load(Ordering::Relaxed),
+    ));
+    text
 }
 
 /// Who the server sees, and what the console needs to know of it.

@@ -12,6 +12,7 @@ use super::audit::{record, record_or_count};
 use super::auth::Identity;
 use super::error::ApiError;
 use super::extract::Path;
+use crate::notify::Note;
 use crate::power::{PowerError, Verb, catalogue};
 
 pub fn router() -> Router<AppState> {
@@ -62,6 +63,9 @@ async fn run_audited(state: &AppState, identity: &Identity, verb: Verb) -> Resul
                 _ => format!("not run: {err}"),
             };
             record_or_count(state, identity, &action, &target, &outcome).await;
+            if matches!(err, PowerError::CutOff | PowerError::CannotStart { .. } | PowerError::Lost(_)) {
+                state.notifier.send(Note::power(verb, &target, &outcome));
+            }
             return Err(match err {
                 PowerError::NotConfigured | PowerError::CutOff => ApiError::Unavailable(err.to_string()),
                 PowerError::Busy => ApiError::Conflict(err.to_string()),
@@ -75,6 +79,7 @@ async fn run_audited(state: &AppState, identity: &Identity, verb: Verb) -> Resul
         (None, false) => "ssh killed by a signal".to_owned(),
     };
     record_or_count(state, identity, &action, &target, &result).await;
+    state.notifier.send(Note::power(verb, &target, &result));
     tracing::info!(%verb, exit_code = ?outcome.exit_code, by = %identity.name, "power verb ran");
     let status = if outcome.exit_code == Some(0) { StatusCode::OK } else { StatusCode::BAD_GATEWAY };
     Ok((status, Json(outcome)).into_response())

@@ -20,6 +20,7 @@ mod lifecycle;
 mod limits;
 mod live;
 mod model_api;
+mod notify;
 mod pve;
 mod real_claude;
 mod separation;
