@@ -124,7 +124,7 @@ pub async fn run(
     let addr = listener.local_addr().context("while reading the bound address")?;
     let audit_failures: Arc<std::sync::atomic::AtomicU64> = Arc::default();
     let notifier = Arc::new(start_notifier(&config)?);
-    let approvals = Arc::new(Approvals::new(config.approvals.clone(), addr, audit_failures.clone()));
+    let approvals = Arc::new(Approvals::new(config.approvals.clone(), addr, audit_failures.clone(), notifier.clone()));
     let sessions = Arc::new(Sessions::new(&config, store, approvals, notifier.clone()));
     let recovered = sessions.recover().await.context("while closing turns interrupted by the last stop")?;
     if recovered > 0 {

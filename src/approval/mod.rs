@@ -25,6 +25,7 @@ use uuid::Uuid;
 use crate::config::ApprovalConfig;
 use crate::event::{Decision, Event};
 use crate::log::{Log, LogError};
+use crate::notify::{Note, Notifier};
 use crate::store::{AuditRecord, AuthMethod, Store, StoreError, now_ms};
 use policy::Verdict;
 
@@ -122,6 +123,8 @@ pub struct Approvals {
     audit_failures: Arc<AtomicU64>,
     /// Bumped whenever a turn logs a `tool`.
     printed_changed: tokio::sync::watch::Sender<u64>,
+    /// Tells the operator a call waits (README "Notifications").
+    notifier: Arc<Notifier>,
 }
 
 /// Tool call ids remembered per running turn.
@@ -152,7 +155,12 @@ struct Waiting {
 impl Approvals {
     /// `listen` is the address the server is bound to; the hook reaches it
     /// over loopback when it listens on every address.
-    pub fn new(config: ApprovalConfig, listen: std::net::SocketAddr, audit_failures: Arc<AtomicU64>) -> Self {
+    pub fn new(
+        config: ApprovalConfig,
+        listen: std::net::SocketAddr,
+        audit_failures: Arc<AtomicU64>,
+        notifier: Arc<Notifier>,
+    ) -> Self {
         let ip = match listen.ip() {
             std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
             std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
@@ -165,6 +173,7 @@ impl Approvals {
             table: Mutex::default(),
             audit_failures,
             printed_changed: tokio::sync::watch::Sender::new(0),
+            notifier,
         }
     }
 
@@ -219,6 +228,7 @@ impl Approvals {
             table.waiting.insert(key.clone(), Waiting { call: call.clone(), answer: answer_tx });
         }
         let deadline_ms = now_ms().saturating_add(i64::try_from(self.config.timeout.as_millis()).unwrap_or(i64::MAX));
+        let said = format!("{}: {}", shown(&call), effect.as_deref().unwrap_or(&reason));
         let approval = Event::Approval {
             tool_use_id: call.tool_use_id.clone(),
             tool: call.tool_name.clone(),
@@ -233,6 +243,7 @@ impl Approvals {
             return Answer::deny(format!("denied: the request for approval could not be logged ({err})"));
         }
         tracing::info!(%session, tool = %call.tool_name, tool_use_id = %call.tool_use_id, %reason, "tool call waits for the operator");
+        self.notifier.send(Note::approval(session, &call.tool_name, &said));
         let mut answer_rx = answer_rx;
         tokio::select! {
             answer = &mut answer_rx => return answer.unwrap_or_else(|_| Answer::deny("denied: the turn ended")),
@@ -392,11 +403,7 @@ pub async fn audit(
         DecidedBy::Operator { name, peer, via } => (name.clone(), peer.clone(), *via),
         other => (other.label().to_owned(), "-".to_owned(), AuthMethod::Server),
     };
-    let shown = match call.tool_input.get("command").and_then(Value::as_str) {
-        Some(command) => command.to_owned(),
-        None => call.tool_input.to_string(),
-    };
-    let shown: String = shown.chars().take(AUDIT_INPUT_CHARS).collect();
+    let shown: String = shown(call).chars().take(AUDIT_INPUT_CHARS).collect();
     let record = AuditRecord {
         identity,
         peer,
@@ -481,6 +488,14 @@ impl Drop for TurnHook {
             let mut table = self.approvals.lock();
             table.waiting.retain(|(session, _), _| *session != self.session);
         }
+    }
+}
+
+/// A call in a line: Bash's command, or the tool's input as JSON.
+fn shown(call: &ToolCall) -> String {
+    match call.tool_input.get("command").and_then(Value::as_str) {
+        Some(command) => command.to_owned(),
+        None => call.tool_input.to_string(),
     }
 }
 

@@ -462,3 +462,19 @@ impl Tap for Value {
         self
     }
 }
+
+#[tokio::test]
+async fn a_tool_call_waiting_for_the_operator_is_an_urgent_note_with_its_command_and_effect() {
+    let receiver = Receiver::start(Answer::Status(200)).await;
+    let server = with_webhook(&format!("{}/approvals", receiver.base)).start();
+    let (session, mut stream) = server.attached().await;
+    server.start_turn(&session, "hook Bash ssh pve reset\nresult").await;
+    eventually("the approval's note", || !receiver.seen().is_empty()).await;
+    let note = &receiver.seen()[0];
+    assert_eq!(note.headers["title"], "Approval needed: Bash");
+    assert_eq!(note.headers["priority"], "urgent");
+    assert_eq!(String::from_utf8_lossy(&note.body), "ssh pve reset: hard reset of the VM: unsaved guest state is lost");
+    assert_eq!(note.headers["click"], format!("{PUBLIC_URL}/?session={session}").as_str());
+    server.cancel(&session).await;
+    stream.until_turn_end().await;
+}
