@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::approval::Approvals;
+use crate::approval::{Approvals, DecidedBy};
 use crate::config::Config;
 use crate::event::Event;
 use crate::log::{Log, LogError};
@@ -190,7 +190,7 @@ impl Sessions {
             }
             let log = Log::new(row.id, self.store.clone());
             let closed = async {
-                self.runner.approvals.close_after_restart(row.id, &log).await?;
+                self.runner.approvals.close_undecided(row.id, &log, DecidedBy::Restart).await?;
                 log.append(Event::Error { error: "server stopped during the turn".into() }).await?;
                 log.append(Event::TurnEnd).await
             };
@@ -230,6 +230,7 @@ impl Sessions {
             return Err(StartError::Busy);
         }
         if session.unlogged_end.load(Ordering::SeqCst) {
+            self.runner.approvals.close_undecided(session.id, &session.log, DecidedBy::TurnEnded).await?;
             let error = Event::Error { error: "the end of the previous turn could not be logged".into() };
             session.log.append(error).await?;
             session.log.append(Event::TurnEnd).await?;
@@ -248,6 +249,7 @@ impl Sessions {
         *slot = Some(RunningTurn { cancel: stops.cancel.clone(), done });
         session.running.store(true, Ordering::SeqCst);
         let runner = self.runner.clone();
+        let approvals = self.runner.approvals.clone();
         let session = session.clone();
         let notifier = self.notifier.clone();
         self.tracker.spawn(async move {
@@ -265,6 +267,12 @@ impl Sessions {
             };
             tracing::info!(session = %session.id, ending = ending.label(), "turn ended");
             let mut slot = session.turn.lock().await;
+            // A turn that died of a bug could not close what it asked.
+            if matches!(ending, Ending::Internal)
+                && let Err(err) = approvals.close_undecided(session.id, &session.log, DecidedBy::TurnEnded).await
+            {
+                tracing::error!(session = %session.id, %err, "could not close the approvals of a failed turn");
+            }
             for event in ending.events().into_iter().chain([Event::TurnEnd]) {
                 if let Err(err) = session.log.append(event).await {
                     // Attached clients still learn how the turn ended.

@@ -318,6 +318,7 @@ impl Runner {
 
         let grace = if stopped.is_some() { self.agent.kill_grace } else { Duration::ZERO };
         agent.kill_group(grace).await;
+        let mut drained = Ok(());
         if stopped.is_none() {
             // What the agent wrote before it exited is still in the pipe.
             let drain = tokio::time::sleep(DRAIN);
@@ -329,15 +330,18 @@ impl Runner {
                 };
                 let Ok(Some(line)) = line else { break };
                 if let Err(err) = output.line(line).await {
-                    let _ = agent.reap().await;
-                    return Ending::LogFailed(err);
+                    drained = Err(err);
+                    break;
                 }
             }
         }
         let finished = agent.reap().await;
         tracing::debug!(session = %request.session_id, elapsed_ms = began.elapsed().as_millis() as u64, "agent reaped");
         let saw_result = output.saw_result;
-        let flushed = output.flush().await;
+        let flushed = match drained {
+            Ok(()) => output.flush().await,
+            Err(err) => Err(err),
+        };
         drop(output);
         // The agent is gone: whatever it still waits on is denied, and
         // logged before the turn's end.

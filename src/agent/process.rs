@@ -38,7 +38,7 @@ pub const STDERR_CAP: usize = 64 * 1024;
 pub const DRAIN: Duration = Duration::from_secs(2);
 
 /// What to run.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Spec {
     pub program: PathBuf,
     pub args: Vec<OsString>,
@@ -49,8 +49,24 @@ pub struct Spec {
     pub marker: String,
     /// Run as this user rather than the server's.
     pub user: Option<AgentUser>,
-    /// More of the agent's environment: its turn's hook secret.
+    /// More of the agent's environment: its turn's hook secret (never
+    /// printed: see the `Debug` below).
     pub env: Vec<(String, String)>,
+}
+
+/// The environment's values are left out: they hold the hook's secret.
+impl std::fmt::Debug for Spec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spec")
+            .field("program", &self.program)
+            .field("args", &self.args)
+            .field("cwd", &self.cwd)
+            .field("stdin", &self.stdin.as_ref().map(Vec::len))
+            .field("marker", &self.marker)
+            .field("user", &self.user)
+            .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 /// A running agent process group.

@@ -196,9 +196,10 @@ impl Approvals {
         Some(TurnHook { approvals: self.clone(), session, secret, closed: false })
     }
 
-    /// The session whose running turn holds this hook secret.
-    pub fn turn_of(&self, secret: &str) -> Option<Uuid> {
-        self.lock().turns.get(&digest(secret)).copied()
+    /// The running turn that holds this hook secret, and its session.
+    pub fn turn_of(&self, secret: &str) -> Option<(TurnKey, Uuid)> {
+        let key = TurnKey(digest(secret));
+        self.lock().turns.get(&key.0).map(|session| (key, *session))
     }
 
     /// Tool calls of this session waiting now.
@@ -209,7 +210,7 @@ impl Approvals {
     /// The hook's question: allowed at once, or logged as an `approval` and
     /// answered once decided. Never fails open: anything that goes wrong
     /// is a deny.
-    pub async fn ask(&self, session: Uuid, log: &Log, call: ToolCall) -> Answer {
+    pub async fn ask(&self, turn: TurnKey, session: Uuid, log: &Log, call: ToolCall) -> Answer {
         let (reason, effect) = match self.config.policy.check(&call.tool_name, &call.tool_input) {
             Verdict::Allow { reason } => {
                 tracing::debug!(%session, tool = %call.tool_name, %reason, "tool call allowed by the policy");
@@ -222,6 +223,12 @@ impl Approvals {
         let (answer_tx, answer_rx) = oneshot::channel();
         {
             let mut table = self.lock();
+            // The turn may have ended while this request waited for its
+            // `tool`: its end decided everything waiting then, and nothing
+            // may start waiting after it.
+            if !table.turns.contains_key(&turn.0) {
+                return Answer::deny("denied: the turn ended");
+            }
             if table.waiting.contains_key(&key) {
                 return Answer::deny("this tool call id is already waiting for the operator");
             }
@@ -349,16 +356,21 @@ impl Approvals {
         }
     }
 
-    /// Decides, as `restart`, every call a session's interrupted turn left
-    /// waiting when the server stopped: its agent is gone, and a new turn
-    /// asks again if it still wants to (README "Approvals").
-    pub async fn close_after_restart(&self, session: Uuid, log: &Log) -> Result<usize, LogError> {
+    /// Decides every call the log shows asked but undecided: calls of a
+    /// turn whose end could not decide them (the server died, as `restart`;
+    /// a turn that failed before it could, as `turn-ended`). Their agent is
+    /// gone, and a new turn asks again if it still wants to (README
+    /// "Approvals").
+    pub async fn close_undecided(&self, session: Uuid, log: &Log, by: DecidedBy) -> Result<usize, LogError> {
         let asked = log.store().approvals(session, None).await?;
         let mut closed = 0;
         for asked in asked.into_iter().filter(|a| !a.decided) {
+            if self.lock().waiting.contains_key(&(session, asked.tool_use_id.clone())) {
+                continue; // still waiting on a running turn: not ours to decide
+            }
             let call = ToolCall { tool_name: asked.tool, tool_input: asked.input, tool_use_id: asked.tool_use_id };
-            let answer = Answer::deny("denied: the server restarted");
-            self.log_decision(session, log, &call, &DecidedBy::Restart, &answer, None).await?;
+            let answer = Answer::deny("denied: its turn is over");
+            self.log_decision(session, log, &call, &by, &answer, None).await?;
             closed += 1;
         }
         Ok(closed)
@@ -419,15 +431,25 @@ pub async fn audit(
     }
 }
 
+/// Which running turn a hook request belongs to (the digest of its secret).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TurnKey([u8; 32]);
+
 /// A running turn's hook: its secret (for the agent's environment) and the
 /// CLI's `--settings`. Dropped without [`TurnHook::close`] (a panic), it
 /// still unregisters, and the calls waiting are denied unlogged.
-#[derive(Debug)]
 pub struct TurnHook {
     approvals: Arc<Approvals>,
     session: Uuid,
     secret: String,
     closed: bool,
+}
+
+/// Never prints the secret.
+impl std::fmt::Debug for TurnHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TurnHook").field("session", &self.session).field("closed", &self.closed).finish()
+    }
 }
 
 impl TurnHook {

@@ -36,16 +36,14 @@ pub async fn pre_tool_use(State(state): State<AppState>, headers: HeaderMap, bod
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let Some(session_id) = secret.and_then(|s| state.sessions.approvals().turn_of(s)) else {
-        return (StatusCode::UNAUTHORIZED, Json(json!({"detail": "no running turn holds this hook secret"})))
-            .into_response();
+    let Some((turn, session_id)) = secret.and_then(|s| state.sessions.approvals().turn_of(s)) else {
+        return refused(StatusCode::UNAUTHORIZED, "no running turn holds this hook secret");
     };
     let call: ToolCall = match serde_json::from_slice(&body) {
         Ok(call) => call,
         Err(err) => {
             tracing::warn!(session = %session_id, %err, "the agent's hook sent a tool call that does not parse");
-            return (StatusCode::BAD_REQUEST, Json(json!({"detail": format!("not a PreToolUse hook input: {err}")})))
-                .into_response();
+            return refused(StatusCode::BAD_REQUEST, &format!("not a PreToolUse hook input: {err}"));
         }
     };
     if call.tool_use_id.is_empty() || call.tool_use_id.len() > MAX_TOOL_USE_ID {
@@ -54,15 +52,23 @@ pub async fn pre_tool_use(State(state): State<AppState>, headers: HeaderMap, bod
     }
     let session = match state.sessions.get(session_id).await {
         Ok(Some(session)) => session,
-        Ok(None) => return StatusCode::NOT_FOUND.into_response(),
-        Err(err) => return ApiError::from(err).into_response(),
+        Ok(None) => return refused(StatusCode::NOT_FOUND, "session not found"),
+        Err(err) => return refused(StatusCode::SERVICE_UNAVAILABLE, &format!("storage: {err}")),
     };
     // Detached: the wait and its decision go on if the connection drops,
     // so a timeout is still logged; the turn's end closes what remains.
     let approvals = state.sessions.approvals().clone();
-    let waited = state.tasks.spawn(async move { approvals.ask(session.id, &session.log, call).await }).await;
+    let waited = state.tasks.spawn(async move { approvals.ask(turn, session.id, &session.log, call).await }).await;
     let answer = waited.unwrap_or_else(|err| Answer { allow: false, reason: format!("denied: {err}") });
     Json(answer.to_hook_output()).into_response()
+}
+
+/// A hook request that is not answered: the status says why, and the body
+/// is a deny too, so that no reading of it by the CLI lets the call run.
+fn refused(status: StatusCode, detail: &str) -> Response {
+    let mut body = Answer { allow: false, reason: format!("denied: {detail}") }.to_hook_output();
+    body["detail"] = detail.into();
+    (status, Json(body)).into_response()
 }
 
 #[derive(Debug, Deserialize)]

@@ -229,7 +229,11 @@ async fn the_hook_refuses_a_caller_without_a_running_turns_secret() {
         if let Some(secret) = secret {
             request = request.bearer_auth(secret);
         }
-        assert_eq!(request.send().await.unwrap().status(), 401, "{secret:?}");
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 401, "{secret:?}");
+        // A deny in the body too: no reading of the answer lets a call run.
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["hookSpecificOutput"]["permissionDecision"], "deny", "{body}");
     }
     // The secret lives in the agent's environment; its argv only names it.
     let session = server.open_session().await;
@@ -322,4 +326,28 @@ async fn an_approval_is_logged_after_its_tool_even_when_the_hook_wins_the_race()
     let id = before[2]["tool_use_id"].as_str().unwrap();
     assert_eq!(decide(&server, &session, id, json!({"decision": "deny"})).await.0, 200);
     stream.until_turn_end().await;
+}
+
+/// Stop lands while a hook request waits for its `tool` line (which a
+/// stopped turn never reads): the turn's end decides what waits, and no
+/// call may start waiting after it, so no card outlives its turn.
+#[tokio::test]
+async fn no_call_starts_waiting_after_its_turn_has_ended() {
+    let server = Server::start();
+    let (session, mut stream) = server.attached().await;
+    // The agent ignores SIGTERM, so it lives out the 3 s kill grace and asks
+    // its hook 1.5 s in; the ask then waits up to 2 s for a `tool` line that
+    // never comes, which is after the turn has ended.
+    server.start_turn(&session, "ignore-term\nsay asking\nsleep 1.5\nhook-silent Bash ssh pve reset\nresult").await;
+    until_kind(&mut stream, "text").await;
+    assert_eq!(server.cancel(&session).await, json!({"cancelled": true}));
+    let ended = stream.until_turn_end().await;
+    assert!(!kinds(&ended).contains(&"approval"), "{ended:#?}");
+    // Past the longest the ask could still wait: nothing more was logged.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mut replay = server.attach(&session, None).await;
+    let all = replay.until_caught_up().await;
+    assert_eq!(kinds(&all).last(), Some(&"turn_end"), "{all:#?}");
+    assert!(!kinds(&all).contains(&"approval"), "{all:#?}");
+    assert_eq!(session_json(&server, &session).await["pending_approvals"], 0);
 }
