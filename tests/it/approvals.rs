@@ -5,32 +5,7 @@
 
 use serde_json::{Value, json};
 
-use crate::harness::{Attached, Frame, Server, kinds};
-
-/// Reads events until one of `kind` arrives; returns them all.
-async fn until_kind(stream: &mut Attached, kind: &str) -> Vec<Value> {
-    let mut events = Vec::new();
-    loop {
-        if let Frame::Event { data, .. } = stream.next().await.expect("stream ended") {
-            let done = data["kind"] == kind;
-            events.push(data);
-            if done {
-                return events;
-            }
-        }
-    }
-}
-
-async fn decide(server: &Server, session: &str, tool_use_id: &str, body: Value) -> (u16, Value) {
-    let response = server
-        .post(&format!("/api/session/{session}/approvals/{tool_use_id}"))
-        .json(&body)
-        .send()
-        .await
-        .expect("POST decision");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
+use crate::harness::{Server, kinds};
 
 async fn session_json(server: &Server, session: &str) -> Value {
     server.get(&format!("/api/session/{session}")).send().await.unwrap().json().await.unwrap()
@@ -50,7 +25,7 @@ async fn a_power_verb_waits_for_the_operator_and_runs_once_allowed() {
     let server = Server::start();
     let (session, mut stream) = server.attached().await;
     server.start_turn(&session, "hook Bash ssh pve reset\nresult").await;
-    let before = until_kind(&mut stream, "approval").await;
+    let before = stream.until_kind("approval").await;
     assert_eq!(kinds(&before), ["user", "tool", "approval"]);
     let approval = before.last().unwrap();
     let tool_use_id = approval["tool_use_id"].as_str().unwrap().to_owned();
@@ -65,7 +40,7 @@ async fn a_power_verb_waits_for_the_operator_and_runs_once_allowed() {
     assert_eq!(session_json(&server, &session).await["pending_approvals"], 1);
     assert!(server.agent_runs()[0]["env_breakglass"].as_array().unwrap().contains(&json!("BREAKGLASS_HOOK_TOKEN")));
 
-    let (status, body) = decide(&server, &session, &tool_use_id, json!({"decision": "allow"})).await;
+    let (status, body) = server.decide(&session, &tool_use_id, json!({"decision": "allow"})).await;
     assert_eq!((status, body), (200, json!({"decision": "allow"})));
     let after = stream.until_turn_end().await;
     assert_eq!(kinds(&after), ["approval_decision", "tool_result", "result", "turn_end"]);
@@ -76,7 +51,7 @@ async fn a_power_verb_waits_for_the_operator_and_runs_once_allowed() {
     assert_eq!(tool_result(&after)["is_error"], false);
     assert_eq!(session_json(&server, &session).await["pending_approvals"], 0);
 
-    let (status, _) = decide(&server, &session, &tool_use_id, json!({"decision": "deny"})).await;
+    let (status, _) = server.decide(&session, &tool_use_id, json!({"decision": "deny"})).await;
     assert_eq!(status, 409, "decided once");
     let records = audit(&server).await;
     assert_eq!(records.len(), 1, "{records:#?}");
@@ -92,11 +67,11 @@ async fn a_denied_call_gives_the_agent_the_operators_message_and_the_turn_goes_o
     let server = Server::start();
     let (session, mut stream) = server.attached().await;
     server.start_turn(&session, "hook Bash ssh devvm systemctl restart nginx\nsay after the refusal\nresult").await;
-    let approval = until_kind(&mut stream, "approval").await.pop().unwrap();
+    let approval = stream.until_kind("approval").await.pop().unwrap();
     let tool_use_id = approval["tool_use_id"].as_str().unwrap();
     assert!(approval.get("effect").is_none(), "the policy does not know what a restart does: {approval}");
     let (status, body) =
-        decide(&server, &session, tool_use_id, json!({"decision": "deny", "message": "not during the backup"})).await;
+        server.decide(&session, tool_use_id, json!({"decision": "deny", "message": "not during the backup"})).await;
     assert_eq!((status, body), (200, json!({"decision": "deny"})));
     let after = stream.until_turn_end().await;
     assert_eq!(kinds(&after), ["approval_decision", "tool_result", "text", "result", "turn_end"]);
@@ -136,22 +111,22 @@ async fn the_decision_endpoint_answers_each_wrong_request_with_its_status() {
     let server = Server::start();
     let (session, mut stream) = server.attached().await;
     server.start_turn(&session, "hook Bash ssh pve stop\nresult").await;
-    let approval = until_kind(&mut stream, "approval").await.pop().unwrap();
+    let approval = stream.until_kind("approval").await.pop().unwrap();
     let id = approval["tool_use_id"].as_str().unwrap();
 
     let unknown_session = uuid_like();
-    assert_eq!(decide(&server, &unknown_session, id, json!({"decision": "allow"})).await.0, 404);
-    assert_eq!(decide(&server, "not-a-session", id, json!({"decision": "allow"})).await.0, 404);
-    assert_eq!(decide(&server, &session, "toolu_unknown", json!({"decision": "allow"})).await.0, 404);
-    let (status, body) = decide(&server, &session, id, json!({"decision": "maybe"})).await;
+    assert_eq!(server.decide(&unknown_session, id, json!({"decision": "allow"})).await.0, 404);
+    assert_eq!(server.decide("not-a-session", id, json!({"decision": "allow"})).await.0, 404);
+    assert_eq!(server.decide(&session, "toolu_unknown", json!({"decision": "allow"})).await.0, 404);
+    let (status, body) = server.decide(&session, id, json!({"decision": "maybe"})).await;
     assert_eq!(status, 422, "{body}");
-    assert_eq!(decide(&server, &session, id, json!({"decision": "allow", "message": "x".repeat(2001)})).await.0, 422);
+    assert_eq!(server.decide(&session, id, json!({"decision": "allow", "message": "x".repeat(2001)})).await.0, 422);
     let not_json = server.post(&format!("/api/session/{session}/approvals/{id}")).body("allow").send().await.unwrap();
     assert_eq!(not_json.status(), 400);
     assert_eq!(session_json(&server, &session).await["pending_approvals"], 1, "none of that decided anything");
 
-    assert_eq!(decide(&server, &session, id, json!({"decision": "deny"})).await.0, 200);
-    assert_eq!(decide(&server, &session, id, json!({"decision": "deny"})).await.0, 409);
+    assert_eq!(server.decide(&session, id, json!({"decision": "deny"})).await.0, 200);
+    assert_eq!(server.decide(&session, id, json!({"decision": "deny"})).await.0, 409);
     stream.until_turn_end().await;
 }
 
@@ -191,13 +166,13 @@ async fn stop_while_a_call_waits_ends_the_turn_at_once_and_closes_the_card() {
     let server = Server::start();
     let (session, mut stream) = server.attached().await;
     server.start_turn(&session, "hook Bash ssh pve reset\nresult").await;
-    let approval = until_kind(&mut stream, "approval").await.pop().unwrap();
+    let approval = stream.until_kind("approval").await.pop().unwrap();
     assert_eq!(server.cancel(&session).await, json!({"cancelled": true}));
     let after = stream.until_turn_end().await;
     assert_eq!(kinds(&after), ["approval_decision", "cancelled", "turn_end"], "{after:#?}");
     assert_eq!((&after[0]["decision"], &after[0]["by"]), (&json!("deny"), &json!("turn-ended")));
     let id = approval["tool_use_id"].as_str().unwrap();
-    assert_eq!(decide(&server, &session, id, json!({"decision": "allow"})).await.0, 409, "too late");
+    assert_eq!(server.decide(&session, id, json!({"decision": "allow"})).await.0, 409, "too late");
 }
 
 #[tokio::test]
@@ -205,7 +180,7 @@ async fn a_call_waiting_when_the_server_dies_is_denied_as_restart_on_the_next_st
     let mut server = Server::start();
     let (session, mut stream) = server.attached().await;
     server.start_turn(&session, "hook Bash ssh pve reset\nresult").await;
-    let approval = until_kind(&mut stream, "approval").await.pop().unwrap();
+    let approval = stream.until_kind("approval").await.pop().unwrap();
     let id = approval["tool_use_id"].as_str().unwrap().to_owned();
     server.kill9();
     server.restart();
@@ -215,7 +190,7 @@ async fn a_call_waiting_when_the_server_dies_is_denied_as_restart_on_the_next_st
     assert_eq!(tail, ["approval", "approval_decision", "error", "turn_end"], "{events:#?}");
     let decision = events.iter().find(|e| e["kind"] == "approval_decision").unwrap();
     assert_eq!((&decision["decision"], &decision["by"]), (&json!("deny"), &json!("restart")));
-    assert_eq!(decide(&server, &session, &id, json!({"decision": "allow"})).await.0, 409);
+    assert_eq!(server.decide(&session, &id, json!({"decision": "allow"})).await.0, 409);
     assert_eq!(audit(&server).await[0]["identity"], "restart");
 }
 
@@ -281,7 +256,7 @@ async fn the_lamp_count_follows_waiting_calls() {
     let server = Server::start();
     let (session, mut stream) = server.attached().await;
     server.start_turn(&session, "hook Bash ssh pve start\nresult").await;
-    until_kind(&mut stream, "approval").await;
+    stream.until_kind("approval").await;
     let listed: Value = server.get("/api/sessions").send().await.unwrap().json().await.unwrap();
     assert_eq!(listed["sessions"][0]["pending_approvals"], 1);
     server.cancel(&session).await;
@@ -294,7 +269,7 @@ async fn a_phone_that_slept_through_the_request_finds_the_card_waiting_and_decid
     let server = Server::start();
     let (session, mut stream) = server.attached().await;
     server.start_turn(&session, "hook Bash ssh pve reset\nresult").await;
-    until_kind(&mut stream, "user").await;
+    stream.until_kind("user").await;
     drop(stream); // the phone sleeps before the call is even asked
     // Wakes up now and then, and attaches again from what it last saw.
     let deadline = std::time::Instant::now() + crate::harness::DEADLINE;
@@ -309,7 +284,7 @@ async fn a_phone_that_slept_through_the_request_finds_the_card_waiting_and_decid
     assert_eq!(kinds(&replayed), ["tool", "approval"], "the backlog after the prompt");
     assert_eq!(session_json(&server, &session).await["pending_approvals"], 1);
     let id = replayed[1]["tool_use_id"].as_str().unwrap();
-    assert_eq!(decide(&server, &session, id, json!({"decision": "allow"})).await.0, 200);
+    assert_eq!(server.decide(&session, id, json!({"decision": "allow"})).await.0, 200);
     let after = stream.until_turn_end().await;
     assert_eq!(tool_result(&after)["content"], "ran: ssh pve reset");
 }
@@ -321,10 +296,10 @@ async fn an_approval_is_logged_after_its_tool_even_when_the_hook_wins_the_race()
     let server = Server::start();
     let (session, mut stream) = server.attached().await;
     server.start_turn(&session, "hook-late Bash ssh pve reset\nresult").await;
-    let before = until_kind(&mut stream, "approval").await;
+    let before = stream.until_kind("approval").await;
     assert_eq!(kinds(&before), ["user", "tool", "approval"]);
     let id = before[2]["tool_use_id"].as_str().unwrap();
-    assert_eq!(decide(&server, &session, id, json!({"decision": "deny"})).await.0, 200);
+    assert_eq!(server.decide(&session, id, json!({"decision": "deny"})).await.0, 200);
     stream.until_turn_end().await;
 }
 
@@ -339,7 +314,7 @@ async fn no_call_starts_waiting_after_its_turn_has_ended() {
     // its hook 1.5 s in; the ask then waits up to 2 s for a `tool` line that
     // never comes, which is after the turn has ended.
     server.start_turn(&session, "ignore-term\nsay asking\nsleep 1.5\nhook-silent Bash ssh pve reset\nresult").await;
-    until_kind(&mut stream, "text").await;
+    stream.until_kind("text").await;
     assert_eq!(server.cancel(&session).await, json!({"cancelled": true}));
     let ended = stream.until_turn_end().await;
     assert!(!kinds(&ended).contains(&"approval"), "{ended:#?}");

@@ -481,20 +481,6 @@ async fn the_models_words_arrive_as_deltas_before_the_logged_text() {
     }
 }
 
-/// Reads the attach stream until an event of `kind`; returns them all.
-async fn until_kind(stream: &mut crate::harness::Attached, kind: &str) -> Vec<Value> {
-    let mut events = Vec::new();
-    loop {
-        if let Frame::Event { data, .. } = stream.next().await.expect("stream ended") {
-            let done = data["kind"] == kind;
-            events.push(data);
-            if done {
-                return events;
-            }
-        }
-    }
-}
-
 /// The operator in the loop with the real CLI (README "Approvals"): a
 /// read-only diagnosis runs unasked; `ssh pve reset` waits until the
 /// operator allows it through the API, then the CLI's own Bash tool runs
@@ -512,7 +498,7 @@ async fn the_operators_allow_lets_the_real_cli_reset_the_vm_and_a_diagnosis_runs
     let server = breakglass(&api, Some(&devvm));
     let (session, mut stream) = server.attached().await;
     server.start_turn(&session, "devvm hangs; fix it").await;
-    let before = until_kind(&mut stream, "approval").await;
+    let before = stream.until_kind("approval").await;
     let diagnosis = before.iter().find(|e| e["kind"] == "tool_result").expect("the diagnosis ran first");
     assert!(text_of(diagnosis, "content").contains("load average:"), "{diagnosis}");
     assert_eq!(before.iter().filter(|e| e["kind"] == "approval").count(), 1, "only the reset asks: {before:#?}");
@@ -523,13 +509,7 @@ async fn the_operators_allow_lets_the_real_cli_reset_the_vm_and_a_diagnosis_runs
     assert!(!pve.calls().iter().any(|c| c.contains("reset")), "nothing ran before the decision: {:?}", pve.calls());
 
     let id = text_of(approval, "tool_use_id");
-    let decided = server
-        .post(&format!("/api/session/{session}/approvals/{id}"))
-        .json(&serde_json::json!({"decision": "allow"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(decided.status(), 200);
+    assert_eq!(server.decide(&session, &id, serde_json::json!({"decision": "allow"})).await.0, 200);
     let after = stream.until_turn_end().await;
     assert_eq!(kinds(&after), ["approval_decision", "tool_result", "text", "result", "turn_end"], "{after:#?}");
     assert_eq!(after[1]["tool_use_id"], id.as_str());
@@ -553,15 +533,10 @@ async fn the_operators_deny_reaches_the_model_with_its_message_and_the_turn_goes
     let server = breakglass(&api, Some(&devvm));
     let (session, mut stream) = server.attached().await;
     server.start_turn(&session, "devvm hangs; fix it").await;
-    let approval = until_kind(&mut stream, "approval").await.pop().unwrap();
+    let approval = stream.until_kind("approval").await.pop().unwrap();
     let id = text_of(&approval, "tool_use_id");
-    let decided = server
-        .post(&format!("/api/session/{session}/approvals/{id}"))
-        .json(&serde_json::json!({"decision": "deny", "message": "wait for the backup"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(decided.status(), 200);
+    let denied = serde_json::json!({"decision": "deny", "message": "wait for the backup"});
+    assert_eq!(server.decide(&session, &id, denied).await.0, 200);
     let after = stream.until_turn_end().await;
     assert_eq!(kinds(&after), ["approval_decision", "tool_result", "text", "result", "turn_end"], "{after:#?}");
     assert_eq!(after[1]["is_error"], true, "{:#?}", after[1]);

@@ -355,6 +355,18 @@ impl Server {
         (session, stream)
     }
 
+    /// `POST /api/session/{id}/approvals/{tool_use_id}` (README "Approvals"): status and body.
+    pub async fn decide(&self, session: &str, tool_use_id: &str, body: Value) -> (u16, Value) {
+        let response = self
+            .post(&format!("/api/session/{session}/approvals/{tool_use_id}"))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST decision");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     /// `POST /api/session/{id}/cancel`, and its answer.
     pub async fn cancel(&self, session: &str) -> Value {
         let response = self.post(&format!("/api/session/{session}/cancel")).send().await.expect("POST cancel");
@@ -521,6 +533,20 @@ impl Attached {
                 Frame::Event { data, .. } => events.push(data),
                 Frame::CaughtUp => return events,
                 Frame::Notice(_) | Frame::Delta(_) | Frame::Keepalive => {}
+            }
+        }
+    }
+
+    /// Events up to and including the next one of `kind`.
+    pub async fn until_kind(&mut self, kind: &str) -> Vec<Value> {
+        let mut events = Vec::new();
+        loop {
+            if let Frame::Event { data, .. } = self.next().await.expect("stream ended") {
+                let done = data["kind"] == kind;
+                events.push(data);
+                if done {
+                    return events;
+                }
             }
         }
     }
