@@ -3,7 +3,7 @@
 // itself lives in transcript.js, the approval card's words in approval.js
 // (both pure, unit-tested).
 import { emptyTranscript, apply, applyDelta, lastId, turnRunning, pendingApprovals, preview, toolSummary, resultFacts } from "./transcript.js";
-import { cardView, serverOffsetMs } from "./approval.js";
+import { cardView, extentText, revealHidden, serverOffsetMs } from "./approval.js";
 
 const $ = (id) => document.getElementById(id);
 const SESSION_KEY = "breakglass.session";
@@ -21,9 +21,10 @@ const state = {
   // How far the server's clock is ahead of this device's: the auto-deny
   // countdown runs on the server's clock (its deadline_ms).
   clockOffsetMs: 0,
-  // This page's own attempt to decide each approval, by tool_use_id.
+  // This page's own attempt to decide each approval, by its message: a
+  // tool_use_id asked again is a card of its own (README "Approvals").
   cardUi: new Map(),
-  // Approvals already scrolled to and announced, by tool_use_id.
+  // Approvals already scrolled to and announced, by session and event id.
   announced: new Set(),
 };
 
@@ -289,7 +290,9 @@ function draw(m) {
     case "tool": {
       const details = el("details");
       const summary = el("summary");
-      summary.append(el("span", "", `${m.name}:`), el("code", "", toolSummary(m)));
+      const code = el("code");
+      code.append(...revealed(toolSummary(m)));
+      summary.append(el("span", "", `${m.name}:`), code);
       details.append(summary);
       if (m.result) details.append(output(m.result.content, m.result.isError));
       else details.append(el("p", "meta", waitingIds.has(m.toolUseId) ? "waiting for your decision…" : "running…"));
@@ -334,6 +337,13 @@ function output(text, isError) {
   return wrap;
 }
 
+/** Nodes for text cut by revealHidden (approval.js): each invisible character a highlighted escape. */
+function partNodes(parts) {
+  return parts.map((part) => (part.hidden ? el("mark", "hidden-char", part.text) : document.createTextNode(part.text)));
+}
+
+const revealed = (text) => partNodes(revealHidden(text).parts);
+
 // ---- Approval cards --------------------------------------------------------
 //
 // A risky tool call waits for the operator (README "The web console"). The
@@ -348,8 +358,12 @@ function drawCard(item, m) {
   item.setAttribute("aria-labelledby", `card-${n}-title`);
   const title = el("h2", "card-title"); // painted
   title.id = `card-${n}-title`;
+  // Both painted: said before the command, so it is read before it.
+  const warning = el("p", "command-warning");
+  const extent = el("p", "command-extent");
   const command = el("pre", "command");
   command.tabIndex = 0; // a long input scrolls: the keyboard must reach it
+  command.setAttribute("aria-label", "The command");
   command.append(el("code", "", "")); // painted
   const explain = el("p", "explain");
   // Ticks every second: not read out each time (the card itself is announced).
@@ -377,11 +391,11 @@ function drawCard(item, m) {
     row.append(button);
   }
   decide.append(label, message, row);
-  item.append(title, command, explain, clock, decide, status);
+  item.append(title, warning, extent, command, explain, clock, decide, status);
 }
 
 function paintCard(item, m) {
-  const view = cardView(m, state.cardUi.get(m.toolUseId) ?? {}, serverNow());
+  const view = cardView(m, state.cardUi.get(m) ?? {}, serverNow());
   item.dataset.phase = view.phase;
   item.classList.toggle("waiting", view.phase !== "resolved");
   if (view.outcome) item.dataset.outcome = view.outcome;
@@ -389,7 +403,16 @@ function paintCard(item, m) {
   const heading = item.querySelector(".card-title");
   if (heading.textContent !== title) heading.textContent = title;
   const code = item.querySelector(".command code");
-  if (code.textContent !== view.command) code.textContent = view.command;
+  if (code.textContent !== view.command) code.replaceChildren(...partNodes(view.commandParts));
+  const warning = item.querySelector(".command-warning");
+  if (warning.textContent !== view.warning) warning.textContent = view.warning;
+  warning.hidden = !view.warning;
+  // Whether the box is shorter than the command is known only once drawn.
+  const box = item.querySelector(".command");
+  const size = extentText(view.lines, box.scrollHeight > box.clientHeight + 1);
+  const extent = item.querySelector(".command-extent");
+  if (extent.textContent !== size) extent.textContent = size;
+  extent.hidden = !size;
   const explain = item.querySelector(".explain");
   const said = view.explain ? `${view.explainIsEffect ? "Effect" : "Why it asks"}: ${view.explain}` : "";
   if (explain.textContent !== said) explain.textContent = said;
@@ -412,21 +435,29 @@ function paintCard(item, m) {
   } else if (decide) {
     for (const control of decide.querySelectorAll("button, input")) control.disabled = view.buttons !== "enabled";
   }
-  if (view.phase === "pending" && state.caughtUp && !state.announced.has(m.toolUseId)) {
+  const heard = `${state.session} ${m.id}`;
+  if (view.phase === "pending" && state.caughtUp && !state.announced.has(heard)) {
     // It has just arrived (or the page has just opened on it): bring it to
     // the operator's eyes and ears.
-    state.announced.add(m.toolUseId);
+    state.announced.add(heard);
     item.scrollIntoView({ block: "nearest" });
-    $("alert").textContent = [`The agent waits for your decision: ${view.command}.`, view.countdown && `${view.countdown}.`].filter(Boolean).join(" ");
+    $("alert").textContent = [
+      view.warning,
+      `The agent waits for your decision: ${view.command}.`,
+      view.lines > 1 && `${view.lines} lines.`,
+      view.countdown && `${view.countdown}.`,
+    ]
+      .filter(Boolean)
+      .join(" ");
   }
 }
 
 async function decideCard(m, decision, item) {
-  const ui = state.cardUi.get(m.toolUseId) ?? {};
+  const ui = state.cardUi.get(m) ?? {};
   if (m.decision || ui.sending || ui.sent || ui.already) return; // a double tap sends once
   const text = decision === "deny" ? (item.querySelector(".deny-message")?.value.trim() ?? "") : "";
   const session = state.session;
-  state.cardUi.set(m.toolUseId, { sending: decision });
+  state.cardUi.set(m, { sending: decision });
   paintCard(item, m);
   const body = text ? { decision, message: text } : { decision };
   const got = await api("POST", `/api/session/${session}/approvals/${encodeURIComponent(m.toolUseId)}`, body);
@@ -435,7 +466,7 @@ async function decideCard(m, decision, item) {
   else if (got.status === 409) next = { already: true };
   else next = { error: got.data?.detail ?? `the server answered ${got.status}` };
   if (session !== state.session) return; // the operator moved on meanwhile
-  state.cardUi.set(m.toolUseId, next);
+  state.cardUi.set(m, next);
   paintCard(item, m);
 }
 

@@ -17,9 +17,13 @@
 // - An `approval_decision` is folded into the `approval` it decides (README,
 //   "The web console": the approval card), even when it arrives first, so a
 //   replayed card shows its decision and one without a decision is pending.
+//   A `tool_use_id` may be asked again once decided (the agent re-asks after
+//   a deny), so a decision goes to the most recent approval of its id logged
+//   before it that no earlier decision took, never merely the first card.
 
 /** A fresh, empty transcript. */
 export function emptyTranscript() {
+  // `decisions`: every approval_decision seen, by tool_use_id (see pairDecisions).
   return { messages: [], seen: new Set(), orphans: new Map(), noticeSeq: 0, maxId: -1, growing: new Map(), finished: new Set(), decisions: new Map() };
 }
 
@@ -52,14 +56,11 @@ export function apply(t, event) {
   }
   if (message.role === "approval_decision") {
     if (!message.toolUseId) return t; // decides nothing that could be shown
-    const approval = t.messages.find((m) => m.role === "approval" && m.toolUseId === message.toolUseId);
-    if (approval) approval.decision = message;
-    else t.decisions.set(message.toolUseId, message);
+    const known = t.decisions.get(message.toolUseId) ?? [];
+    known.push(message);
+    t.decisions.set(message.toolUseId, known);
+    pairDecisions(t, message.toolUseId);
     return t;
-  }
-  if (message.role === "approval" && t.decisions.has(message.toolUseId)) {
-    message.decision = t.decisions.get(message.toolUseId);
-    t.decisions.delete(message.toolUseId);
   }
   if (message.role === "agent" && message.messageId) {
     t.finished.add(message.messageId);
@@ -89,7 +90,30 @@ export function apply(t, event) {
     t.orphans.delete(message.toolUseId);
   }
   insertSorted(t.messages, message);
+  if (message.role === "approval") pairDecisions(t, message.toolUseId);
   return t;
+}
+
+/**
+ * Gives each approval of one tool_use_id its decision, afresh from every
+ * approval and decision of that id seen so far, in log order: a decision
+ * decides the most recent approval before it that is still undecided (the
+ * server logs a call's decision before the same id can wait again, README
+ * "Approvals"). Redone on each arrival, so events in any order end in the
+ * same pairs.
+ */
+function pairDecisions(t, toolUseId) {
+  const approvals = t.messages.filter((m) => m.role === "approval" && m.toolUseId === toolUseId);
+  const decisions = [...(t.decisions.get(toolUseId) ?? [])].sort((a, b) => (after(a.order, b.order) ? 1 : -1));
+  for (const approval of approvals) approval.decision = null;
+  for (const decision of decisions) {
+    let target = null;
+    for (const approval of approvals) {
+      if (!after(decision.order, approval.order)) break;
+      if (approval.decision === null) target = approval;
+    }
+    if (target) target.decision = decision;
+  }
 }
 
 /**

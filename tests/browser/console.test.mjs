@@ -367,6 +367,68 @@ test("a risky tool call waits for a tap on its card: one allowed, one denied wit
   await page.waitForSelector("#lamp[data-state=attached]");
 });
 
+test("a command with invisible characters or many lines says so on its card and shows nothing of it raw", async () => {
+  await page.waitForSelector("#send:not([disabled])");
+  // JSON escapes in the prompt: the fake agent's tool input holds the real
+  // characters (U+202E reverses what follows it, U+200B is not drawn).
+  const steps = Array.from({ length: 30 }, (_, i) => `echo step ${i}`).join("\\n");
+  await sendPrompt(`hook Bash {"command": "${steps}\\necho safe \\u202e/ fr- mr\\u200b", "description": "x"}\nresult`);
+  const card = pendingCard("echo step 0");
+  await card.waitFor({ timeout: DEADLINE });
+  const raw = /[\u202a-\u202e\u2066-\u2069\u200b-\u200f\u2060\ufeff]/;
+  const shown = await card.locator(".command").textContent();
+  assert.ok(!raw.test(shown), `nothing raw on the card: ${JSON.stringify(shown.slice(-40))}`);
+  assert.ok(shown.endsWith("echo safe ⟨U+202E⟩/ fr- mr⟨U+200B⟩"), shown.slice(-40));
+  assert.deepEqual(await card.locator(".command mark.hidden-char").allTextContents(), ["⟨U+202E⟩", "⟨U+200B⟩"]);
+  assert.equal(await card.locator(".command-warning").textContent(), "This command contains invisible characters (2), shown as ⟨U+…⟩.");
+  // The command is taller than its box: the card says so above it, and the box scrolls.
+  assert.equal(await card.locator(".command-extent").textContent(), "31 lines: scroll the command to read all of it");
+  assert.ok(await card.locator(".command").evaluate((e) => e.scrollHeight > e.clientHeight), "the box scrolls");
+  // The call above the card hides nothing either, and the alert warns first.
+  const call = page.locator(".msg.tool", { hasText: "echo step 0" }).last();
+  assert.ok(!raw.test(await call.locator("summary code").textContent()));
+  assert.equal(await call.locator("summary mark.hidden-char").count(), 2);
+  assert.match(await page.textContent("#alert"), /^This command contains invisible characters \(2\), shown as ⟨U\+…⟩\. The agent waits for your decision: echo step 0[^]*31 lines\./);
+  assert.deepEqual(await axeViolations(), [], "a card with invisible characters and a long command");
+  await card.scrollIntoViewIfNeeded();
+  await page.screenshot({ path: path.join(shots, "4b-approval-hidden-characters.png") });
+  await card.locator("button.deny").tap();
+  await page.waitForSelector(".msg.approval[data-phase=resolved] .command-warning:not([hidden])", { timeout: DEADLINE });
+  await page.waitForSelector("#send:not([disabled])", { timeout: DEADLINE });
+});
+
+test("a call asked again under its tool_use_id gets a card of its own, decided on its own", async () => {
+  await page.waitForSelector("#send:not([disabled])");
+  const session = await page.evaluate(() => localStorage.getItem("breakglass.session"));
+  await sendPrompt("hook Bash ssh devvm systemctl restart nginx\nhook-again Bash ssh devvm systemctl restart nginx\nresult");
+  const cards = page.locator(".msg.approval", { has: page.locator(".command", { hasText: "systemctl restart nginx" }) });
+  await pendingCard("systemctl restart nginx").waitFor({ timeout: DEADLINE });
+  await pendingCard("systemctl restart nginx").locator("button.deny").tap();
+  // The second ask waits with its buttons live, whatever this page did with the first.
+  await page.waitForFunction(() => document.querySelectorAll(".msg.approval[data-phase=pending]").length === 1 && document.querySelectorAll(".msg.approval").length >= 2, null, { timeout: DEADLINE });
+  assert.equal(await cards.count(), 2);
+  const again = cards.nth(1);
+  assert.equal(await again.getAttribute("data-phase"), "pending");
+  assert.equal(await again.locator("button.allow").isEnabled(), true);
+  await again.locator("button.allow").tap();
+  await page.waitForFunction(() => document.querySelectorAll(".msg.approval:not([data-phase=resolved])").length === 0, null, { timeout: DEADLINE });
+  const statuses = async () => Promise.all([0, 1].map((i) => cards.nth(i).locator(".card-status").textContent()));
+  const check = (got) => {
+    assert.match(got[0], /^Denied by console at \d\d:\d\d$/, "the first card keeps its deny");
+    assert.match(got[1], /^Allowed by console at \d\d:\d\d$/);
+  };
+  check(await statuses());
+  const log = await logOf(session);
+  const ids = log.filter((e) => e.kind === "approval" && e.input?.command === "ssh devvm systemctl restart nginx").map((e) => e.tool_use_id);
+  assert.equal(ids.length, 2);
+  assert.equal(ids[0], ids[1], "one tool_use_id, asked twice");
+  // A reload replays both pairs the same way.
+  await page.waitForSelector("#send:not([disabled])", { timeout: DEADLINE });
+  await page.reload();
+  await page.waitForFunction(() => document.querySelectorAll(".msg.approval[data-phase=resolved]").length >= 5, null, { timeout: DEADLINE });
+  check(await statuses());
+});
+
 test("a mutating verb needs its confirm and shows its output", async () => {
   await page.click("#open-vm");
   await page.waitForSelector("#vm-sheet:not([hidden])");

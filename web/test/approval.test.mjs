@@ -3,7 +3,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { emptyTranscript, apply, applyAll, pendingApprovals, turnRunning } from "../transcript.js";
-import { cardView, commandText, countdown, decisionText, serverOffsetMs } from "../approval.js";
+import { cardView, commandText, countdown, decisionText, extentText, revealHidden, serverOffsetMs } from "../approval.js";
 
 // Clock times below are read in UTC.
 process.env.TZ = "UTC";
@@ -191,4 +191,87 @@ test("the server's clock corrects a phone's that is off by more than the Date he
   assert.equal(serverOffsetMs(server, at - 5 * MIN), 5 * MIN);
   assert.equal(serverOffsetMs(null, at), 0);
   assert.equal(serverOffsetMs("garbage", at), 0);
+});
+
+test("a second approval of the same tool_use_id gets its own card and its own decision", () => {
+  // The agent re-asks after a deny: the server logs a new approval with the
+  // same id once the first is decided (README "Approvals").
+  const log = [...turn, ask(2), decide(3, "deny", "alice"), ask(4), decide(5, "allow", "bob")];
+  const cards = (t) => t.messages.filter((m) => m.role === "approval");
+  const t = applyAll(emptyTranscript(), log.slice(0, 5));
+  const [first, second] = cards(t);
+  assert.equal(first.decision.by, "alice");
+  assert.equal(second.decision, null, "the re-asked call waits");
+  assert.deepEqual(pendingApprovals(t), [second]);
+  apply(t, log[5]);
+  assert.equal(cardView(first, {}, DEADLINE).text, "Denied by alice at 03:12", "the first card keeps its own decision");
+  assert.equal(cardView(second, {}, DEADLINE).text, "Allowed by bob at 03:12");
+  assert.deepEqual(pendingApprovals(t), []);
+});
+
+test("re-asked approvals pair with their decisions in whatever order the events arrive", () => {
+  const log = [...turn, ask(2), decide(3, "deny", "alice"), ask(4), decide(5, "allow", "bob"), ask(6), decide(7, "deny", "timeout")];
+  const expected = [
+    [2, "deny alice"],
+    [4, "allow bob"],
+    [6, "deny timeout"],
+  ];
+  const orders = [log, [...log].reverse(), [log[0], log[1], log[7], log[5], log[3], log[2], log[6], log[4]]];
+  for (const order of orders) {
+    const t = applyAll(emptyTranscript(), order);
+    const got = t.messages.filter((m) => m.role === "approval").map((m) => [m.id, m.decision && `${m.decision.decision} ${m.decision.by}`]);
+    assert.deepEqual(got, expected, order.map((e) => e.id).join(","));
+  }
+  // Only the last ask still waits when its decision has not arrived.
+  const t = applyAll(emptyTranscript(), log.slice(0, 6).concat(log[6]));
+  assert.deepEqual(pendingApprovals(t).map((m) => m.id), [6]);
+});
+
+const RLO = "\u202E";
+
+test("bidi controls and zero-width characters are shown as escapes, never raw, with a warning", () => {
+  // Reversed by U+202E, "rm -rf /" would read as something harmless.
+  const command = `echo safe ${RLO}/ fr- mr\u200B; ls\uFEFF`;
+  const t = applyAll(emptyTranscript(), [...turn, ask(2, "toolu_1", { input: { command } })]);
+  const view = cardView(approvalOf(t), {}, DEADLINE);
+  assert.equal(view.command, "echo safe ⟨U+202E⟩/ fr- mr⟨U+200B⟩; ls⟨U+FEFF⟩");
+  assert.deepEqual(
+    view.commandParts.filter((p) => p.hidden).map((p) => p.text),
+    ["⟨U+202E⟩", "⟨U+200B⟩", "⟨U+FEFF⟩"],
+  );
+  assert.equal(view.commandParts.map((p) => p.text).join(""), view.command);
+  assert.equal(view.warning, "This command contains invisible characters (3), shown as ⟨U+…⟩.");
+  assert.ok(!/[\u202A-\u202E\u2066-\u2069\u200B-\u200F\u2060\uFEFF]/.test(view.command), "nothing raw is left");
+});
+
+test("every bidi control, zero-width and control character is revealed; tabs, newlines and plain text are not", () => {
+  const hidden = [
+    ..."\u202A\u202B\u202C\u202D\u202E\u2066\u2067\u2068\u2069",
+    ..."\u200B\u200C\u200D\u200E\u200F\u2060\uFEFF",
+    ..."\u0000\u0007\u001B\r\u007F\u0085\u00AD\u061C\u180E\u2028\u2029\u3164\uFE0F",
+    "\u{E0041}", // a tag character: ASCII smuggled out of sight
+  ];
+  for (const ch of hidden) {
+    const got = revealHidden(`a${ch}b`);
+    const hex = ch.codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
+    assert.equal(got.hidden, 1, `U+${hex}`);
+    assert.deepEqual(got.parts, [{ text: "a" }, { text: `⟨U+${hex}⟩`, hidden: true }, { text: "b" }], `U+${hex}`);
+  }
+  const plain = "ssh pve 'qm  reset 101'\n\tdf -h é 日本 — ✓";
+  assert.deepEqual(revealHidden(plain), { parts: [{ text: plain }], hidden: 0 });
+  assert.deepEqual(revealHidden(""), { parts: [], hidden: 0 });
+  assert.equal(cardView({ tool: "Bash", input: { command: "ls" }, toolUseId: "t" }, {}, DEADLINE).warning, "");
+});
+
+test("a multi-line command says how many lines it has, so nothing hides below the fold", () => {
+  const command = "echo checking\n".repeat(40) + "rm -rf /";
+  const t = applyAll(emptyTranscript(), [...turn, ask(2, "toolu_1", { input: { command } })]);
+  const view = cardView(approvalOf(t), {}, DEADLINE);
+  assert.equal(view.lines, 41);
+  assert.equal(extentText(view.lines, false), "41 lines");
+  assert.equal(extentText(view.lines, true), "41 lines: scroll the command to read all of it");
+  assert.equal(extentText(1, true), "Longer than the box: scroll the command to read all of it");
+  assert.equal(extentText(1, false), "", "one line that fits needs no note");
+  assert.equal(cardView({ tool: "Bash", input: { command: "ls -l\n" }, toolUseId: "t" }, {}, DEADLINE).lines, 1, "a final newline ends a line");
+  assert.equal(cardView({ tool: "Bash", input: { command: "ls\n\nrm x" }, toolUseId: "t" }, {}, DEADLINE).lines, 3);
 });
