@@ -49,7 +49,10 @@ export function apply(t, event) {
   const message = toMessage(event, order);
   if (message === null) return t;
   if (message.role === "tool_result") {
-    const tool = t.messages.find((m) => m.role === "tool" && m.toolUseId === message.toolUseId);
+    // A call asked again under its id (after a deny) is a second `tool`:
+    // its result belongs to the latest one still without a result.
+    const calls = t.messages.filter((m) => m.role === "tool" && m.toolUseId === message.toolUseId);
+    const tool = calls.findLast((m) => !m.result) ?? calls.at(-1);
     if (tool) tool.result = message;
     else t.orphans.set(message.toolUseId, message);
     return t;

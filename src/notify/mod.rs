@@ -140,7 +140,13 @@ impl Note {
     }
 
     fn new(kind: NoteKind, title: String, body: &str, priority: Priority, session: Option<Uuid>) -> Note {
-        Note { kind, title: truncate(&title, TITLE_CHARS), body: truncate(body, BODY_CHARS), priority, session }
+        Note {
+            kind,
+            title: truncate(&reveal_hidden(&title), TITLE_CHARS),
+            body: truncate(&reveal_hidden(body), BODY_CHARS),
+            priority,
+            session,
+        }
     }
 
     /// The console's page for this note: the session it is about (the
@@ -171,6 +177,26 @@ impl Note {
 
 /// `text` cut to at most `max` characters, never inside one; a cut text
 /// ends with "…" (counted in `max`).
+/// Characters that cannot be seen (controls other than newline and tab,
+/// bidi overrides and isolates, zero-width ones, tags) written as
+/// `⟨U+202E⟩`, as the console's card shows them: a reversed or hidden part
+/// of a command must not read as harmless on a lock screen either.
+pub fn reveal_hidden(text: &str) -> String {
+    let hidden = |c: char| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c as u32, 0xAD | 0x200B..=0x200F | 0x2028..=0x202E | 0x2060..=0x2069 | 0xFEFF | 0xE0000..=0xE007F)
+    };
+    let mut shown = String::with_capacity(text.len());
+    for c in text.chars() {
+        if hidden(c) {
+            shown.push_str(&format!("⟨U+{:04X}⟩", c as u32));
+        } else {
+            shown.push(c);
+        }
+    }
+    shown
+}
+
 pub fn truncate(text: &str, max: usize) -> String {
     let text = text.trim();
     if text.chars().count() <= max {
@@ -504,5 +530,12 @@ mod tests {
         worker.await.unwrap();
         let seen = recorder.seen.lock().unwrap();
         assert_eq!(*seen, [Note::approval(session, "Bash", "ssh pve reset")]);
+    }
+
+    #[test]
+    fn hidden_characters_are_named_in_notes() {
+        let note = Note::approval(Uuid::nil(), "Bash", "echo safe \u{202E}/ fr- mr\u{200B}");
+        assert_eq!(note.body, "echo safe ⟨U+202E⟩/ fr- mr⟨U+200B⟩");
+        assert_eq!(reveal_hidden("two\nlines\tand tabs"), "two\nlines\tand tabs");
     }
 }

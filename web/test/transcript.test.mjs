@@ -182,3 +182,16 @@ test("malformed deltas are ignored", () => {
   }
   assert.deepEqual(roles(t), ["user"]);
 });
+
+test("a call asked again under its id gets its own result, and the first keeps its own", () => {
+  const t = applyAll(emptyTranscript(), [
+    { id: 1, kind: "tool", name: "Bash", input: { command: "ssh pve reset" }, tool_use_id: "t9" },
+    { id: 2, kind: "tool_result", tool_use_id: "t9", is_error: true, content: "denied" },
+    { id: 3, kind: "tool", name: "Bash", input: { command: "ssh pve reset" }, tool_use_id: "t9" },
+    { id: 4, kind: "tool_result", tool_use_id: "t9", is_error: false, content: "reset done" },
+  ]);
+  const calls = t.messages.filter((m) => m.role === "tool");
+  assert.equal(calls.length, 2);
+  assert.equal(calls[0].result.content, "denied");
+  assert.equal(calls[1].result.content, "reset done");
+});
