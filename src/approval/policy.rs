@@ -5,11 +5,11 @@
 //! policy knows). The rule is "read-only diagnosis runs, everything else
 //! waits": the file tools that only read, `ssh pve status|forensics`, and
 //! `ssh devvm <command>` where the command is a plain read-only diagnosis
-//! from the allow-list below (or from the operator's policy file). Anything
+//! from the allow-list in `read_only` (or from the operator's policy file). Anything
 //! that does not parse, chains or substitutes commands, redirects, passes
 //! ssh options, or is not on a list, waits.
 
-use std::path::{Component, Path};
+mod read_only;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -131,9 +131,9 @@ impl Policy {
         }
         match host {
             "pve" => pve_verdict(&argv),
-            "devvm" => match read_only(&argv) {
-                Some(reason) => Verdict::allow(reason),
-                None => Verdict::ask(format!("`{}` is not a read-only diagnosis on the list", argv.join(" "))),
+            "devvm" => match read_only::read_only(&argv) {
+                Ok(reason) => Verdict::allow(reason),
+                Err(reason) => Verdict::ask(reason),
             },
             other => Verdict::ask(format!("{other} is not one of the agent's hosts (devvm, pve)")),
         }
@@ -193,115 +193,6 @@ fn pve_verdict(argv: &[&str]) -> Verdict {
         ),
         _ => Verdict::ask("not one of the hypervisor's verbs"),
     }
-}
-
-/// Why a command on the target only reads, when it is on the allow-list.
-fn read_only(argv: &[&str]) -> Option<String> {
-    let (program, args) = argv.split_first()?;
-    let flags_only = || args.iter().all(|a| a.starts_with('-'));
-    let reason = |what: &str| Some(format!("{program}: {what}"));
-    match *program {
-        "uptime" | "free" | "hostname" | "uname" | "id" | "whoami" | "date" | "w" | "who" | "nproc" | "lscpu"
-        | "lsmem" | "lsblk" | "vmstat" | "findmnt"
-            if flags_only() =>
-        {
-            reason("reports the system's state")
-        }
-        "mount" if args.is_empty() => reason("lists mounts"),
-        "df" | "ps" => reason("reports the system's state"),
-        // `ss -K` closes the sockets it lists.
-        "ss" if !args
-            .iter()
-            .any(|a| *a == "--kill" || (a.starts_with('-') && !a.starts_with("--") && a.contains('K'))) =>
-        {
-            reason("reports the system's state")
-        }
-        "top" if matches!(args, ["-bn1"] | ["-b", "-n", "1"] | ["-b", "-n1"] | ["-n", "1", "-b"]) => {
-            reason("one batch snapshot")
-        }
-        "systemctl" => systemctl(args).then(|| format!("systemctl {}: only reads", args.join(" "))),
-        "journalctl" => journalctl(args).then(|| "journalctl: reads the journal".to_owned()),
-        "dmesg" => dmesg(args).then(|| "dmesg: reads the kernel log".to_owned()),
-        "ip" => ip(args).then(|| "ip: shows addresses and routes".to_owned()),
-        "cat" | "head" | "tail" | "ls" | "wc" | "stat" => {
-            files(args).then(|| format!("{program}: reads under /proc, /sys or /var/log"))
-        }
-        _ => None,
-    }
-}
-
-fn systemctl(args: &[&str]) -> bool {
-    let mut words = args.iter().filter(|a| !matches!(**a, "--no-pager" | "-l" | "--full" | "--all" | "-a"));
-    match words.next().copied() {
-        Some("--failed") | None => words.all(|w| w.starts_with("--type=") || *w == "--failed"),
-        Some("status" | "list-units" | "list-timers" | "is-active" | "is-failed" | "show" | "cat") => words
-            .all(|w| !w.starts_with('-') || w.starts_with("--type=") || w.starts_with("--state=") || *w == "--failed"),
-        _ => false,
-    }
-}
-
-fn journalctl(args: &[&str]) -> bool {
-    const WRITES: &[&str] = &[
-        "--vacuum",
-        "--rotate",
-        "--flush",
-        "--sync",
-        "--relinquish-var",
-        "--smart-relinquish-var",
-        "--setup-keys",
-        "--update-catalog",
-        "--follow",
-        "-f",
-    ];
-    args.iter().all(|a| !WRITES.iter().any(|w| a.starts_with(w)))
-}
-
-fn dmesg(args: &[&str]) -> bool {
-    const CHANGES: &[&str] =
-        &["-c", "-C", "-D", "-E", "-n", "-w", "-W", "--clear", "--read-clear", "--console", "--follow"];
-    args.iter().all(|a| !CHANGES.iter().any(|c| a == c || (c.starts_with("--") && a.starts_with(c))))
-}
-
-fn ip(args: &[&str]) -> bool {
-    let words: Vec<&str> = args.iter().copied().filter(|a| !a.starts_with('-')).collect();
-    let Some((object, rest)) = words.split_first() else {
-        return false;
-    };
-    matches!(*object, "addr" | "address" | "a" | "route" | "r" | "ro" | "link" | "l" | "neigh" | "n")
-        && rest.iter().all(|w| matches!(*w, "show" | "list" | "ls" | "dev") || !is_ip_command(w))
-        && rest.first().is_none_or(|w| matches!(*w, "show" | "list" | "ls"))
-}
-
-/// `ip` subcommands that change something.
-fn is_ip_command(word: &str) -> bool {
-    matches!(
-        word,
-        "add" | "del" | "delete" | "change" | "replace" | "flush" | "set" | "append" | "prepend" | "save" | "restore"
-    )
-}
-
-/// Paths only under /proc, /sys and /var/log, never climbing out; options
-/// that follow a file for ever are refused.
-fn files(args: &[&str]) -> bool {
-    let mut paths = 0;
-    for arg in args {
-        if arg.starts_with('-') {
-            if matches!(*arg, "-f" | "-F" | "--follow") || arg.starts_with("--follow") {
-                return false;
-            }
-            continue;
-        }
-        if arg.bytes().all(|b| b.is_ascii_digit()) {
-            continue; // `tail -n 50`
-        }
-        let path = Path::new(arg);
-        let inside = ["/proc", "/sys", "/var/log"].iter().any(|root| path.starts_with(root));
-        if !inside || path.components().any(|c| matches!(c, Component::ParentDir)) {
-            return false;
-        }
-        paths += 1;
-    }
-    paths > 0
 }
 
 #[cfg(test)]
@@ -407,6 +298,280 @@ mod tests {
             assert!(!policy.check(tool, &json!({})).is_allowed(), "{tool}");
         }
         assert!(!policy.check("Bash", &json!({ "description": "no command" })).is_allowed());
+    }
+
+    /// The commands among `commands` that the policy would run unasked.
+    fn allowed_among<'a>(commands: &[&'a str]) -> Vec<&'a str> {
+        commands.iter().copied().filter(|c| bash(c).is_allowed()).collect()
+    }
+
+    /// The commands among `commands` that would wait, with the reasons.
+    fn waiting_among(commands: &[&str]) -> Vec<String> {
+        commands
+            .iter()
+            .filter_map(|c| match bash(c) {
+                Verdict::Allow { .. } => None,
+                Verdict::Ask { reason, .. } => Some(format!("{c}: {reason}")),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn common_read_only_forms_run() {
+        let commands = [
+            "ssh devvm journalctl -xe",
+            "ssh devvm journalctl -b -1 -p err --no-pager",
+            "ssh devvm journalctl -k -n 50",
+            "ssh devvm journalctl -u nginx --since today -o export",
+            "ssh devvm journalctl -n200 -o short-precise _PID=1",
+            "ssh devvm journalctl --output-fields=MESSAGE -o json -n 5",
+            "ssh devvm dmesg -T --level=err,warn",
+            "ssh devvm dmesg -T -l err",
+            "ssh devvm df -i",
+            "ssh devvm df -hT /var",
+            "ssh devvm free -h",
+            "ssh devvm free -m",
+            "ssh devvm uptime -p",
+            "ssh devvm uname -a",
+            "ssh devvm hostname",
+            "ssh devvm hostname -I",
+            "ssh devvm date",
+            "ssh devvm date -u",
+            "ssh devvm date -Iseconds",
+            "ssh devvm date +%s",
+            "ssh devvm lsblk -f",
+            "ssh devvm vmstat",
+            "ssh devvm vmstat 1 5",
+            "ssh devvm vmstat -w 2 3",
+            "ssh devvm findmnt",
+            "ssh devvm findmnt -T /var",
+            "ssh devvm who",
+            "ssh devvm who -b",
+            "ssh devvm w",
+            "ssh devvm ss -s",
+            "ssh devvm ss -tunap",
+            "ssh devvm ss -tn state established",
+            "ssh devvm ip -4 addr show dev eth0",
+            "ssh devvm ip -s link",
+            "ssh devvm ip -j -p route show table main",
+            "ssh devvm ip neigh",
+            "ssh devvm ps -Ao pid,ppid,cmd,%mem --sort=-%mem",
+            "ssh devvm ps -A -o pid,user,etime,args -p 1,2",
+            "ssh devvm ps -ef --forest",
+            "ssh devvm ps auxf",
+            "ssh devvm top -b -n 1",
+            "ssh devvm top -n 1 -b",
+            "ssh devvm stat /var/log/syslog",
+            "ssh devvm wc -l /var/log/syslog",
+            "ssh devvm head -c 4096 /var/log/syslog",
+            "ssh devvm tail -200 /var/log/syslog",
+            "ssh devvm tail -n +1 /var/log/dpkg.log",
+            "ssh devvm cat /proc/1/status",
+            "ssh devvm cat /proc/self/mountinfo",
+            "ssh devvm cat /proc/1/task/1/stack",
+            "ssh devvm cat /proc/pressure/memory",
+            "ssh devvm cat /proc/sys/vm/swappiness",
+            "ssh devvm cat /proc/net/dev",
+            "ssh devvm ls -la /proc/1",
+            "ssh devvm ls /proc",
+            "ssh devvm cat /sys/fs/cgroup/memory.pressure",
+            "ssh devvm systemctl status nginx --no-pager -l",
+            "ssh devvm systemctl is-active nginx",
+            "ssh devvm systemctl show nginx -p ActiveState",
+            "ssh devvm systemctl --no-pager status nginx",
+            "ssh devvm systemctl list-timers --all",
+        ];
+        assert_eq!(waiting_among(&commands), Vec::<String>::new());
+    }
+
+    #[test]
+    fn date_and_hostname_that_would_set_or_read_a_file_wait() {
+        let commands = [
+            "ssh devvm date -s@0",
+            "ssh devvm date -s 2001-01-01",
+            "ssh devvm date --set=2001-01-01",
+            "ssh devvm date --se=2001-01-01",
+            "ssh devvm date 010100002001",
+            "ssh devvm date -f /etc/shadow",
+            "ssh devvm hostname --file=/proc/sys/kernel/random/uuid",
+            "ssh devvm hostname -F /etc/hostname",
+            "ssh devvm hostname newname",
+            "ssh devvm hostname -b newname",
+            "ssh devvm uname --kernel-name=x",
+        ];
+        assert_eq!(allowed_among(&commands), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn ss_options_that_kill_read_files_or_never_end_wait() {
+        let commands = [
+            "ssh devvm ss --ki",
+            "ssh devvm ss --kil",
+            "ssh devvm ss -K",
+            "ssh devvm ss -tnK",
+            "ssh devvm ss -D /etc/nologin",
+            "ssh devvm ss --diag=/x",
+            "ssh devvm ss -F file",
+            "ssh devvm ss --filter=file",
+            "ssh devvm ss -E",
+            "ssh devvm ss --events",
+            "ssh devvm ss -N netns",
+            "ssh devvm ss --net=netns",
+        ];
+        assert_eq!(allowed_among(&commands), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn dmesg_options_that_clear_change_read_files_or_follow_wait() {
+        let commands = [
+            "ssh devvm dmesg -Tc",
+            "ssh devvm dmesg -TC",
+            "ssh devvm dmesg -n1",
+            "ssh devvm dmesg -n 1",
+            "ssh devvm dmesg --cl",
+            "ssh devvm dmesg --rea",
+            "ssh devvm dmesg -F /etc/shadow",
+            "ssh devvm dmesg --file=/etc/shadow",
+            "ssh devvm dmesg -w",
+            "ssh devvm dmesg -Tw",
+            "ssh devvm dmesg -W",
+            "ssh devvm dmesg -S",
+            "ssh devvm dmesg -D",
+            "ssh devvm dmesg -E",
+            "ssh devvm dmesg --console-off",
+        ];
+        assert_eq!(allowed_among(&commands), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn journalctl_abbreviated_writers_followers_and_other_journals_wait() {
+        let commands = [
+            "ssh devvm journalctl --rot",
+            "ssh devvm journalctl --fl",
+            "ssh devvm journalctl --syn",
+            "ssh devvm journalctl --up",
+            "ssh devvm journalctl --se",
+            "ssh devvm journalctl --rel",
+            "ssh devvm journalctl --sm",
+            "ssh devvm journalctl --vacuum-size=1",
+            "ssh devvm journalctl --cursor-file=/etc/nologin",
+            "ssh devvm journalctl -f",
+            "ssh devvm journalctl -ef",
+            "ssh devvm journalctl -u nginx -f",
+            "ssh devvm journalctl --follow",
+            "ssh devvm journalctl --file=/etc/shadow",
+            "ssh devvm journalctl -i /etc/shadow",
+            "ssh devvm journalctl -D /root",
+            "ssh devvm journalctl --directory=/root",
+            "ssh devvm journalctl --root=/mnt",
+            "ssh devvm journalctl -M other",
+            "ssh devvm journalctl -n --flush",
+        ];
+        assert_eq!(allowed_among(&commands), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn reports_that_repeat_for_ever_or_read_files_wait() {
+        let commands = [
+            "ssh devvm free -s1",
+            "ssh devvm free -s 1",
+            "ssh devvm free -c5",
+            "ssh devvm free --seconds=1",
+            "ssh devvm findmnt --poll",
+            "ssh devvm findmnt -p",
+            "ssh devvm findmnt -F /etc/shadow",
+            "ssh devvm vmstat 1",
+            "ssh devvm vmstat 1 100000",
+            "ssh devvm vmstat 3600 2",
+            "ssh devvm top -b",
+            "ssh devvm top -b -n 100000",
+            "ssh devvm top -bn1 -d 100000",
+            "ssh devvm who /etc/shadow",
+            "ssh devvm who /var/log/wtmp",
+            "ssh devvm w /etc/shadow",
+            "ssh devvm uptime /etc/shadow",
+            "ssh devvm ps auxe",
+            "ssh devvm ps e",
+            "ssh devvm ps -auxe",
+            "ssh devvm ps -uxe",
+            "ssh devvm ps -auex",
+            "ssh devvm ps -eo pid,args",
+            "ssh devvm ps -Aoetime",
+            "ssh devvm ps -u xe",
+            "ssh devvm df --sync",
+            "ssh devvm lsblk /etc/shadow",
+            "ssh devvm lscpu --sysroot=/root",
+        ];
+        assert_eq!(allowed_among(&commands), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn ip_batch_force_netns_and_changes_wait() {
+        let commands = [
+            "ssh devvm ip -b - addr",
+            "ssh devvm ip -b addr",
+            "ssh devvm ip -batch x",
+            "ssh devvm ip -force addr",
+            "ssh devvm ip -force -batch /tmp/x",
+            "ssh devvm ip -n ns addr",
+            "ssh devvm ip -netns ns addr",
+            "ssh devvm ip addr add 10.0.0.1/24 dev eth0",
+            "ssh devvm ip link set eth0 down",
+            "ssh devvm ip link set dev eth0 down",
+            "ssh devvm ip route del default",
+            "ssh devvm ip a del 10.0.0.1/24 dev eth0",
+            "ssh devvm ip neigh flush all",
+            "ssh devvm ip netns exec x reboot",
+        ];
+        assert_eq!(allowed_among(&commands), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn files_that_hold_secrets_block_follow_or_read_stdin_wait() {
+        let commands = [
+            "ssh devvm cat /proc/1/root/etc/shadow",
+            "ssh devvm cat /proc/self/root/etc/shadow",
+            "ssh devvm cat /proc/thread-self/root/etc/shadow",
+            "ssh devvm cat /proc/self/environ",
+            "ssh devvm cat /proc/1/environ",
+            "ssh devvm cat /proc/1/mem",
+            "ssh devvm ls /proc/1/cwd",
+            "ssh devvm cat /proc/1/task/1/root/etc/shadow",
+            "ssh devvm cat /proc/1/task/1/environ",
+            "ssh devvm cat /proc/1/fd/3",
+            "ssh devvm cat /proc/1/map_files/x",
+            "ssh devvm cat /proc/kcore",
+            "ssh devvm head -c 4096 /proc/kmsg",
+            "ssh devvm cat /sys/kernel/tracing/trace_pipe",
+            "ssh devvm cat /sys/kernel/debug/tracing/trace_pipe",
+            "ssh devvm wc --files0-from=/etc/shadow",
+            "ssh devvm wc --files0-from=/etc/shadow /var/log/syslog",
+            "ssh devvm tail --fo /var/log/syslog",
+            "ssh devvm tail --pid=1 -f /var/log/syslog",
+            "ssh devvm tail -F /var/log/syslog",
+            "ssh devvm tail -s 1 /var/log/syslog",
+            "ssh devvm tail -100f /var/log/syslog",
+            "ssh devvm tail --retry /var/log/syslog",
+            "ssh devvm cat -",
+            "ssh devvm cat - /var/log/syslog",
+            "ssh devvm cat /var/log/syslog -",
+            "ssh devvm ls -R /proc",
+            "ssh devvm cat /var/log/../../etc/shadow",
+            "ssh devvm cat /var/logs/x",
+            "ssh devvm cat proc/meminfo",
+            "ssh devvm stat --cached=never /etc/shadow",
+        ];
+        assert_eq!(allowed_among(&commands), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn an_option_off_the_list_waits_with_the_option_named() {
+        let Verdict::Ask { reason, .. } = bash("ssh devvm ss --kil") else { panic!("ss --kil must wait") };
+        assert_eq!(reason, "ss: `--kil` is not one of its options that only read");
+        let Verdict::Ask { reason, .. } = bash("ssh devvm dmesg -Tc") else { panic!("dmesg -Tc must wait") };
+        assert_eq!(reason, "dmesg: `-c` (in `-Tc`) is not one of its options that only read");
+        let Verdict::Ask { reason, .. } = bash("ssh devvm cat /proc/1/environ") else { panic!("must wait") };
+        assert_eq!(reason, "cat: /proc/1/environ is not a file that only reports the system's state");
     }
 
     #[test]
