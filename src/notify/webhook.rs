@@ -141,8 +141,15 @@ mod tests {
 
     #[test]
     fn a_title_that_is_not_ascii_is_an_encoded_word_and_control_characters_go() {
+        // A line break in a header value is never sent as one: the note
+        // names the CR, and the header drops what is left of the break.
         let note = Note::approval(Uuid::new_v4(), "Bash\r\nX-Injected: 1", "rm -rf /");
         let (headers, _) = webhook(Format::Ntfy, None).request(&note);
+        let title = headers["Title"].to_str().unwrap();
+        assert!(!title.contains('\r') && !title.contains('\n'), "{title}");
+        let mut plain = Note::approval(Uuid::new_v4(), "Bash", "x");
+        plain.title = "Approval needed: Bash\r\nX-Injected: 1".into();
+        let (headers, _) = webhook(Format::Ntfy, None).request(&plain);
         assert_eq!(headers["Title"], "Approval needed: Bash  X-Injected: 1");
         assert_eq!(headers["Priority"], "urgent");
         let note = Note::approval(Uuid::new_v4(), "Bäsh", "x");
