@@ -69,7 +69,8 @@ pub struct AgentConfig {
     pub program: PathBuf,
     /// Passed to `--agent`; also the file name of the definition, so it is a plain name.
     pub name: String,
-    /// Markdown written to `<workspace>/.claude/agents/<name>.md` when absent.
+    /// The CLI's `--agents` JSON, built from the Markdown definition
+    /// (`BREAKGLASS_AGENT_FILE`) at start-up.
     pub definition: String,
     pub default_model: String,
     pub turn_timeout: Duration,
@@ -201,6 +202,8 @@ impl Config {
                 .with_context(|| format!("BREAKGLASS_AGENT_FILE: cannot read {}", path.display()))?,
             None => DEFAULT_AGENT_DEFINITION.to_owned(),
         };
+        let definition = crate::agent::definition::agents_json(&args.agent, &definition)
+            .map_err(|e| anyhow::anyhow!("BREAKGLASS_AGENT_FILE: {e}"))?;
         let trusted_proxies = args
             .trusted_proxies
             .iter()

@@ -612,3 +612,67 @@ async fn a_hook_that_cannot_reach_the_server_fails_closed() {
     assert!(!pve.calls().iter().any(|c| c.contains("reset")), "blocked: {:?}", pve.calls());
     eprintln!("drill: an unreachable hook: the model was told {:?}", told.1);
 }
+
+/// Regression: once the operator allowed one write, the agent could plant
+/// `.claude/settings.local.json` with `"disableAllHooks": true` in its
+/// workspace, and the CLI read it next to the server's `--settings`: every
+/// later tool call ran unasked. The CLI now reads no settings file the agent
+/// user can write (README "Approvals"), so the next turn's `ssh pve reset`
+/// still waits for the operator, and the agent still runs as its definition
+/// says.
+#[tokio::test]
+#[ignore = "needs the real Claude Code CLI (scripts/test installs it)"]
+async fn settings_the_agent_plants_after_an_allowed_write_do_not_switch_approvals_off() {
+    let _agent_user = AGENT_USER_LOCK.lock().await;
+    let devvm = Devvm::start_with(true);
+    let plant = "mkdir -p .claude && printf '{\"disableAllHooks\": true}' > .claude/settings.local.json \
+                 && mkdir -p ~/.claude && cp .claude/settings.local.json ~/.claude/settings.json";
+    let api = ModelApi::start(vec![Reply::bash("Saving my settings.", plant), Reply::text("Saved.")]);
+    let server = breakglass(&api, Some(&devvm));
+    let (session, mut stream) = server.attached().await;
+    server.start_turn(&session, "remember your settings").await;
+    let approval = until_kind(&mut stream, "approval").await.pop().unwrap();
+    assert_eq!(approval["input"]["command"], plant);
+    let id = text_of(&approval, "tool_use_id");
+    let decided = server
+        .post(&format!("/api/session/{session}/approvals/{id}"))
+        .json(&serde_json::json!({"decision": "allow"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(decided.status(), 200);
+    let first = stream.until_turn_end().await;
+    assert_eq!(first.iter().find(|e| e["kind"] == "tool_result").unwrap()["is_error"], false, "{first:#?}");
+    let workspace = server.data_dir().join("sessions").join(&session);
+    assert!(workspace.join(".claude/settings.local.json").exists(), "the write ran");
+
+    api.then(vec![Reply::bash("Resetting the VM.", "ssh pve reset"), Reply::text("Asked.")]);
+    server.start_turn(&session, "devvm hangs; fix it").await;
+    let mut second = Vec::new();
+    while let Some(frame) = stream.next().await {
+        if let Frame::Event { data, .. } = frame {
+            let kind = text_of(&data, "kind");
+            second.push(data);
+            if kind == "approval" || kind == "turn_end" {
+                break;
+            }
+        }
+    }
+    let asked = second.last().expect("events of the next turn");
+    assert_eq!(asked["kind"], "approval", "the reset ran unasked: {second:#?}");
+    assert_eq!(asked["input"]["command"], "ssh pve reset");
+    let pve = &devvm.pve.as_ref().unwrap().2;
+    assert!(!pve.calls().iter().any(|c| c.contains("reset")), "nothing ran before a decision: {:?}", pve.calls());
+    let id = text_of(asked, "tool_use_id");
+    let decided = server
+        .post(&format!("/api/session/{session}/approvals/{id}"))
+        .json(&serde_json::json!({"decision": "deny"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(decided.status(), 200);
+    stream.until_turn_end().await;
+    assert!(!pve.calls().iter().any(|c| c.contains("reset")), "denied: {:?}", pve.calls());
+    let system = api.main_requests().last().unwrap().body["system"].to_string();
+    assert!(system.contains("You are the breakglass recovery agent"), "the agent's definition is its prompt");
+}

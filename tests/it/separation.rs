@@ -73,8 +73,7 @@ async fn the_agent_runs_as_its_own_user_and_cannot_reach_the_servers_secrets() {
     let w = workspace.display();
     let prompt = format!(
         "whoami\ntry-read {d}/login.key\ntry-read {d}/breakglass.db\ntry-read {d}/breakglass.db-wal\n\
-         try-write {d}/breakglass.db\ntry-write {d}/planted\ntry-read {w}/.claude/agents/breakglass.md\n\
-         try-write {w}/notes.txt\nresult"
+         try-write {d}/breakglass.db\ntry-write {d}/planted\ntry-write {w}/notes.txt\nresult"
     );
     let events = server.run_turn(&session, &prompt).await;
     assert_eq!(kinds(&events).last(), Some(&"turn_end"));
@@ -89,7 +88,6 @@ async fn the_agent_runs_as_its_own_user_and_cannot_reach_the_servers_secrets() {
     ] {
         assert!(said.contains(&denied), "{denied:?} not in {said:#?}");
     }
-    assert!(said.iter().any(|t| t.starts_with(&format!("read {w}/.claude/agents/breakglass.md: ok"))), "{said:#?}");
     assert!(said.contains(&format!("write {w}/notes.txt: ok")), "{said:#?}");
 
     let runs = records(&server);
@@ -165,11 +163,9 @@ async fn links_the_agent_plants_in_its_workspace_never_hand_it_the_servers_files
     let data = server.data_dir();
     let (d, w) = (data.display(), data.join("sessions").join(&session));
     let w = w.display();
-    let plant = format!(
-        "symlink {d}/login.key {w}/.claude/agents/breakglass.md\nsymlink {d} {w}/.claude/agents/planted-dir\nresult"
-    );
+    let plant = format!("symlink {d}/login.key {w}/breakglass.md\nsymlink {d} {w}/planted-dir\nresult");
     let events = server.run_turn(&session, &plant).await;
-    assert!(texts(&events).contains(&format!("symlink {w}/.claude/agents/breakglass.md: ok")), "{events:#?}");
+    assert!(texts(&events).contains(&format!("symlink {w}/breakglass.md: ok")), "{events:#?}");
     let events = server.run_turn(&session, &format!("try-read {d}/login.key\nresult")).await;
     assert!(texts(&events).contains(&format!("read {d}/login.key: denied")), "{events:#?}");
     for secret in ["login.key", "breakglass.db", "."] {
