@@ -262,7 +262,13 @@ impl Config {
                 turn_timeout: positive_seconds("BREAKGLASS_TURN_TIMEOUT_SECONDS", args.turn_timeout_seconds)?,
                 kill_grace: Duration::from_secs(3),
                 user: match args.agent_user.as_deref().filter(|u| !u.is_empty()) {
-                    Some(name) => Some(crate::agent::user::AgentUser::lookup(name)?),
+                    Some(name) => {
+                        let user = crate::agent::user::AgentUser::lookup(name)?;
+                        if args.approvals == "on" {
+                            crate::agent::user::check_config_is_not_its_own(&user)?;
+                        }
+                        Some(user)
+                    }
                     None => None,
                 },
                 partial_messages: args.partial_messages,

@@ -50,7 +50,7 @@ fn target_user() {
 /// drill starts as a fresh installation would. Call with the agent user's
 /// lock held.
 fn fresh_agent_home() {
-    agent_user();
+    let (uid, gid) = agent_user();
     for entry in std::fs::read_dir(AGENT_HOME).unwrap().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with(".claude") || name == ".ssh" {
@@ -59,6 +59,7 @@ fn fresh_agent_home() {
             gone.unwrap_or_else(|e| panic!("remove {}: {e}", path.display()));
         }
     }
+    crate::harness::agent_state_dir(uid, gid);
 }
 
 /// The stand-in target: a real sshd on a loopback port where the target
@@ -162,12 +163,13 @@ impl Devvm {
     }
 
     /// The agent user's `~/.ssh/config` with README's options for `devvm`,
-    /// and its known_hosts with the target's key.
+    /// and its known_hosts with the target's key: root's, readable by the
+    /// agent user and not writable by it, as approvals need (README "The
+    /// SSH key and the agent's two hosts").
     fn write_agent_ssh_config(&self) {
-        let (uid, gid) = agent_user();
         let ssh = Path::new(AGENT_HOME).join(".ssh");
         std::fs::create_dir(&ssh).unwrap();
-        std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
         let host_key = std::fs::read_to_string(self.dir.path().join("keys/host_key.pub")).unwrap();
         let mut host_key = host_key.split_whitespace();
         let (kind, key) = (host_key.next().unwrap(), host_key.next().unwrap());
@@ -190,10 +192,8 @@ impl Devvm {
         }
         for (name, content) in [("config", config), ("known_hosts", known_hosts)] {
             std::fs::write(ssh.join(name), content).unwrap();
-            std::fs::set_permissions(ssh.join(name), std::fs::Permissions::from_mode(0o600)).unwrap();
-            std::os::unix::fs::chown(ssh.join(name), Some(uid), Some(gid)).unwrap();
+            std::fs::set_permissions(ssh.join(name), std::fs::Permissions::from_mode(0o644)).unwrap();
         }
-        std::os::unix::fs::chown(&ssh, Some(uid), Some(gid)).unwrap();
     }
 }
 

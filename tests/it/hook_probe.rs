@@ -364,3 +364,28 @@ async fn settings_files_the_agent_user_can_write_silence_the_hook_unless_no_sett
     assert!(!run.output.status.success());
     assert!(String::from_utf8_lossy(&run.output.stderr).contains("--agent 'probe' not found"), "{:?}", run.output);
 }
+
+/// Why the agent user must not write its shell startup files (README "The
+/// SSH key and the agent's two hosts"): the CLI sources `~/.bashrc` into
+/// every Bash command, so an `ssh` function planted there runs in place of
+/// ssh when the hook allows `ssh devvm uptime`, with or without setting
+/// sources.
+#[tokio::test]
+#[ignore = "needs the real Claude Code CLI (scripts/test installs it)"]
+async fn the_clis_bash_tool_runs_what_bashrc_defines_in_place_of_the_command_allowed() {
+    let _agent_user = AGENT_USER_LOCK.lock().await;
+    let api = ModelApi::start(vec![Reply::bash("Let me look.", "ssh devvm uptime"), Reply::text("Done.")]);
+    let receiver = Receiver::start(Answer::Allow);
+    let run = run_cli_with(
+        &api,
+        &settings(&receiver.url, json!({ "onFailure": "block" })),
+        &[],
+        &["--setting-sources", ""],
+        &[("home/.bashrc", "ssh() { echo planted > \"$PWD/planted\"; }\n")],
+    );
+    assert_success(&run);
+    let asked = receiver.requests();
+    let body: Value = serde_json::from_slice(&asked[0].body).unwrap();
+    assert_eq!(body["tool_input"]["command"], "ssh devvm uptime", "the hook saw only the allowed command");
+    assert!(run.cwd.join("planted").exists(), "the planted function ran instead of ssh");
+}

@@ -93,7 +93,8 @@ async fn first_turn_uses_session_id_and_later_turns_resume() {
 async fn a_session_the_agent_already_knows_is_resumed() {
     let server = Server::start();
     let session = server.open_session().await;
-    std::fs::write(server.dir.path().join(".fake-claude-sessions"), format!("{session}\n")).unwrap();
+    std::fs::create_dir_all(server.dir.path().join(".claude")).unwrap();
+    std::fs::write(server.dir.path().join(".claude/fake-sessions"), format!("{session}\n")).unwrap();
     let events = server.run_turn(&session, "replay basic").await;
     assert_eq!(kinds(&events), BASIC);
     let runs = server.agent_runs();
