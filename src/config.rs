@@ -69,7 +69,8 @@ pub struct AgentConfig {
     pub program: PathBuf,
     /// Passed to `--agent`; also the file name of the definition, so it is a plain name.
     pub name: String,
-    /// Markdown written to `<workspace>/.claude/agents/<name>.md` when absent.
+    /// The CLI's `--agents` JSON, built from the Markdown definition
+    /// (`BREAKGLASS_AGENT_FILE`) at start-up.
     pub definition: String,
     pub default_model: String,
     pub turn_timeout: Duration,
@@ -201,6 +202,8 @@ impl Config {
                 .with_context(|| format!("BREAKGLASS_AGENT_FILE: cannot read {}", path.display()))?,
             None => DEFAULT_AGENT_DEFINITION.to_owned(),
         };
+        let definition = crate::agent::definition::agents_json(&args.agent, &definition)
+            .map_err(|e| anyhow::anyhow!("BREAKGLASS_AGENT_FILE: {e}"))?;
         let trusted_proxies = args
             .trusted_proxies
             .iter()
@@ -259,7 +262,13 @@ impl Config {
                 turn_timeout: positive_seconds("BREAKGLASS_TURN_TIMEOUT_SECONDS", args.turn_timeout_seconds)?,
                 kill_grace: Duration::from_secs(3),
                 user: match args.agent_user.as_deref().filter(|u| !u.is_empty()) {
-                    Some(name) => Some(crate::agent::user::AgentUser::lookup(name)?),
+                    Some(name) => {
+                        let user = crate::agent::user::AgentUser::lookup(name)?;
+                        if args.approvals == "on" {
+                            crate::agent::user::check_config_is_not_its_own(&user)?;
+                        }
+                        Some(user)
+                    }
                     None => None,
                 },
                 partial_messages: args.partial_messages,

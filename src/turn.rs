@@ -252,8 +252,7 @@ impl Runner {
         result: &mut Option<TurnResult>,
     ) -> Ending {
         let workspace = self.workspace(request.session_id);
-        let prepared =
-            prepare_workspace(&workspace, &self.agent.name, &self.agent.definition, self.agent.user.as_ref()).await;
+        let prepared = prepare_workspace(&workspace, self.agent.user.as_ref()).await;
         if let Err(err) = prepared {
             return Ending::CannotStart(format!("workspace {}: {err}", workspace.display()));
         }
@@ -379,6 +378,16 @@ impl Runner {
             &request.model,
             session_flag,
             &request.session_id.to_string(),
+            // The agent comes from the command line, and no settings file is
+            // read (nor any MCP server's): every one of them is a file the
+            // agent user can write, and one `disableAllHooks` there would
+            // switch the approvals off for every later turn (README
+            // "Approvals").
+            "--agents",
+            &self.agent.definition,
+            "--setting-sources",
+            "",
+            "--strict-mcp-config",
         ]
         .into_iter()
         .map(OsString::from)
@@ -532,8 +541,9 @@ impl<'a> Output<'a> {
     }
 }
 
-/// Creates the workspace and writes the agent definition unless one is
-/// there.
+/// Creates the workspace. Nothing is written inside it: the agent's
+/// definition goes on the command line (README "How a turn runs the
+/// agent").
 ///
 /// With an agent user the workspace is handed over once, and root never
 /// touches anything inside it again: the agent owns what is in it and
@@ -541,40 +551,19 @@ impl<'a> Output<'a> {
 /// the workspace is root's and closed (0700), so nothing in it can have
 /// been planted by the agent user; the handover changes owners without
 /// following links.
-async fn prepare_workspace(
-    workspace: &Path,
-    agent: &str,
-    definition: &str,
-    user: Option<&AgentUser>,
-) -> std::io::Result<()> {
-    if let Some(user) = user {
-        match tokio::fs::symlink_metadata(workspace).await {
-            Ok(meta) if !meta.is_dir() => {
-                return Err(std::io::Error::other("the workspace is not a directory"));
-            }
-            Ok(meta) if std::os::unix::fs::MetadataExt::uid(&meta) == user.uid => return Ok(()),
-            Ok(_) => {}
-            // The sessions directory is root's: only root creates here.
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => tokio::fs::create_dir(workspace).await?,
-            Err(err) => return Err(err),
-        }
-        tokio::fs::set_permissions(workspace, std::os::unix::fs::PermissionsExt::from_mode(0o700)).await?;
-    }
-    let agents = workspace.join(".claude").join("agents");
-    tokio::fs::create_dir_all(&agents).await?;
-    let file = agents.join(format!("{agent}.md"));
-    match tokio::fs::OpenOptions::new().write(true).create_new(true).open(&file).await {
-        Ok(mut f) => {
-            use tokio::io::AsyncWriteExt;
-            f.write_all(definition.as_bytes()).await?;
-            f.flush().await?;
-        }
-        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+async fn prepare_workspace(workspace: &Path, user: Option<&AgentUser>) -> std::io::Result<()> {
+    let Some(user) = user else {
+        return tokio::fs::create_dir_all(workspace).await;
+    };
+    match tokio::fs::symlink_metadata(workspace).await {
+        Ok(meta) if !meta.is_dir() => return Err(std::io::Error::other("the workspace is not a directory")),
+        Ok(meta) if std::os::unix::fs::MetadataExt::uid(&meta) == user.uid => return Ok(()),
+        Ok(_) => {}
+        // The sessions directory is root's: only root creates here.
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => tokio::fs::create_dir(workspace).await?,
         Err(err) => return Err(err),
     }
-    if let Some(user) = user {
-        let (workspace, user) = (workspace.to_owned(), user.clone());
-        tokio::task::spawn_blocking(move || user.give_tree(&workspace)).await.map_err(std::io::Error::other)??;
-    }
-    Ok(())
+    tokio::fs::set_permissions(workspace, std::os::unix::fs::PermissionsExt::from_mode(0o700)).await?;
+    let (workspace, user) = (workspace.to_owned(), user.clone());
+    tokio::task::spawn_blocking(move || user.give_tree(&workspace)).await.map_err(std::io::Error::other)?
 }

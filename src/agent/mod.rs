@@ -1,7 +1,8 @@
 //! The agent CLI (Claude Code run headless): what its output means
-//! ([`line`], [`translate`]), how its process is run ([`process`]) and as
-//! whom ([`user`]).
+//! ([`line`], [`translate`]), how its process is run ([`process`]), as
+//! whom ([`user`]) and as which agent ([`definition`]).
 
+pub mod definition;
 pub mod line;
 pub mod process;
 pub mod translate;

@@ -27,7 +27,9 @@ pub struct AgentUser {
 
 impl AgentUser {
     /// Looks the user up and checks it can be used: not root, with a home
-    /// directory it owns, and the server able to switch to it (root).
+    /// where the CLI can keep its state (a home it owns, or a `.claude`
+    /// directory it owns in it), and the server able to switch to it
+    /// (root).
     pub fn lookup(name: &str) -> anyhow::Result<AgentUser> {
         let user = User::from_name(name)
             .with_context(|| format!("BREAKGLASS_AGENT_USER: cannot look up {name:?}"))?
@@ -39,10 +41,13 @@ impl AgentUser {
             bail!("BREAKGLASS_AGENT_USER: switching the agent to {name:?} needs the server to start as root");
         }
         let home = user.dir.clone();
+        let owns_dir =
+            |path: &Path| std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() && m.uid() == user.uid.as_raw());
         match std::fs::metadata(&home) {
-            Ok(meta) if meta.is_dir() && meta.uid() == user.uid.as_raw() => {}
+            Ok(meta) if meta.is_dir() && (owns_dir(&home) || owns_dir(&home.join(".claude"))) => {}
             Ok(_) => bail!(
-                "BREAKGLASS_AGENT_USER: {name:?}'s home {} is not a directory it owns; the CLI keeps its state there",
+                "BREAKGLASS_AGENT_USER: {name:?}'s home {} is not a directory it owns, nor does it hold a .claude \
+                 directory it owns; the CLI keeps its state there",
                 home.display()
             ),
             Err(err) => bail!(
@@ -69,6 +74,75 @@ impl AgentUser {
         }
         Ok(())
     }
+}
+
+/// What ssh and the CLI's Bash tool read from the agent user's home as
+/// configuration: ssh reads `~/.ssh/config` (a `ProxyCommand` or
+/// `LocalCommand` there runs with every `ssh devvm uptime` the policy lets
+/// through), and the CLI sources the shell startup files into every Bash
+/// command (a function named `ssh` there replaces ssh).
+const READ_AS_CONFIGURATION: [&str; 10] = [
+    ".ssh",
+    ".ssh/config",
+    ".bashrc",
+    ".bash_profile",
+    ".bash_login",
+    ".profile",
+    ".zshrc",
+    ".zshenv",
+    ".zprofile",
+    ".zlogin",
+];
+
+/// With approvals on, refuses an agent user that can write what its own
+/// commands read as configuration (README "The SSH key and the agent's
+/// two hosts"): its home, `~/.ssh`, `~/.ssh/config` and its shell startup
+/// files, and every directory above them. Otherwise one allowed write
+/// would let every later command the policy runs unasked do anything.
+/// A file or directory it cannot write but that is missing is fine: it
+/// cannot create it either.
+pub fn check_config_is_not_its_own(user: &AgentUser) -> anyhow::Result<()> {
+    let refuse = |path: &Path| {
+        anyhow::anyhow!(
+            "BREAKGLASS_AGENT_USER: {} can write {}, so one allowed write could plant an ssh config or a shell \
+             startup file that every later unasked `ssh devvm …` obeys; make its home, ~/.ssh and what they hold \
+             root's and not writable by it (README \"The SSH key and the agent's two hosts\"), or set \
+             BREAKGLASS_APPROVALS=off",
+            user.name,
+            path.display()
+        )
+    };
+    let mut targets = vec![user.home.clone()];
+    targets.extend(READ_AS_CONFIGURATION.iter().map(|name| user.home.join(name)));
+    for target in targets {
+        if std::fs::symlink_metadata(&target).is_err() {
+            continue;
+        }
+        // Through any link, to where it leads; and by the path ssh opens.
+        let resolved =
+            std::fs::canonicalize(&target).with_context(|| format!("while checking {}", target.display()))?;
+        for (path, is_target) in [(target.as_path(), true), (resolved.as_path(), true)]
+            .into_iter()
+            .chain(target.ancestors().skip(1).map(|dir| (dir, false)))
+            .chain(resolved.ancestors().skip(1).map(|dir| (dir, false)))
+        {
+            let meta = std::fs::metadata(path).with_context(|| format!("while checking {}", path.display()))?;
+            if writable_by(&meta, user, is_target) {
+                return Err(refuse(path));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `user` (its uid and primary gid: an agent process has no other
+/// group) can change the entry: its owner can always chmod it. In a
+/// directory above the target, a sticky bit keeps others' entries
+/// (`/tmp`), so only a writable directory without it counts there.
+fn writable_by(meta: &std::fs::Metadata, user: &AgentUser, is_target: bool) -> bool {
+    let mode = meta.permissions().mode();
+    let sticky = !is_target && mode & 0o1000 != 0;
+    meta.uid() == user.uid || (!sticky && ((meta.gid() == user.gid && mode & 0o020 != 0) || mode & 0o002 != 0))
 }
 
 /// Files the server creates are its own alone, whatever the umask it was

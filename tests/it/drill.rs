@@ -50,7 +50,7 @@ fn target_user() {
 /// drill starts as a fresh installation would. Call with the agent user's
 /// lock held.
 fn fresh_agent_home() {
-    agent_user();
+    let (uid, gid) = agent_user();
     for entry in std::fs::read_dir(AGENT_HOME).unwrap().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with(".claude") || name == ".ssh" {
@@ -59,6 +59,7 @@ fn fresh_agent_home() {
             gone.unwrap_or_else(|e| panic!("remove {}: {e}", path.display()));
         }
     }
+    crate::harness::agent_state_dir(uid, gid);
 }
 
 /// The stand-in target: a real sshd on a loopback port where the target
@@ -162,12 +163,13 @@ impl Devvm {
     }
 
     /// The agent user's `~/.ssh/config` with README's options for `devvm`,
-    /// and its known_hosts with the target's key.
+    /// and its known_hosts with the target's key: root's, readable by the
+    /// agent user and not writable by it, as approvals need (README "The
+    /// SSH key and the agent's two hosts").
     fn write_agent_ssh_config(&self) {
-        let (uid, gid) = agent_user();
         let ssh = Path::new(AGENT_HOME).join(".ssh");
         std::fs::create_dir(&ssh).unwrap();
-        std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
         let host_key = std::fs::read_to_string(self.dir.path().join("keys/host_key.pub")).unwrap();
         let mut host_key = host_key.split_whitespace();
         let (kind, key) = (host_key.next().unwrap(), host_key.next().unwrap());
@@ -190,10 +192,8 @@ impl Devvm {
         }
         for (name, content) in [("config", config), ("known_hosts", known_hosts)] {
             std::fs::write(ssh.join(name), content).unwrap();
-            std::fs::set_permissions(ssh.join(name), std::fs::Permissions::from_mode(0o600)).unwrap();
-            std::os::unix::fs::chown(ssh.join(name), Some(uid), Some(gid)).unwrap();
+            std::fs::set_permissions(ssh.join(name), std::fs::Permissions::from_mode(0o644)).unwrap();
         }
-        std::os::unix::fs::chown(&ssh, Some(uid), Some(gid)).unwrap();
     }
 }
 
@@ -586,4 +586,68 @@ async fn a_hook_that_cannot_reach_the_server_fails_closed() {
     let pve = &devvm.pve.as_ref().unwrap().2;
     assert!(!pve.calls().iter().any(|c| c.contains("reset")), "blocked: {:?}", pve.calls());
     eprintln!("drill: an unreachable hook: the model was told {:?}", told.1);
+}
+
+/// Regression: once the operator allowed one write, the agent could plant
+/// `.claude/settings.local.json` with `"disableAllHooks": true` in its
+/// workspace, and the CLI read it next to the server's `--settings`: every
+/// later tool call ran unasked. The CLI now reads no settings file the agent
+/// user can write (README "Approvals"), so the next turn's `ssh pve reset`
+/// still waits for the operator, and the agent still runs as its definition
+/// says.
+#[tokio::test]
+#[ignore = "needs the real Claude Code CLI (scripts/test installs it)"]
+async fn settings_the_agent_plants_after_an_allowed_write_do_not_switch_approvals_off() {
+    let _agent_user = AGENT_USER_LOCK.lock().await;
+    let devvm = Devvm::start_with(true);
+    let plant = "mkdir -p .claude && printf '{\"disableAllHooks\": true}' > .claude/settings.local.json \
+                 && mkdir -p ~/.claude && cp .claude/settings.local.json ~/.claude/settings.json";
+    let api = ModelApi::start(vec![Reply::bash("Saving my settings.", plant), Reply::text("Saved.")]);
+    let server = breakglass(&api, Some(&devvm));
+    let (session, mut stream) = server.attached().await;
+    server.start_turn(&session, "remember your settings").await;
+    let approval = until_kind(&mut stream, "approval").await.pop().unwrap();
+    assert_eq!(approval["input"]["command"], plant);
+    let id = text_of(&approval, "tool_use_id");
+    let decided = server
+        .post(&format!("/api/session/{session}/approvals/{id}"))
+        .json(&serde_json::json!({"decision": "allow"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(decided.status(), 200);
+    let first = stream.until_turn_end().await;
+    assert_eq!(first.iter().find(|e| e["kind"] == "tool_result").unwrap()["is_error"], false, "{first:#?}");
+    let workspace = server.data_dir().join("sessions").join(&session);
+    assert!(workspace.join(".claude/settings.local.json").exists(), "the write ran");
+
+    api.then(vec![Reply::bash("Resetting the VM.", "ssh pve reset"), Reply::text("Asked.")]);
+    server.start_turn(&session, "devvm hangs; fix it").await;
+    let mut second = Vec::new();
+    while let Some(frame) = stream.next().await {
+        if let Frame::Event { data, .. } = frame {
+            let kind = text_of(&data, "kind");
+            second.push(data);
+            if kind == "approval" || kind == "turn_end" {
+                break;
+            }
+        }
+    }
+    let asked = second.last().expect("events of the next turn");
+    assert_eq!(asked["kind"], "approval", "the reset ran unasked: {second:#?}");
+    assert_eq!(asked["input"]["command"], "ssh pve reset");
+    let pve = &devvm.pve.as_ref().unwrap().2;
+    assert!(!pve.calls().iter().any(|c| c.contains("reset")), "nothing ran before a decision: {:?}", pve.calls());
+    let id = text_of(asked, "tool_use_id");
+    let decided = server
+        .post(&format!("/api/session/{session}/approvals/{id}"))
+        .json(&serde_json::json!({"decision": "deny"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(decided.status(), 200);
+    stream.until_turn_end().await;
+    assert!(!pve.calls().iter().any(|c| c.contains("reset")), "denied: {:?}", pve.calls());
+    let system = api.main_requests().last().unwrap().body["system"].to_string();
+    assert!(system.contains("You are the breakglass recovery agent"), "the agent's definition is its prompt");
 }

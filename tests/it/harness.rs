@@ -43,8 +43,34 @@ pub fn agent_user() -> (u32, u32) {
             assert!(made.status.success(), "useradd: {}", String::from_utf8_lossy(&made.stderr));
         }
         let user = nix::unistd::User::from_name(AGENT_USER).unwrap().unwrap();
-        (user.uid.as_raw(), user.gid.as_raw())
+        let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
+        // As README "Running separated" deploys it: the home is root's
+        // (the agent must not write what ssh and its shell read there), its
+        // `.claude` the user's, for the CLI's state. What `useradd` copied
+        // from /etc/skel, or an older run left, goes.
+        let home = std::path::Path::new(AGENT_HOME);
+        std::os::unix::fs::chown(home, Some(0), Some(0)).unwrap();
+        std::fs::set_permissions(home, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        for entry in std::fs::read_dir(home).unwrap().flatten() {
+            if entry.file_name() != ".claude" {
+                let path = entry.path();
+                let gone = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+                gone.unwrap_or_else(|e| panic!("remove {}: {e}", path.display()));
+            }
+        }
+        agent_state_dir(uid, gid);
+        (uid, gid)
     })
+}
+
+/// The agent user's `~/.claude`, where the CLI keeps its state: its own.
+pub fn agent_state_dir(uid: u32, gid: u32) {
+    let state = std::path::Path::new(AGENT_HOME).join(".claude");
+    if !state.exists() {
+        std::fs::create_dir(&state).unwrap();
+    }
+    std::os::unix::fs::chown(&state, Some(uid), Some(gid)).unwrap();
+    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
 }
 
 /// The pinned Claude Code CLI that scripts/test installs.

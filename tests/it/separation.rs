@@ -73,8 +73,7 @@ async fn the_agent_runs_as_its_own_user_and_cannot_reach_the_servers_secrets() {
     let w = workspace.display();
     let prompt = format!(
         "whoami\ntry-read {d}/login.key\ntry-read {d}/breakglass.db\ntry-read {d}/breakglass.db-wal\n\
-         try-write {d}/breakglass.db\ntry-write {d}/planted\ntry-read {w}/.claude/agents/breakglass.md\n\
-         try-write {w}/notes.txt\nresult"
+         try-write {d}/breakglass.db\ntry-write {d}/planted\ntry-write {w}/notes.txt\nresult"
     );
     let events = server.run_turn(&session, &prompt).await;
     assert_eq!(kinds(&events).last(), Some(&"turn_end"));
@@ -89,7 +88,6 @@ async fn the_agent_runs_as_its_own_user_and_cannot_reach_the_servers_secrets() {
     ] {
         assert!(said.contains(&denied), "{denied:?} not in {said:#?}");
     }
-    assert!(said.iter().any(|t| t.starts_with(&format!("read {w}/.claude/agents/breakglass.md: ok"))), "{said:#?}");
     assert!(said.contains(&format!("write {w}/notes.txt: ok")), "{said:#?}");
 
     let runs = records(&server);
@@ -165,11 +163,9 @@ async fn links_the_agent_plants_in_its_workspace_never_hand_it_the_servers_files
     let data = server.data_dir();
     let (d, w) = (data.display(), data.join("sessions").join(&session));
     let w = w.display();
-    let plant = format!(
-        "symlink {d}/login.key {w}/.claude/agents/breakglass.md\nsymlink {d} {w}/.claude/agents/planted-dir\nresult"
-    );
+    let plant = format!("symlink {d}/login.key {w}/breakglass.md\nsymlink {d} {w}/planted-dir\nresult");
     let events = server.run_turn(&session, &plant).await;
-    assert!(texts(&events).contains(&format!("symlink {w}/.claude/agents/breakglass.md: ok")), "{events:#?}");
+    assert!(texts(&events).contains(&format!("symlink {w}/breakglass.md: ok")), "{events:#?}");
     let events = server.run_turn(&session, &format!("try-read {d}/login.key\nresult")).await;
     assert!(texts(&events).contains(&format!("read {d}/login.key: denied")), "{events:#?}");
     for secret in ["login.key", "breakglass.db", "."] {
@@ -177,4 +173,91 @@ async fn links_the_agent_plants_in_its_workspace_never_hand_it_the_servers_files
         assert_ne!(meta.uid(), uid, "{secret} was handed to the agent user");
     }
     assert_eq!(mode(&data.join("login.key")), 0o600);
+}
+
+/// The agent user's home as the harness deploys it: root's, nothing but
+/// `.claude` in it. Done on creation and again on drop, whatever the test
+/// (or a drill before it) left there.
+struct HomeRestored;
+
+impl HomeRestored {
+    fn new() -> HomeRestored {
+        HomeRestored::restore();
+        HomeRestored
+    }
+
+    fn restore() {
+        let home = Path::new(AGENT_HOME);
+        let _ = std::os::unix::fs::chown(home, Some(0), Some(0));
+        let _ = std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o755));
+        for entry in std::fs::read_dir(home).unwrap().flatten() {
+            if entry.file_name() != ".claude" {
+                let path = entry.path();
+                let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            }
+        }
+    }
+}
+
+impl Drop for HomeRestored {
+    fn drop(&mut self) {
+        HomeRestored::restore();
+    }
+}
+
+/// With approvals on, an agent user that can write what its own `ssh` and
+/// shell read as configuration is refused at start, the path named: one
+/// allowed write could otherwise plant `ProxyCommand` in `~/.ssh/config`
+/// (or an `ssh` function in `~/.bashrc`, which the CLI sources into every
+/// Bash command) and every later `ssh devvm uptime`, run unasked, would run
+/// it (README "The SSH key and the agent's two hosts"). A root-owned home,
+/// `~/.ssh` and config start; so does any home with approvals off.
+#[tokio::test]
+async fn an_agent_user_that_can_write_its_ssh_config_or_shell_startup_is_refused_with_approvals_on() {
+    let _turn = AGENT_USER_LOCK.lock().await;
+    let (uid, gid) = agent_user();
+    let _restored = HomeRestored::new();
+    let home = Path::new(AGENT_HOME);
+    let ssh = home.join(".ssh");
+    std::fs::create_dir(&ssh).unwrap();
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(ssh.join("config"), "Host devvm\n    HostName 192.0.2.20\n").unwrap();
+    std::fs::set_permissions(ssh.join("config"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(home.join(".bashrc"), "# root's\n").unwrap();
+    // Deployed as README says: it starts, approvals on.
+    let starts = |approvals: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        Server::options().env("BREAKGLASS_AGENT_USER", AGENT_USER).env("BREAKGLASS_APPROVALS", approvals).start_in(dir)
+    };
+    drop(starts("on"));
+    let refused = |path: &Path| {
+        let said = crate::harness::refused_at_start(&["serve"], &[("BREAKGLASS_AGENT_USER", AGENT_USER)]);
+        let named = format!("{AGENT_USER} can write {}", path.display());
+        assert!(said.contains(&named), "{named:?} not in {said}");
+    };
+    let give = |path: &Path| std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+    let take = |path: &Path| std::os::unix::fs::chown(path, Some(0), Some(0)).unwrap();
+    for path in [ssh.join("config"), ssh.clone(), home.join(".bashrc"), home.to_owned()] {
+        give(&path);
+        refused(&path);
+        drop(starts("off"));
+        take(&path);
+    }
+    // Writable through its group, or by anyone, is writable too.
+    std::fs::set_permissions(ssh.join("config"), std::fs::Permissions::from_mode(0o664)).unwrap();
+    std::os::unix::fs::chown(ssh.join("config"), Some(0), Some(gid)).unwrap();
+    refused(&ssh.join("config"));
+    std::os::unix::fs::chown(ssh.join("config"), Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o757)).unwrap();
+    refused(&ssh);
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A link to a file the agent user owns counts as that file.
+    let elsewhere = home.join(".claude/ssh_config");
+    std::fs::write(&elsewhere, "Host devvm\n").unwrap();
+    give(&elsewhere);
+    std::fs::remove_file(ssh.join("config")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, ssh.join("config")).unwrap();
+    refused(&ssh.join("config"));
+    std::fs::remove_file(&elsewhere).unwrap();
 }

@@ -36,12 +36,18 @@ async fn first_turn_uses_session_id_and_later_turns_resume() {
 
     let runs = server.agent_runs();
     assert_eq!(runs.len(), 2);
-    // The hook's settings (tests/it/approvals.rs) stand as one placeholder.
+    // The hook's settings (tests/it/approvals.rs) and the agent's
+    // definition stand as placeholders.
     let argv = |i: usize| -> Vec<String> {
         let mut argv: Vec<String> = serde_json::from_value(runs[i]["argv"].clone()).unwrap();
         if let Some(at) = argv.iter().position(|a| a == "--settings") {
             assert!(argv[at + 1].contains("\"PreToolUse\""), "{}", argv[at + 1]);
             argv[at + 1] = "<hook settings>".into();
+        }
+        if let Some(at) = argv.iter().position(|a| a == "--agents") {
+            let agents: Value = serde_json::from_str(&argv[at + 1]).unwrap();
+            assert_eq!(agents["breakglass"]["tools"], json!(["Bash", "Read", "Grep", "Glob"]), "{agents}");
+            argv[at + 1] = "<definition>".into();
         }
         argv
     };
@@ -58,6 +64,11 @@ async fn first_turn_uses_session_id_and_later_turns_resume() {
             "sonnet",
             flag,
             &session,
+            "--agents",
+            "<definition>",
+            "--setting-sources",
+            "",
+            "--strict-mcp-config",
             "--include-partial-messages",
             "--settings",
             "<hook settings>",
@@ -73,9 +84,7 @@ async fn first_turn_uses_session_id_and_later_turns_resume() {
     assert_eq!(runs[0]["env_has_token"], false, "the agent never sees the API token");
     let workspace = server.data_dir().join("sessions").join(&session);
     assert_eq!(runs[0]["cwd"], workspace.display().to_string());
-    let definition = std::fs::read_to_string(workspace.join(".claude/agents/breakglass.md")).unwrap();
-    assert!(definition.starts_with("---\nname: breakglass\n"), "{definition}");
-    assert!(definition.contains("tools: Bash, Read, Grep, Glob"));
+    assert!(!workspace.join(".claude").exists(), "nothing is written into the workspace");
 }
 
 /// The CLI may know a session the server thinks is new (its first turn
@@ -84,7 +93,8 @@ async fn first_turn_uses_session_id_and_later_turns_resume() {
 async fn a_session_the_agent_already_knows_is_resumed() {
     let server = Server::start();
     let session = server.open_session().await;
-    std::fs::write(server.dir.path().join(".fake-claude-sessions"), format!("{session}\n")).unwrap();
+    std::fs::create_dir_all(server.dir.path().join(".claude")).unwrap();
+    std::fs::write(server.dir.path().join(".claude/fake-sessions"), format!("{session}\n")).unwrap();
     let events = server.run_turn(&session, "replay basic").await;
     assert_eq!(kinds(&events), BASIC);
     let runs = server.agent_runs();
@@ -94,13 +104,15 @@ async fn a_session_the_agent_already_knows_is_resumed() {
     assert_eq!(server.agent_runs()[2]["argv"][9], "--resume");
 }
 
+/// The agent is the configured one, whatever definition lies in the
+/// workspace (the agent could have written it there).
 #[tokio::test]
-async fn an_existing_agent_definition_is_left_alone_and_a_model_can_be_chosen() {
+async fn an_agent_definition_in_the_workspace_is_not_read_and_a_model_can_be_chosen() {
     let server = Server::start();
     let session = server.open_session().await;
     let agents = server.data_dir().join("sessions").join(&session).join(".claude/agents");
     std::fs::create_dir_all(&agents).unwrap();
-    std::fs::write(agents.join("breakglass.md"), "custom").unwrap();
+    std::fs::write(agents.join("breakglass.md"), "---\nname: breakglass\ndescription: custom\n---\ncustom").unwrap();
     let mut stream = server.attach(&session, None).await;
     stream.until_caught_up().await;
     let response = server
@@ -111,9 +123,11 @@ async fn an_existing_agent_definition_is_left_alone_and_a_model_can_be_chosen() 
         .unwrap();
     assert_eq!(response.status(), 200);
     stream.until_turn_end().await;
-    assert_eq!(std::fs::read_to_string(agents.join("breakglass.md")).unwrap(), "custom");
     let argv: Vec<String> = serde_json::from_value(server.agent_runs()[0]["argv"].clone()).unwrap();
     assert_eq!(argv[argv.iter().position(|a| a == "--model").unwrap() + 1], "opus");
+    let agents: Value = serde_json::from_str(&argv[argv.iter().position(|a| a == "--agents").unwrap() + 1]).unwrap();
+    assert!(agents["breakglass"]["prompt"].as_str().unwrap().starts_with("You are the breakglass recovery agent."));
+    assert_eq!(argv[argv.iter().position(|a| a == "--setting-sources").unwrap() + 1], "", "no settings file is read");
 }
 
 #[tokio::test]
@@ -143,7 +157,7 @@ async fn a_prompt_too_long_for_one_argument_reaches_the_agent_on_stdin() {
         events.iter().find(|e| e["kind"] == "text").expect("the agent answered")["text"].as_str().unwrap().to_owned();
     assert!(said.contains(&format!("sha256 {}", sha256_hex(prompt.as_bytes()))), "{said}");
     let run = &server.agent_runs()[0];
-    assert!(!run["argv"].as_array().unwrap().iter().any(|a| a.as_str().is_some_and(|a| a.len() > 1000)));
+    assert!(!run["argv"].as_array().unwrap().iter().any(|a| a.as_str().is_some_and(|a| a.contains("éééé"))));
     assert_eq!(run["stdin"].as_str().unwrap().len(), prompt.len());
 }
 
