@@ -606,16 +606,10 @@ async fn settings_the_agent_plants_after_an_allowed_write_do_not_switch_approval
     let server = breakglass(&api, Some(&devvm));
     let (session, mut stream) = server.attached().await;
     server.start_turn(&session, "remember your settings").await;
-    let approval = until_kind(&mut stream, "approval").await.pop().unwrap();
+    let approval = stream.until_kind("approval").await.pop().unwrap();
     assert_eq!(approval["input"]["command"], plant);
     let id = text_of(&approval, "tool_use_id");
-    let decided = server
-        .post(&format!("/api/session/{session}/approvals/{id}"))
-        .json(&serde_json::json!({"decision": "allow"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(decided.status(), 200);
+    assert_eq!(server.decide(&session, &id, serde_json::json!({"decision": "allow"})).await.0, 200);
     let first = stream.until_turn_end().await;
     assert_eq!(first.iter().find(|e| e["kind"] == "tool_result").unwrap()["is_error"], false, "{first:#?}");
     let workspace = server.data_dir().join("sessions").join(&session);
