@@ -633,13 +633,7 @@ async fn settings_the_agent_plants_after_an_allowed_write_do_not_switch_approval
     let pve = &devvm.pve.as_ref().unwrap().2;
     assert!(!pve.calls().iter().any(|c| c.contains("reset")), "nothing ran before a decision: {:?}", pve.calls());
     let id = text_of(asked, "tool_use_id");
-    let decided = server
-        .post(&format!("/api/session/{session}/approvals/{id}"))
-        .json(&serde_json::json!({"decision": "deny"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(decided.status(), 200);
+    assert_eq!(server.decide(&session, &id, serde_json::json!({"decision": "deny"})).await.0, 200);
     stream.until_turn_end().await;
     assert!(!pve.calls().iter().any(|c| c.contains("reset")), "denied: {:?}", pve.calls());
     let system = api.main_requests().last().unwrap().body["system"].to_string();
