@@ -162,7 +162,9 @@ pub fn run(args: &[String]) -> std::process::ExitCode {
                 }
                 Step::Hold => {
                     let child = std::process::Command::new("sleep").arg("600").spawn()?;
-                    out.write_all(lines.text(&format!("hold pid {} child {}", std::process::id(), child.id())).as_bytes())?;
+                    out.write_all(
+                        lines.text(&format!("hold pid {} child {}", std::process::id(), child.id())).as_bytes(),
+                    )?;
                     out.flush()?;
                     std::thread::sleep(Duration::from_secs(600));
                 }

@@ -135,7 +135,10 @@ impl Stream {
             if let Some(end) = memmem::find(&self.raw, b"\r\n\r\n") {
                 let head = String::from_utf8_lossy(&self.raw[..end]).to_ascii_lowercase();
                 if !head.starts_with("http/1.1 200") {
-                    return Err(std::io::Error::other(format!("attach answered {}", head.lines().next().unwrap_or(""))));
+                    return Err(std::io::Error::other(format!(
+                        "attach answered {}",
+                        head.lines().next().unwrap_or("")
+                    )));
                 }
                 if !head.contains("transfer-encoding: chunked") {
                     return Err(std::io::Error::other("attach stream is not chunked"));

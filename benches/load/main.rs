@@ -95,7 +95,10 @@ fn main() -> std::process::ExitCode {
             "--json" => json_path = rest.next().map(Into::into).unwrap_or(json_path),
             "--bench" => {} // what `cargo bench` passes
             other => {
-                eprintln!("load: unknown argument {other:?}; takes --smoke, --only {}, --json PATH", SCENARIOS.join(","));
+                eprintln!(
+                    "load: unknown argument {other:?}; takes --smoke, --only {}, --json PATH",
+                    SCENARIOS.join(",")
+                );
                 return std::process::ExitCode::from(2);
             }
         }
@@ -211,7 +214,14 @@ impl Probe {
                 }
             }
         });
-        Probe { pid, cpu: report::cpu_seconds(pid), own_cpu: report::cpu_seconds(std::process::id()), peak_kib, stop, sampler }
+        Probe {
+            pid,
+            cpu: report::cpu_seconds(pid),
+            own_cpu: report::cpu_seconds(std::process::id()),
+            peak_kib,
+            stop,
+            sampler,
+        }
     }
 
     async fn finish(self) -> Usage {
@@ -340,7 +350,11 @@ async fn ingest_replay_resume(sizes: &Sizes, rows: &mut Vec<Row>) {
     rows.push(Row {
         scenario: "replay",
         case: format!("{count} events ({mb:.1} MB) to caught-up"),
-        figure: format!("{:.1} MB/s, {} events/s", mb / elapsed.as_secs_f64(), report::thousands(count as f64 / elapsed.as_secs_f64())),
+        figure: format!(
+            "{:.1} MB/s, {} events/s",
+            mb / elapsed.as_secs_f64(),
+            report::thousands(count as f64 / elapsed.as_secs_f64())
+        ),
         latency: None,
         usage,
         integrity,
@@ -354,7 +368,8 @@ async fn ingest_replay_resume(sizes: &Sizes, rows: &mut Vec<Row>) {
     let mut seen = Vec::new();
     for _ in 0..sizes.resumes {
         let start = Instant::now();
-        let mut stream = Stream::attach(addr, harness::TOKEN, &finished, Some(count - 11), false).await.expect("attach");
+        let mut stream =
+            Stream::attach(addr, harness::TOKEN, &finished, Some(count - 11), false).await.expect("attach");
         let read = stream.read(Until::CaughtUp).await.expect("resume");
         latency.record(start.elapsed().as_micros().max(1) as u64).expect("in bounds");
         stream.seen.ended_early |= !read;
