@@ -10,6 +10,9 @@
 //!     cargo test --bench load -- --smoke            # seconds, debug build (scripts/test)
 //!
 //! `--json PATH` names the JSON report (default `target/load-report.json`).
+//! Under `perf record -D -1 --control fifo:<ctl>`, `LOAD_PERF_CTL=<ctl>`
+//! with `LOAD_PERF_SCENARIO=flood|flood-attached|replay` records that
+//! stretch alone (docs/PERFORMANCE.md says how).
 //! The run fails (exit 1) when any stream saw an id gap or a duplicate, a
 //! lost or repeated line of the stand-in, or fewer events than the turn had.
 //!
@@ -172,17 +175,37 @@ fn raise_nofile() {
     }
 }
 
+/// Profiling one scenario (docs/PERFORMANCE.md): under `perf record
+/// --control fifo:<ctl> -D -1`, `LOAD_PERF_CTL=<ctl>` and
+/// `LOAD_PERF_SCENARIO=<name>` turn the recording on for that scenario's
+/// measured stretch only.
+fn perf_control(scenario: &str, command: &str) {
+    if let (Ok(ctl), Ok(wanted)) = (std::env::var("LOAD_PERF_CTL"), std::env::var("LOAD_PERF_SCENARIO"))
+        && wanted == scenario
+    {
+        let written = std::fs::OpenOptions::new().write(true).open(&ctl).and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(format!("{command}\n").as_bytes())
+        });
+        if let Err(err) = written {
+            eprintln!("load: perf control {ctl}: {err}");
+        }
+    }
+}
+
 /// The server, with the stand-in agent and no approvals (the stand-in never
 /// calls a tool).
 fn start_server() -> Server {
     let exe = std::env::current_exe().expect("the harness's own path");
-    Server::options()
+    let server = Server::options()
         .env("BREAKGLASS_CLAUDE_BIN", exe.display().to_string())
         .env("BREAKGLASS_APPROVALS", "off")
         .env("RUST_LOG", "info")
         .arg("--max-concurrent-turns")
         .arg("4")
-        .start()
+        .start();
+    eprintln!("load: server pid {} at {}", server.pid(), server.base);
+    server
 }
 
 fn addr(server: &Server) -> SocketAddr {
@@ -304,9 +327,12 @@ async fn ingest_replay_resume(sizes: &Sizes, rows: &mut Vec<Row>) {
             ready.recv().await.expect("the client caught up");
         }
         let probe = Probe::start(&server);
+        let phase = if clients == 0 { "flood" } else { "flood-attached" };
+        perf_control(phase, "enable");
         let start = Instant::now();
         server.start_turn(&session, &format!("flood {n}")).await;
         let count = wait_idle(&server, &session, within).await;
+        perf_control(phase, "disable");
         let mut elapsed = start.elapsed();
         let (integrity, latency) = match reader {
             Some(reader) => {
@@ -339,10 +365,12 @@ async fn ingest_replay_resume(sizes: &Sizes, rows: &mut Vec<Row>) {
     // Replay: a fresh client on the finished session, to caught-up.
     let count = n + 4;
     let probe = Probe::start(&server);
+    perf_control("replay", "enable");
     let start = Instant::now();
     let mut stream = Stream::attach(addr, harness::TOKEN, &finished, None, false).await.expect("attach");
     let read = stream.read(Until::CaughtUp).await.expect("replay");
     let elapsed = start.elapsed();
+    perf_control("replay", "disable");
     let usage = probe.finish().await;
     let mb = stream.seen.bytes as f64 / 1e6;
     let (mut integrity, _, counts) = merge([stream.seen]);
