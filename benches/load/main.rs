@@ -455,7 +455,11 @@ async fn fanout(clients: usize, rate: f64, seconds: f64, slow: bool) -> Row {
             "{clients} clients{}, {rate} events/s for {seconds} s",
             if slow { " + 1 that never reads" } else { "" }
         ),
-        figure: format!("p99 {:.1} ms", latency.value_at_quantile(0.99) as f64 / 1000.0),
+        figure: format!(
+            "p99 {:.1} ms, {} frames/s",
+            latency.value_at_quantile(0.99) as f64 / 1000.0,
+            report::thousands(delivered as f64 / elapsed.as_secs_f64())
+        ),
         latency: Some(latency),
         usage,
         integrity,
@@ -588,7 +592,12 @@ async fn cancel(times: usize) -> Row {
     Row {
         scenario: "cancel",
         case: format!("request to no process of the turn left, {times} turns"),
-        figure: format!("median {:.1} ms, max {:.1} ms", ms(&gone, 0.5), gone.max() as f64 / 1000.0),
+        figure: format!(
+            "median {:.1} ms, max {:.1} ms (answered in {:.1} ms)",
+            ms(&gone, 0.5),
+            gone.max() as f64 / 1000.0,
+            ms(&answered, 0.5)
+        ),
         latency: Some(gone),
         usage,
         integrity: report::Integrity::default(),
