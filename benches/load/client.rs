@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use memchr::memmem;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::agent::{MARK, now_us};
@@ -57,9 +57,10 @@ pub struct Seen {
     pub ended_early: bool,
 }
 
-/// One attach stream being read.
-pub struct Stream {
-    tcp: TcpStream,
+/// One attach stream being read (from a TCP connection, or from bytes in
+/// the harness's self-check).
+pub struct Stream<S = TcpStream> {
+    tcp: S,
     raw: Vec<u8>,
     body: Vec<u8>,
     /// Bytes left in the current chunk; `None` while reading a size line.
@@ -86,7 +87,7 @@ fn request(session: &str, token: &str, last_event_id: Option<u64>) -> Vec<u8> {
     request.into_bytes()
 }
 
-impl Stream {
+impl Stream<TcpStream> {
     /// Connects, sends the attach request and reads the response's head.
     pub async fn attach(
         addr: SocketAddr,
@@ -98,8 +99,17 @@ impl Stream {
         let mut tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
         tcp.write_all(&request(session, token, last_event_id)).await?;
-        let mut stream = Stream {
-            tcp,
+        let mut stream = Stream::over(tcp, last_event_id, record);
+        stream.read_head().await?;
+        Ok(stream)
+    }
+}
+
+impl<S: AsyncRead + Unpin> Stream<S> {
+    /// A stream reading an HTTP response from `source`.
+    fn over(source: S, last_event_id: Option<u64>, record: bool) -> Stream<S> {
+        Stream {
+            tcp: source,
             raw: Vec::with_capacity(16 * 1024),
             body: Vec::with_capacity(16 * 1024),
             chunk_left: None,
@@ -118,9 +128,7 @@ impl Stream {
             expected_id: last_event_id.map_or(0, |id| id + 1),
             expected_seq: None,
             record,
-        };
-        stream.read_head().await?;
-        Ok(stream)
+        }
     }
 
     async fn fill(&mut self) -> std::io::Result<bool> {
@@ -155,7 +163,8 @@ impl Stream {
     /// Moves whole chunk data from `raw` into `body` (RFC 9112 §7.1).
     fn dechunk(&mut self) -> std::io::Result<()> {
         let mut at = 0;
-        loop {
+        // After the last chunk only the trailer is left, which is not data.
+        while !self.done {
             match self.chunk_left {
                 None => {
                     let Some(eol) = memmem::find(&self.raw[at..], b"\r\n") else { break };
@@ -297,4 +306,59 @@ pub async fn first_ok(addr: SocketAddr, path: &str, within: Duration) -> Option<
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     None
+}
+
+/// Checks the checker, before any figure is taken: a stream with a gap, a
+/// duplicate and a lost line of the stand-in must be counted as such, and
+/// a sound one must not, whether the bytes come all at once (with the
+/// response's head) or a few at a time (frames and chunks cut anywhere).
+pub async fn self_check() {
+    let event = |id: u64, seq: u64| {
+        format!(
+            "id: {id}\ndata: {{\"kind\":\"text\",\"text\":\"bgload {seq:010} {:016} x\",\"id\":{id}}}\n\n",
+            now_us()
+        )
+    };
+    let response = |frames: &[String]| {
+        let mut bytes =
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for frame in frames {
+            bytes.extend_from_slice(format!("{:x}\r\n{frame}\r\n", frame.len()).as_bytes());
+        }
+        bytes.extend_from_slice(b"0\r\n\r\n");
+        bytes
+    };
+    let turn_end = |id: u64| format!("id: {id}\ndata: {{\"kind\":\"turn_end\",\"id\":{id}}}\n\n");
+    let caught_up = "event: caught-up\ndata: {}\n\n".to_owned();
+    let sound = response(&[
+        caught_up.clone(),
+        event(0, 0),
+        event(1, 1),
+        ": keepalive\nevent: keepalive\ndata: {}\n\n".into(),
+        event(2, 2),
+        turn_end(3),
+    ]);
+    let broken = response(&[caught_up, event(0, 0), event(2, 1), event(2, 2), event(3, 4), turn_end(4)]);
+    for piece in [usize::MAX, 7] {
+        for (bytes, expected) in [(&sound, (4, 0, 0, 0)), (&broken, (5, 1, 1, 1))] {
+            let (mut writer, reader) = tokio::io::duplex(piece.min(64 * 1024));
+            let bytes = bytes.clone();
+            let feeding = tokio::spawn(async move {
+                let _ = writer.write_all(&bytes).await;
+            });
+            let mut stream = Stream::over(reader, None, true);
+            stream.read_head().await.expect("the head");
+            assert!(stream.read(Until::CaughtUp).await.expect("read"), "no caught-up");
+            assert!(stream.read(Until::TurnEnd).await.expect("read"), "no turn_end");
+            let seen = &stream.seen;
+            assert_eq!(
+                (seen.events, seen.gaps, seen.duplicates, seen.seq_breaks),
+                expected,
+                "the client's checks miscounted ({})",
+                if piece == usize::MAX { "all at once".to_owned() } else { format!("{piece} bytes at a time") }
+            );
+            assert_eq!(seen.latency.len(), expected.0 - 1, "a latency per stand-in line");
+            feeding.await.expect("feeder");
+        }
+    }
 }

@@ -115,6 +115,7 @@ fn main() -> std::process::ExitCode {
     let machine = report::machine();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let rows = runtime.block_on(async {
+        client::self_check().await;
         let mut rows = Vec::new();
         for scenario in &only {
             let started = rows.len();
