@@ -23,13 +23,19 @@
 use std::io::{Read, Write};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// The length of one assistant line, newline included: about a short text
-/// block of the real CLI.
+/// The length of one assistant line, newline included (with a UUID for
+/// the session id): about a short text block of the real CLI.
 pub const LINE_BYTES: usize = 300;
 
 /// The word that opens every text the stand-in writes, which the clients
 /// look for in an event's JSON.
 pub const MARK: &[u8] = b"bgload ";
+
+/// The length of a text line for a session id of the server's form (a
+/// UUID), which the report gives beside the ingest figures.
+pub fn line_bytes() -> usize {
+    Lines::new("00000000-0000-4000-8000-000000000000").line(0, 0).len()
+}
 
 /// True when the harness's executable was started as the agent CLI.
 pub fn invoked_as_agent(args: &[String]) -> bool {
@@ -83,10 +89,9 @@ impl Lines {
         // Fixed-width numbers keep every line the same length.
         format!(
             concat!(
-                r#"{{"type":"assistant","message":{{"model":"claude-sonnet-4-5","id":"msg_{seq:012}","#,
-                r#""type":"message","role":"assistant","content":[{{"type":"text","text":"bgload {seq:010} {us:016} {pad}"}}],"#,
-                r#""stop_reason":null,"usage":{{"input_tokens":3,"output_tokens":9}}}},"parent_tool_use_id":null,"#,
-                r#""session_id":"{session}","uuid":"00000000-0000-4000-8000-{seq:012}"}}"#,
+                r#"{{"type":"assistant","message":{{"id":"msg_{seq:012}","type":"message","role":"assistant","#,
+                r#""content":[{{"type":"text","text":"bgload {seq:010} {us:016} {pad}"}}]}},"#,
+                r#""parent_tool_use_id":null,"session_id":"{session}","uuid":"00000000-0000-4000-8000-{seq:012}"}}"#,
                 "\n"
             ),
             seq = seq,

@@ -357,7 +357,7 @@ async fn ingest_replay_resume(sizes: &Sizes, rows: &mut Vec<Row>) {
             usage,
             integrity,
             values: json!({"events": count, "seconds": elapsed.as_secs_f64(), "events_per_second": rate,
-                           "clients": clients}),
+                           "clients": clients, "agent_line_bytes": agent::line_bytes()}),
         });
         if count != n + 4 {
             rows.last_mut().unwrap().integrity.short_clients += 1;
