@@ -721,3 +721,44 @@ pub fn refused_at_start(args: &[&str], env: &[(&str, &str)]) -> String {
     assert_eq!(status.and_then(|s| s.code()), Some(1), "{args:?} {env:?} was not refused at start: {said}");
     said
 }
+
+/// An axum app on a loopback port, served from a thread of its own (so a
+/// test thread that blocks does not stall it); stopped on drop, which ends
+/// every connection, a stalled stream included.
+pub struct Background {
+    /// `http://127.0.0.1:<port>`.
+    pub base_url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Background {
+    pub fn serve(app: axum::Router) -> Background {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        listener.set_nonblocking(true).unwrap();
+        let base_url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                tokio::select! {
+                    _ = axum::serve(listener, app) => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        Background { base_url, stop: Some(stop), thread: Some(thread) }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::harness::{AGENT_USER_LOCK, agent_user, real_cli_for_agent_user, repo};
+use crate::harness::{AGENT_USER_LOCK, Background, agent_user, real_cli_for_agent_user, repo};
 use crate::model_api::{ModelApi, Reply};
 
 /// What the receiver answers every hook request.
@@ -39,62 +39,34 @@ struct HookRequest {
 struct Receiver {
     url: String,
     requests: Arc<Mutex<Vec<HookRequest>>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: Background,
 }
 
 impl Receiver {
     fn start(answer: Answer) -> Receiver {
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the hook receiver");
-        listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}/hooks/pre-tool-use", listener.local_addr().unwrap());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let recorded = requests.clone();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let app =
-                    axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-                        let recorded = recorded.clone();
-                        async move {
-                            recorded.lock().unwrap().push(HookRequest {
-                                method: method.to_string(),
-                                path: uri.to_string(),
-                                headers: headers
-                                    .iter()
-                                    .map(|(k, v)| {
-                                        (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned())
-                                    })
-                                    .collect(),
-                                body,
-                            });
-                            answer_with(answer)
-                        }
-                    });
-                tokio::select! {
-                    _ = axum::serve(listener, app) => {}
-                    _ = stopped => {}
-                }
-            });
+        let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+            let recorded = recorded.clone();
+            async move {
+                recorded.lock().unwrap().push(HookRequest {
+                    method: method.to_string(),
+                    path: uri.to_string(),
+                    headers: headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                        .collect(),
+                    body,
+                });
+                answer_with(answer)
+            }
         });
-        Receiver { url, requests, stop: Some(stop), thread: Some(thread) }
+        let server = Background::serve(app);
+        Receiver { url: format!("{}/hooks/pre-tool-use", server.base_url), requests, _server: server }
     }
 
     fn requests(&self) -> Vec<HookRequest> {
         self.requests.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

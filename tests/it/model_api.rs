@@ -26,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use crate::harness::{AGENT_USER_LOCK, agent_user, eventually, real_cli_for_agent_user};
+use crate::harness::{AGENT_USER_LOCK, Background, agent_user, eventually, real_cli_for_agent_user};
 
 /// One reply of a stand-in's script, given to the next request that offers tools.
 #[derive(Debug, Clone)]
@@ -170,32 +170,14 @@ pub struct ModelApi {
     /// `http://127.0.0.1:<port>`, for `ANTHROPIC_BASE_URL`.
     pub base_url: String,
     shared: Arc<Shared>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: Background,
 }
 
 impl ModelApi {
     pub fn start(script: Vec<Reply>) -> ModelApi {
         let shared = Arc::new(Shared { script: Mutex::new(script.into()), ..Shared::default() });
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the stand-in");
-        listener.set_nonblocking(true).unwrap();
-        let base_url = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let state = shared.clone();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let app = axum::Router::new().fallback(handle).with_state(state);
-                // Dropping the runtime afterwards ends every connection,
-                // a stalled stream included.
-                tokio::select! {
-                    _ = axum::serve(listener, app) => {}
-                    _ = stopped => {}
-                }
-            });
-        });
-        ModelApi { base_url, shared, stop: Some(stop), thread: Some(thread) }
+        let server = Background::serve(axum::Router::new().fallback(handle).with_state(shared.clone()));
+        ModelApi { base_url: server.base_url.clone(), shared, _server: server }
     }
 
     /// Adds replies at the end of the script.
@@ -221,17 +203,6 @@ impl ModelApi {
     /// Waits until `n` model requests that offer tools have arrived.
     pub async fn until_main_requests(&self, n: usize) {
         eventually(&format!("{n} model requests"), || self.main_requests().len() >= n).await;
-    }
-}
-
-impl Drop for ModelApi {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
