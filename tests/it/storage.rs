@@ -794,7 +794,10 @@ async fn wal_synced_before_the_client_saw_it(server: &Server) -> bool {
             return true;
         }
         let thread = line.split(' ').next().unwrap_or_default();
-        lines[written + i + 1..sent].iter().any(|l| l.starts_with(thread) && l.contains("sync resumed>) = 0"))
+        // strace pads a resumed call's result: `<... fsync resumed>)      = 0`.
+        lines[written + i + 1..sent]
+            .iter()
+            .any(|l| l.starts_with(thread) && l.contains("sync resumed>)") && l.trim_end().ends_with("= 0"))
     })
 }
 
