@@ -1,4 +1,5 @@
-//! The validated configuration, built once from the command line.
+//! The `serve` settings: their flags and environment variables
+//! ([`ServeArgs`]), and the validated configuration built once from them.
 //!
 //! Everything that can be wrong with the settings is reported here, at
 //! start-up, with the name of the variable to fix; nothing later re-parses
@@ -10,13 +11,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use axum::http::HeaderName;
+use clap::Args;
 use ipnet::IpNet;
 
-use crate::cli::ServeArgs;
+use crate::approval::ApprovalConfig;
+use crate::power::PowerConfig;
 use crate::store::Durability;
-
-/// The recovery agent written into each workspace unless `BREAKGLASS_AGENT_FILE` names another.
-pub const DEFAULT_AGENT_DEFINITION: &str = include_str!("agent/breakglass.md");
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -39,16 +39,6 @@ pub struct Config {
     /// Which tool calls wait for the operator (README "Approvals").
     pub approvals: ApprovalConfig,
     pub notify: NotifyConfig,
-}
-
-/// The operator in the loop (README "Approvals").
-#[derive(Debug, Clone)]
-pub struct ApprovalConfig {
-    /// `BREAKGLASS_APPROVALS=on`: every tool call is checked.
-    pub enabled: bool,
-    /// No decision within this is a deny.
-    pub timeout: Duration,
-    pub policy: crate::approval::policy::Policy,
 }
 
 /// Where notifications go (README "Notifications").
@@ -175,15 +165,153 @@ pub fn load_presets(path: &std::path::Path) -> anyhow::Result<Vec<Preset>> {
     Ok(presets)
 }
 
-/// How power verbs reach the hypervisor (README "Setting up the hypervisor").
-#[derive(Debug, Clone)]
-pub struct PowerConfig {
-    pub host: Option<String>,
-    pub port: u16,
-    pub user: String,
-    pub known_hosts: Option<PathBuf>,
-    pub ssh_program: PathBuf,
-    pub timeout: Duration,
+/// Flags of `breakglass serve` (the command line is [`crate::cli`]); each
+/// is checked by [`Config::from_args`] below.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port (the bound address is printed).
+    #[arg(long, env = "BREAKGLASS_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+
+    /// Directory for the server's own state.
+    #[arg(long, env = "BREAKGLASS_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Directory holding one working directory per session [default: <data-dir>/sessions].
+    #[arg(long, env = "BREAKGLASS_SESSIONS_DIR")]
+    pub sessions_dir: Option<PathBuf>,
+
+    /// full: every event is on disk before any client sees it, so its id survives power loss;
+    /// normal: survives a killed process, but after power loss ids may be re-minted.
+    #[arg(long, env = "BREAKGLASS_DURABILITY", value_enum, default_value = "full")]
+    pub durability: Durability,
+
+    /// Name of the agent definition passed to `claude --agent`.
+    #[arg(long, env = "BREAKGLASS_AGENT", default_value = "breakglass")]
+    pub agent: String,
+
+    /// Run every agent process as this unprivileged user (the server must
+    /// start as root); without it the agent shares the server's rights.
+    #[arg(long, env = "BREAKGLASS_AGENT_USER")]
+    pub agent_user: Option<String>,
+
+    /// Markdown file with the agent definition [default: the built-in recovery agent].
+    #[arg(long, env = "BREAKGLASS_AGENT_FILE")]
+    pub agent_file: Option<PathBuf>,
+
+    /// The console's one-tap prompts, a .toml or .json file [default: built-in].
+    #[arg(long, env = "BREAKGLASS_PRESETS_FILE")]
+    pub presets_file: Option<PathBuf>,
+
+    /// Model used when a prompt names none.
+    #[arg(long, env = "BREAKGLASS_MODEL", default_value = "sonnet")]
+    pub model: String,
+
+    /// The agent CLI to run, looked up on PATH unless it contains a slash.
+    #[arg(long, env = "BREAKGLASS_CLAUDE_BIN", default_value = "claude")]
+    pub claude_bin: PathBuf,
+
+    /// A turn running longer than this in all is killed.
+    #[arg(long, env = "BREAKGLASS_TURN_TIMEOUT_SECONDS", default_value_t = 1800)]
+    pub turn_timeout_seconds: u64,
+
+    /// Pass `--include-partial-messages` to the agent CLI, so attached
+    /// clients see text as the model writes it (`false` turns it off).
+    #[arg(long, env = "BREAKGLASS_PARTIAL_MESSAGES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub partial_messages: bool,
+
+    /// `on`: every tool call of the agent is checked by the policy, and what
+    /// it does not allow waits for the operator; `off`: the agent runs
+    /// every tool call unasked (README "Approvals").
+    #[arg(long, env = "BREAKGLASS_APPROVALS", default_value = "on", value_parser = ["on", "off"])]
+    pub approvals: String,
+
+    /// A tool call nobody decides on within this many seconds is denied.
+    #[arg(long, env = "BREAKGLASS_APPROVAL_TIMEOUT_SECONDS", default_value_t = 600)]
+    pub approval_timeout_seconds: u64,
+
+    /// A TOML file of commands the agent may run without asking, with
+    /// reasons (README "Approvals").
+    #[arg(long, env = "BREAKGLASS_POLICY_FILE")]
+    pub policy_file: Option<PathBuf>,
+
+    /// An idle attach stream gets a keepalive comment this often.
+    #[arg(long, env = "BREAKGLASS_SSE_KEEPALIVE_SECONDS", default_value_t = 15)]
+    pub sse_keepalive_seconds: u64,
+
+    /// A client whose connection accepts no bytes for this long is cut off
+    /// (it reconnects with Last-Event-ID and loses nothing).
+    #[arg(long, env = "BREAKGLASS_WRITE_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub write_timeout_seconds: u64,
+
+    /// A connection that has not sent complete request headers this long
+    /// after connecting, or after its last response, is closed.
+    #[arg(long, env = "BREAKGLASS_HEADER_TIMEOUT_SECONDS", default_value_t = 10)]
+    pub header_timeout_seconds: u64,
+
+    /// Turns running at once across all sessions; more wait for a slot.
+    #[arg(long, env = "BREAKGLASS_MAX_CONCURRENT_TURNS", default_value_t = 2)]
+    pub max_concurrent_turns: usize,
+
+    /// Bearer token for scripts and terminals: from the environment only
+    /// (the flag is refused, since argv is readable by every local user).
+    #[arg(long, env = "API_BEARER_TOKEN", hide_env_values = true)]
+    pub api_bearer_token: Option<String>,
+
+    /// Comma-separated CIDRs of the edge proxies whose user header is believed.
+    #[arg(long, env = "BREAKGLASS_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+
+    /// Header carrying the user name set by a trusted proxy.
+    #[arg(long, env = "BREAKGLASS_TRUSTED_USER_HEADER", default_value = "X-authentik-username")]
+    pub trusted_user_header: String,
+
+    /// How long a browser stays signed in after opening a login link.
+    #[arg(long, env = "BREAKGLASS_LOGIN_TTL_SECONDS", default_value_t = 43200)]
+    pub login_ttl_seconds: u64,
+
+    /// Hypervisor address for the power verbs (unset: verbs answer 503).
+    #[arg(long, env = "BREAKGLASS_PVE_HOST")]
+    pub pve_host: Option<String>,
+
+    /// SSH port of the hypervisor.
+    #[arg(long, env = "BREAKGLASS_PVE_PORT", default_value_t = 22)]
+    pub pve_port: u16,
+
+    /// User on the hypervisor whose authorized_keys holds the forced command.
+    #[arg(long, env = "BREAKGLASS_PVE_USER", default_value = "root")]
+    pub pve_user: String,
+
+    /// known_hosts file to check the hypervisor's host key against
+    /// [default: no check, so a re-keyed host stays reachable in an incident].
+    #[arg(long, env = "BREAKGLASS_PVE_KNOWN_HOSTS")]
+    pub pve_known_hosts: Option<PathBuf>,
+
+    /// The ssh client, looked up on PATH unless it contains a slash.
+    #[arg(long, env = "BREAKGLASS_SSH_BIN", default_value = "ssh")]
+    pub ssh_bin: PathBuf,
+
+    /// A power verb taking longer than this is killed.
+    #[arg(long, env = "BREAKGLASS_PVE_VERB_TIMEOUT_SECONDS", default_value_t = 660)]
+    pub pve_verb_timeout_seconds: u64,
+
+    /// Webhook for notifications (ntfy topic URL or any receiver): from the
+    /// environment only, since it may carry a token (README "Notifications").
+    #[arg(long, env = "BREAKGLASS_NOTIFY_URL", hide_env_values = true)]
+    pub notify_url: Option<String>,
+
+    /// Body of the webhook's POST: ntfy (message body, Title/Priority/Tags/Click headers) or json.
+    #[arg(long, env = "BREAKGLASS_NOTIFY_FORMAT", value_enum, default_value = "ntfy")]
+    pub notify_format: crate::notify::webhook::Format,
+
+    /// The console's address as browsers reach it, for links in notifications [default: no link].
+    #[arg(long, env = "BREAKGLASS_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// Contact (mailto: or https:) that Web Push messages carry for the push services
+    /// [default: the public URL when it is https].
+    #[arg(long, env = "BREAKGLASS_PUSH_CONTACT")]
+    pub push_contact: Option<String>,
 }
 
 impl Config {
@@ -200,7 +328,7 @@ impl Config {
         let definition = match &args.agent_file {
             Some(path) => std::fs::read_to_string(path)
                 .with_context(|| format!("BREAKGLASS_AGENT_FILE: cannot read {}", path.display()))?,
-            None => DEFAULT_AGENT_DEFINITION.to_owned(),
+            None => crate::agent::definition::DEFAULT.to_owned(),
         };
         let definition = crate::agent::definition::agents_json(&args.agent, &definition)
             .map_err(|e| anyhow::anyhow!("BREAKGLASS_AGENT_FILE: {e}"))?;
@@ -276,7 +404,7 @@ impl Config {
             auth: {
                 let first_run = bearer_token.is_none() && trusted_proxies.is_empty();
                 AuthConfig {
-                    login_token: first_run.then(random_token),
+                    login_token: first_run.then(crate::util::random_token),
                     bearer_token,
                     trusted_proxies,
                     user_header,
@@ -342,11 +470,6 @@ fn notify_config(
         },
     };
     Ok(NotifyConfig { webhook, format, public_url, push_contact })
-}
-
-/// 244 random bits, hex: a token nobody guesses.
-pub fn random_token() -> String {
-    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
 }
 
 fn positive_seconds(name: &str, seconds: u64) -> anyhow::Result<Duration> {

@@ -81,8 +81,8 @@ fn header(row: &SessionRow) -> String {
         "# Incident transcript: {}\n\n- Session: `{}`\n- Opened: {}\n- Last activity: {}\n- Events: {}\n\n",
         one_line(title),
         row.id,
-        crate::http::rfc3339(row.created_ms),
-        crate::http::rfc3339(row.last_activity_ms),
+        crate::util::rfc3339(row.created_ms),
+        crate::util::rfc3339(row.last_activity_ms),
         row.event_count,
     )
 }

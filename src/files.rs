@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
-use crate::config::random_token;
+use crate::util::random_token;
 
 /// Writes a whole file or nothing: a temporary file beside it, renamed over
 /// it, so a reader never sees half a key or half a link.

@@ -20,7 +20,8 @@
 //! (webhook, Web Push) without ever holding up a turn, [`files`] writes the
 //! data directory's private files, [`connections`] accepts and bounds
 //! HTTP connections, [`server`] wires everything to a listener and orders
-//! the drain, and [`shutdown`] listens for the signals.
+//! the drain, and [`shutdown`] listens for the signals. [`util`] holds the small helpers
+//! every layer may use (time formats, random tokens).
 
 pub mod agent;
 pub mod approval;
@@ -43,4 +44,5 @@ pub mod shutdown;
 pub mod sse;
 pub mod store;
 pub mod turn;
+pub mod util;
 pub mod web;

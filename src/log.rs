@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::event::{Delta, Event, EventId, Stored};
 use crate::hub::{Hub, Subscription};
-use crate::store::{Fence, Pending, Store, StoreError};
+use crate::store::{Fence, Pending, Publish, Store, StoreError};
 
 pub type LogError = StoreError;
 
@@ -78,6 +78,14 @@ impl Log {
 
     pub fn session(&self) -> Uuid {
         self.session
+    }
+}
+
+/// The store publishes each committed event to its session's hub: the log
+/// is where the two meet, so neither knows the other.
+impl Publish for Hub {
+    fn publish(&self, event: Stored) {
+        Hub::publish(self, event);
     }
 }
 

@@ -5,6 +5,7 @@
 //! [`Verb`] from the enum below as the remote command.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::str::FromStr;
 use std::time::Duration;
@@ -18,7 +19,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::capture::read_capped;
-use crate::config::PowerConfig;
+
+/// How power verbs reach the hypervisor (README "Setting up the hypervisor").
+#[derive(Debug, Clone)]
+pub struct PowerConfig {
+    pub host: Option<String>,
+    pub port: u16,
+    pub user: String,
+    pub known_hosts: Option<PathBuf>,
+    pub ssh_program: PathBuf,
+    pub timeout: Duration,
+}
 
 /// Output kept from each of ssh's stdout and stderr.
 pub const OUTPUT_CAP: usize = 64 * 1024;

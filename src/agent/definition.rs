@@ -8,6 +8,9 @@
 
 use serde_json::{Map, Value, json};
 
+/// The recovery agent written into each workspace unless `BREAKGLASS_AGENT_FILE` names another.
+pub const DEFAULT: &str = include_str!("breakglass.md");
+
 /// What is wrong with a definition, said at start-up.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DefinitionError {
@@ -78,8 +81,7 @@ mod tests {
 
     #[test]
     fn the_built_in_agent_becomes_one_agent_with_its_tools_and_prompt() {
-        let json: Value =
-            serde_json::from_str(&agents_json("breakglass", crate::config::DEFAULT_AGENT_DEFINITION).unwrap()).unwrap();
+        let json: Value = serde_json::from_str(&agents_json("breakglass", DEFAULT).unwrap()).unwrap();
         let agent = &json["breakglass"];
         assert_eq!(json.as_object().unwrap().len(), 1);
         assert_eq!(agent["tools"], json!(["Bash", "Read", "Grep", "Glob"]));

@@ -22,12 +22,21 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use crate::config::ApprovalConfig;
 use crate::event::{Decision, Event};
 use crate::log::{Log, LogError};
 use crate::notify::{Note, Notifier};
 use crate::store::{AuditRecord, AuthMethod, Store, StoreError, now_ms};
 use policy::Verdict;
+
+/// The operator in the loop (README "Approvals").
+#[derive(Debug, Clone)]
+pub struct ApprovalConfig {
+    /// `BREAKGLASS_APPROVALS=on`: every tool call is checked.
+    pub enabled: bool,
+    /// No decision within this is a deny.
+    pub timeout: Duration,
+    pub policy: policy::Policy,
+}
 
 /// The path the agent's hook posts to (README "Approvals").
 pub const HOOK_PATH: &str = "/hook/pre-tool-use";
@@ -191,7 +200,7 @@ impl Approvals {
         if !self.config.enabled {
             return None;
         }
-        let secret = crate::config::random_token();
+        let secret = crate::util::random_token();
         self.lock().turns.insert(digest(&secret), session);
         Some(TurnHook { approvals: self.clone(), session, secret, closed: false })
     }

@@ -79,7 +79,7 @@ async fn page(State(state): State<AppState>, Query(query): Query<PageQuery>) -> 
 fn entry_json(e: AuditEntry) -> Value {
     json!({
         "seq": e.seq,
-        "at": super::rfc3339(e.at_ms),
+        "at": crate::util::rfc3339(e.at_ms),
         "identity": e.record.identity,
         "peer": e.record.peer,
         "action": e.record.action,

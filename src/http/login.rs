@@ -33,8 +33,9 @@ use anyhow::Context;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::{AuthConfig, Config, random_token};
+use crate::config::{AuthConfig, Config};
 use crate::files::{match_parent_owner, write_atomically};
+use crate::util::random_token;
 
 /// The console's session cookie.
 pub const COOKIE: &str = "breakglass";

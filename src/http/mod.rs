@@ -73,12 +73,6 @@ impl AppState {
     }
 }
 
-/// Milliseconds since the epoch as RFC 3339 (UTC, milliseconds).
-pub fn rfc3339(ms: i64) -> String {
-    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    humantime::format_rfc3339_millis(at).to_string()
-}
-
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .merge(sessions::router())

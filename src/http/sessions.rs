@@ -18,12 +18,13 @@ use super::auth::Identity;
 use super::body::JsonBody;
 use super::error::ApiError;
 use super::extract::{Path, Query};
-use super::{AppState, MAX_PROMPT_CHARS, rfc3339};
+use super::{AppState, MAX_PROMPT_CHARS};
 use crate::config::validate_model;
 use crate::export::{Format, export};
 use crate::session::{Session, StartError};
 use crate::sse;
 use crate::store::SessionRow;
+use crate::util::rfc3339;
 
 pub fn router() -> Router<AppState> {
     Router::new()

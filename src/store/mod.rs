@@ -33,7 +33,6 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::event::{Event, EventId, Stored};
-use crate::hub::Hub;
 
 pub use audit::{HEAD_FILE, verify_audit};
 pub use read::Asked;
@@ -41,6 +40,21 @@ use read::Readers;
 use schema::prepare;
 pub use writer::{BATCH_MAX, BATCH_WINDOW};
 use writer::{Command, Writer};
+
+/// Where the writer hands an event once its transaction has committed: the
+/// session's hub, given by the log, so storage knows nothing of who listens
+/// (ARCHITECTURE.md, "Layering"). Called on the writer thread, in commit
+/// order and before the event's producer hears of it, so it must not block.
+pub trait Publish: Send + Sync {
+    fn publish(&self, event: Stored);
+}
+
+/// A closure is a sink too (tests, and writes nobody listens to).
+impl<F: Fn(Stored) + Send + Sync> Publish for F {
+    fn publish(&self, event: Stored) {
+        self(event)
+    }
+}
 
 /// Commands waiting for the writer; senders wait beyond this (backpressure).
 const QUEUE: usize = 4096;
@@ -391,16 +405,17 @@ impl Store {
     }
 
     /// Queues an event; ids follow the order of `submit` calls. Await the
-    /// returned [`Pending`] for its id once it is committed (and published).
+    /// returned [`Pending`] for its id once it is committed (and published to
+    /// `sink`).
     pub async fn submit(
         &self,
         session: Uuid,
         event: Event,
-        hub: Arc<Hub>,
+        sink: Arc<dyn Publish>,
         fence: Option<Fence>,
     ) -> Result<Pending, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Append { session, event, hub, fence, reply }).await?;
+        self.send(Command::Append { session, event, sink, fence, reply }).await?;
         Ok(Pending(rx))
     }
 
@@ -475,7 +490,7 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File, OpenError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn open() -> (tempfile::TempDir, Store) {
@@ -484,8 +499,13 @@ mod tests {
         (dir, store)
     }
 
+    /// A sink for events nobody is attached to.
+    pub(super) fn nobody() -> Arc<dyn Publish> {
+        Arc::new(|_: Stored| ())
+    }
+
     async fn append(store: &Store, session: Uuid, event: Event) -> Result<Stored, StoreError> {
-        store.submit(session, event, Arc::new(Hub::default()), None).await?.committed().await
+        store.submit(session, event, nobody(), None).await?.committed().await
     }
 
     #[tokio::test]
@@ -494,10 +514,9 @@ mod tests {
         let id = store.create_session(Uuid::new_v4()).await.unwrap().id;
         let mut pending = Vec::new();
         for i in 0..1000 {
-            let hub = Arc::new(Hub::default());
             pending.push(
                 store
-                    .submit(id, Event::Text { text: i.to_string(), message_id: None, index: None }, hub, None)
+                    .submit(id, Event::Text { text: i.to_string(), message_id: None, index: None }, nobody(), None)
                     .await
                     .unwrap(),
             );
@@ -515,8 +534,8 @@ mod tests {
     async fn events_of_an_unknown_session_are_refused_alone() {
         let (_dir, store) = open();
         let id = store.create_session(Uuid::new_v4()).await.unwrap().id;
-        let stray = store.submit(Uuid::new_v4(), Event::TurnEnd, Arc::new(Hub::default()), None).await.unwrap();
-        let fine = store.submit(id, Event::TurnEnd, Arc::new(Hub::default()), None).await.unwrap();
+        let stray = store.submit(Uuid::new_v4(), Event::TurnEnd, nobody(), None).await.unwrap();
+        let fine = store.submit(id, Event::TurnEnd, nobody(), None).await.unwrap();
         assert!(matches!(stray.committed().await, Err(StoreError::NoSession)));
         assert_eq!(fine.committed().await.unwrap().id, 0);
     }

@@ -12,10 +12,10 @@ use uuid::Uuid;
 
 use super::audit::{GENESIS, Head, chain_hash, write_head};
 use super::{
-    AuditEntry, AuditRecord, AuthMethod, Durability, Faults, Fence, SessionRow, StoreError, TITLE_CHARS, now_ms, to_sql,
+    AuditEntry, AuditRecord, AuthMethod, Durability, Faults, Fence, Publish, SessionRow, StoreError, TITLE_CHARS,
+    now_ms, to_sql,
 };
 use crate::event::{Event, Stored};
-use crate::hub::Hub;
 
 /// Most commands in one transaction.
 pub const BATCH_MAX: usize = 512;
@@ -34,7 +34,7 @@ pub(super) enum Command {
     Append {
         session: Uuid,
         event: Event,
-        hub: Arc<Hub>,
+        sink: Arc<dyn Publish>,
         fence: Option<Fence>,
         reply: oneshot::Sender<Result<Stored, StoreError>>,
     },
@@ -104,14 +104,14 @@ enum Done {
 }
 
 impl Command {
-    /// Answers the sender. A committed event is published to its attached
-    /// clients first, in commit order.
+    /// Answers the sender. A committed event is published to its sink
+    /// first, in commit order.
     fn answer(self, outcome: Result<Done, StoreError>) {
         // A sender that has gone (a client disconnected) needs no answer.
         match (self, outcome) {
             (Command::CreateSession { reply, .. }, Ok(Done::Session(row))) => drop(reply.send(Ok(row))),
-            (Command::Append { hub, reply, .. }, Ok(Done::Event(stored))) => {
-                hub.publish(stored.clone());
+            (Command::Append { sink, reply, .. }, Ok(Done::Event(stored))) => {
+                sink.publish(stored.clone());
                 drop(reply.send(Ok(stored)));
             }
             (Command::SetTurn { reply, .. }, Ok(Done::Nothing)) => drop(reply.send(Ok(()))),
@@ -401,7 +401,7 @@ mod tests {
     ) -> (Command, oneshot::Receiver<Result<Stored, StoreError>>) {
         let (reply, rx) = oneshot::channel();
         let event = Event::Text { text: text.into(), message_id: None, index: None };
-        (Command::Append { session, event, hub: Arc::new(Hub::default()), fence: fence.cloned(), reply }, rx)
+        (Command::Append { session, event, sink: crate::store::tests::nobody(), fence: fence.cloned(), reply }, rx)
     }
 
     /// A transaction whose commit fails (here a deferred foreign key that

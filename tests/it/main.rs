@@ -16,6 +16,7 @@ mod crash;
 mod drill;
 mod frozen;
 mod hook_probe;
+mod layering;
 mod lifecycle;
 mod limits;
 mod live;
