@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::event::{Event, EventId, Stored};
+use crate::event::{Encoded, Event, EventId, Stored};
 use crate::hub::Hub;
 
 pub use audit::{HEAD_FILE, verify_audit};
@@ -400,7 +400,9 @@ impl Store {
         fence: Option<Fence>,
     ) -> Result<Pending, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Append { session, event, hub, fence, reply }).await?;
+        // Encoded here, on the producer's task, not on the writer thread.
+        let (encoded, effect) = (Encoded::new(&event), writer::Effect::of(&event));
+        self.send(Command::Append { session, encoded, effect, hub, fence, reply }).await?;
         Ok(Pending(rx))
     }
 
