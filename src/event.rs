@@ -218,10 +218,130 @@ impl Stored {
     /// time it entered the log (RFC 3339, UTC), which the transcript and its
     /// export read as the incident's timeline.
     pub fn new(id: EventId, event: &Event) -> Self {
-        let mut json = event.to_json(id);
-        if let Some(obj) = json.as_object_mut() {
-            obj.insert("at".into(), humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string().into());
+        Encoded::new(event).stored(id, Stamp::default().at(crate::store::now_ms()))
+    }
+}
+
+/// An event's JSON less its `id` and `at`, encoded by its producer: the
+/// store's single writer thread (ARCHITECTURE.md, storage) then only splices
+/// those two in, so that encoding never holds up the writes of other
+/// sessions. The result is byte for byte what [`Event::to_json`] with `at`
+/// added gives: the keys in sorted order (serde_json's `Map`), compact.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    /// The `"key":value` members before `at`, between `at` and `id`, and
+    /// after `id`, each comma-separated.
+    parts: [String; 3],
+}
+
+impl Encoded {
+    pub fn new(event: &Event) -> Self {
+        let mut parts: [String; 3] = Default::default();
+        if let Value::Object(obj) = event.to_json(0) {
+            for (key, value) in obj.iter().filter(|(key, _)| key.as_str() != "id") {
+                let part = &mut parts[usize::from(key.as_str() > "at") + usize::from(key.as_str() > "id")];
+                if !part.is_empty() {
+                    part.push(',');
+                }
+                // Writing to a String cannot fail, nor can encoding a Value.
+                part.push_str(&Value::String(key.clone()).to_string());
+                part.push(':');
+                part.push_str(&value.to_string());
+            }
         }
-        Stored { id, json: json.to_string().into() }
+        Encoded { parts }
+    }
+
+    /// The stored JSON with `id` and `at` (already RFC 3339) in their places.
+    pub fn stored(&self, id: EventId, at: &str) -> Stored {
+        let [before, middle, after] = &self.parts;
+        let at = format!("\"at\":\"{at}\"");
+        let id_member = format!("\"id\":{id}");
+        let mut json =
+            String::with_capacity(before.len() + middle.len() + after.len() + at.len() + id_member.len() + 6);
+        json.push('{');
+        for member in [before, &at, middle, &id_member, after].into_iter().filter(|m| !m.is_empty()) {
+            if json.len() > 1 {
+                json.push(',');
+            }
+            json.push_str(member);
+        }
+        json.push('}');
+        Stored { id, json: json.into() }
+    }
+}
+
+/// The RFC 3339 text of the last millisecond asked for: the writer thread
+/// stamps thousands of events a second, most within the same millisecond.
+#[derive(Debug, Default)]
+pub struct Stamp {
+    ms: Option<i64>,
+    text: String,
+}
+
+impl Stamp {
+    /// `ms` (since the epoch) as `at` gives it: RFC 3339, UTC, milliseconds.
+    pub fn at(&mut self, ms: i64) -> &str {
+        if self.ms != Some(ms) {
+            let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+            self.text = humantime::format_rfc3339_millis(time).to_string();
+            self.ms = Some(ms);
+        }
+        &self.text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JSON as it was encoded before the producer did it: the whole
+    /// object with `at` inserted, serialized at once.
+    fn whole(id: EventId, event: &Event, at: &str) -> String {
+        let mut json = event.to_json(id);
+        json.as_object_mut().unwrap().insert("at".into(), at.into());
+        json.to_string()
+    }
+
+    #[test]
+    fn an_encoded_event_with_its_id_and_at_is_byte_identical_to_its_whole_json() {
+        let input = json!({"command": "df -h", "quote\"": "a\nb"});
+        let events = [
+            Event::User { text: "disk \"full\"\n".into(), by: "alice".into() },
+            Event::Session { session_id: "s-1".into() },
+            Event::Status { text: "retrying".into() },
+            Event::Text { text: "é ✓ \u{1}".into(), message_id: Some("m".into()), index: Some(2) },
+            Event::Text { text: String::new(), message_id: None, index: None },
+            Event::Tool { name: "Bash".into(), input: input.clone(), tool_use_id: "t".into() },
+            Event::ToolResult { tool_use_id: "t".into(), is_error: true, content: "no".into() },
+            Event::Result(TurnResult { result: "done".into(), total_cost_usd: Some(0.5), ..TurnResult::default() }),
+            Event::Error { error: "boom".into() },
+            Event::Cancelled,
+            Event::TurnEnd,
+            Event::Approval {
+                tool_use_id: "t".into(),
+                tool: "Bash".into(),
+                input,
+                reason: "writes".into(),
+                effect: Some("deletes".into()),
+                deadline_ms: 7,
+            },
+            Event::ApprovalDecision {
+                tool_use_id: "t".into(),
+                decision: Decision::Deny,
+                by: "timeout".into(),
+                at_ms: 9,
+                message: Some("no".into()),
+            },
+        ];
+        let at = Stamp::default().at(1_700_000_000_123).to_owned();
+        assert_eq!(at, "2023-11-14T22:13:20.123Z");
+        for event in &events {
+            for id in [0, 41_234, u64::MAX] {
+                let stored = Encoded::new(event).stored(id, &at);
+                assert_eq!(&*stored.json, whole(id, event, &at), "{event:?}");
+                assert_eq!(stored.id, id);
+            }
+        }
     }
 }

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::event::{Event, EventId, Stored};
+use crate::event::{Encoded, Event, EventId, Stored};
 
 pub use audit::{HEAD_FILE, verify_audit};
 pub use read::Asked;
@@ -415,7 +415,9 @@ impl Store {
         fence: Option<Fence>,
     ) -> Result<Pending, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Append { session, event, sink, fence, reply }).await?;
+        // Encoded here, on the producer's task, not on the writer thread.
+        let (encoded, effect) = (Encoded::new(&event), writer::Effect::of(&event));
+        self.send(Command::Append { session, encoded, effect, sink, fence, reply }).await?;
         Ok(Pending(rx))
     }
 

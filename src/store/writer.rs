@@ -15,7 +15,7 @@ use super::{
     AuditEntry, AuditRecord, AuthMethod, Durability, Faults, Fence, Publish, SessionRow, StoreError, TITLE_CHARS,
     now_ms, to_sql,
 };
-use crate::event::{Event, Stored};
+use crate::event::{Encoded, Event, Stamp, Stored};
 
 /// Most commands in one transaction.
 pub const BATCH_MAX: usize = 512;
@@ -33,7 +33,9 @@ pub(super) enum Command {
     },
     Append {
         session: Uuid,
-        event: Event,
+        /// Encoded by the producer: the writer only adds `id` and `at`.
+        encoded: Encoded,
+        effect: Effect,
         sink: Arc<dyn Publish>,
         fence: Option<Fence>,
         reply: oneshot::Sender<Result<Stored, StoreError>>,
@@ -61,6 +63,48 @@ impl std::fmt::Debug for Command {
     }
 }
 
+/// What an event means for its session's row.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Effect {
+    /// A prompt: a turn is running, and the first one is the title.
+    User {
+        title: String,
+    },
+    /// The agent announced its session: later turns resume it.
+    Session,
+    /// The turn is over: nothing of it is left to find after a crash.
+    TurnEnd,
+    None,
+}
+
+impl Effect {
+    pub(super) fn of(event: &Event) -> Self {
+        match event {
+            Event::User { text, .. } => Effect::User { title: text.trim().chars().take(TITLE_CHARS).collect() },
+            Event::Session { .. } => Effect::Session,
+            Event::TurnEnd => Effect::TurnEnd,
+            _ => Effect::None,
+        }
+    }
+}
+
+/// A session's row as a batch's events leave it, written once per batch
+/// (and before any other command that touches the row) rather than once
+/// per event.
+struct RowChange {
+    /// The session's id as the tables key it.
+    sid: String,
+    /// Its next event id.
+    event_count: u64,
+    /// `Some` once a prompt or a turn's end was logged: the last one says.
+    turn_running: Option<bool>,
+    /// The first prompt's title (the row keeps the first it ever had).
+    title: Option<String>,
+    agent_started: bool,
+    /// A turn ended: its process group and marker are gone.
+    turn_cleared: bool,
+}
+
 /// The writer thread's state.
 pub(super) struct Writer {
     conn: Connection,
@@ -83,6 +127,8 @@ pub(super) struct Writer {
     /// Commands received so far, for [`Faults::writer_panic_after`].
     #[cfg_attr(not(debug_assertions), allow(dead_code))]
     received: u64,
+    /// The `at` of the events being stamped.
+    stamp: Stamp,
 }
 
 /// Changes made by the open transaction, applied to the writer's state only
@@ -143,7 +189,17 @@ impl Command {
 
 impl Writer {
     pub(super) fn new(conn: Connection, dir: PathBuf, anchoring: bool, durability: Durability, faults: Faults) -> Self {
-        Writer { conn, next_ids: HashMap::new(), audit_tail: None, dir, anchoring, durability, faults, received: 0 }
+        Writer {
+            conn,
+            next_ids: HashMap::new(),
+            audit_tail: None,
+            dir,
+            anchoring,
+            durability,
+            faults,
+            received: 0,
+            stamp: Stamp::default(),
+        }
     }
 
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -171,12 +227,16 @@ impl Writer {
         }
     }
 
-    /// One transaction for the whole batch, each command in a savepoint of
-    /// its own: a command that fails is rolled back alone and told why, and
-    /// the rest commit (one session's trouble is not another's). When the
-    /// transaction itself fails (its commit, say), each command is tried
-    /// again in a transaction of its own, so that again only the failing
-    /// ones fail.
+    /// One transaction for the whole batch. An event is one `INSERT`,
+    /// which SQLite makes atomic on its own (a statement that fails is
+    /// undone alone and the transaction goes on); every other command runs
+    /// in a savepoint of its own. Either way a command that fails is rolled
+    /// back alone and told why, and the rest commit (one session's trouble
+    /// is not another's). Each session's row is updated once for the batch's
+    /// events. When the transaction itself fails (its commit, a row's
+    /// update, or an error after which SQLite rolled it all back), each
+    /// command is tried again in a transaction of its own, so that again
+    /// only the failing ones fail.
     fn apply(&mut self, batch: Vec<Command>) {
         match self.transaction(&batch) {
             Ok((outcomes, staged)) => self.committed(batch, outcomes, staged),
@@ -200,57 +260,78 @@ impl Writer {
         let sync_this_one =
             self.durability == Durability::Normal && batch.iter().any(|c| matches!(c, Command::Audit { .. }));
         if !sync_this_one {
-            return self.savepoint_each(batch);
+            return self.write_batch(batch);
         }
         self.conn.pragma_update(None, "synchronous", "FULL")?;
-        let result = self.savepoint_each(batch);
+        let result = self.write_batch(batch);
         if let Err(err) = self.conn.pragma_update(None, "synchronous", "NORMAL") {
             tracing::warn!(%err, "could not return to synchronous=NORMAL after an audit record");
         }
         result
     }
 
-    /// The transaction itself, each command in a savepoint of its own.
-    fn savepoint_each(&mut self, batch: &[Command]) -> Result<(Vec<Result<Done, StoreError>>, Staged), StoreError> {
+    /// The transaction itself.
+    fn write_batch(&mut self, batch: &[Command]) -> Result<(Vec<Result<Done, StoreError>>, Staged), StoreError> {
         let mut staged = Staged::default();
         let mut outcomes = Vec::with_capacity(batch.len());
         // Producers with a write that failed in this transaction: their
         // later writes are refused, as their fence will say once it is over.
         let mut failed: Vec<&Fence> = Vec::new();
+        let mut rows: HashMap<Uuid, RowChange> = HashMap::new();
         // Immediate: the write lock is taken (waiting out the busy timeout)
         // before anything is read, so a transaction never has to upgrade a
         // read lock, which SQLite refuses at once when another connection
         // (a checkpoint, an operator's sqlite3) holds the database.
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        for command in batch {
-            let fenced = match command {
-                Command::Append { fence: Some(fence), .. } => {
-                    fence.is_tripped() || failed.iter().any(|f| f.same(fence))
-                }
-                _ => false,
-            };
-            if fenced {
-                outcomes.push(Ok(Done::Refused(StoreError::Fenced)));
-                continue;
-            }
-            tx.prepare_cached("SAVEPOINT command")?.execute([])?;
-            match execute(&tx, &self.next_ids, &self.audit_tail, &mut staged, command) {
-                Ok(done) => {
-                    tx.prepare_cached("RELEASE command")?.execute([])?;
-                    outcomes.push(Ok(done));
-                }
-                Err(err) => {
-                    // SQLite rolls the whole transaction back on some errors
-                    // (a full disk, I/O): then this fails, and so does the batch.
-                    tx.execute_batch("ROLLBACK TO command; RELEASE command")?;
-                    tracing::warn!(%err, command = ?command, "a storage write failed; the rest of its transaction goes on");
-                    if let Command::Append { fence: Some(fence), .. } = command {
-                        failed.push(fence);
+        {
+            // Prepared once per batch, not looked up once per event.
+            let mut insert = tx.prepare_cached("INSERT INTO events (session, id, json) VALUES (?1, ?2, ?3)")?;
+            for command in batch {
+                let fenced = match command {
+                    Command::Append { fence: Some(fence), .. } => {
+                        fence.is_tripped() || failed.iter().any(|f| f.same(fence))
                     }
-                    outcomes.push(Err(err));
+                    _ => false,
+                };
+                if fenced {
+                    outcomes.push(Ok(Done::Refused(StoreError::Fenced)));
+                    continue;
+                }
+                let outcome = match command {
+                    Command::Append { session, encoded, effect, .. } => {
+                        let event = NewEvent { session: *session, encoded, effect };
+                        append(&tx, &mut insert, &self.next_ids, &mut staged, &mut rows, &mut self.stamp, event)
+                    }
+                    _ => {
+                        // The row as this command finds it includes the
+                        // events before it.
+                        update_rows(&tx, &mut rows)?;
+                        tx.prepare_cached("SAVEPOINT command")?.execute([])?;
+                        let outcome = execute(&tx, &self.audit_tail, &mut staged, command);
+                        if outcome.is_ok() {
+                            tx.prepare_cached("RELEASE command")?.execute([])?;
+                        } else if !tx.is_autocommit() {
+                            tx.execute_batch("ROLLBACK TO command; RELEASE command")?;
+                        }
+                        outcome
+                    }
+                };
+                match outcome {
+                    Ok(done) => outcomes.push(Ok(done)),
+                    // SQLite rolls the whole transaction back on some errors
+                    // (a full disk, I/O): then the batch fails.
+                    Err(err) if tx.is_autocommit() => return Err(err),
+                    Err(err) => {
+                        tracing::warn!(%err, command = ?command, "a storage write failed; the rest of its transaction goes on");
+                        if let Command::Append { fence: Some(fence), .. } = command {
+                            failed.push(fence);
+                        }
+                        outcomes.push(Err(err));
+                    }
                 }
             }
         }
+        update_rows(&tx, &mut rows)?;
         tx.commit()?;
         Ok((outcomes, staged))
     }
@@ -278,11 +359,101 @@ impl Writer {
     }
 }
 
-/// Runs one command inside the open transaction (in its own savepoint).
+/// An event to insert, as its command holds it.
+struct NewEvent<'a> {
+    session: Uuid,
+    encoded: &'a Encoded,
+    effect: &'a Effect,
+}
+
+/// Inserts one event (one statement: it fails alone) and notes what it
+/// changes in its session's row. Changes to `staged` and `rows` are made
+/// only once the insert succeeded.
+fn append(
+    tx: &Transaction<'_>,
+    insert: &mut rusqlite::CachedStatement<'_>,
+    next_ids: &HashMap<Uuid, u64>,
+    staged: &mut Staged,
+    rows: &mut HashMap<Uuid, RowChange>,
+    stamp: &mut Stamp,
+    event: NewEvent<'_>,
+) -> Result<Done, StoreError> {
+    let NewEvent { session, encoded, effect } = event;
+    let next = match staged.next_ids.get(&session).or_else(|| next_ids.get(&session)) {
+        Some(next) => Some(*next),
+        None => tx
+            .prepare_cached("SELECT event_count FROM sessions WHERE id = ?1")?
+            .query_row([session.to_string()], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map(|n| n as u64),
+    };
+    let Some(id) = next else {
+        return Ok(Done::Refused(StoreError::NoSession));
+    };
+    let stored = encoded.stored(id, stamp.at(now_ms()));
+    let row = rows.entry(session).or_insert_with(|| RowChange {
+        sid: session.to_string(),
+        event_count: id,
+        turn_running: None,
+        title: None,
+        agent_started: false,
+        turn_cleared: false,
+    });
+    insert.execute(params![row.sid, to_sql(id), &*stored.json])?;
+    row.event_count = id + 1;
+    match effect {
+        Effect::User { title } => {
+            row.turn_running = Some(true);
+            row.title.get_or_insert_with(|| title.clone());
+        }
+        Effect::Session => row.agent_started = true,
+        Effect::TurnEnd => {
+            row.turn_running = Some(false);
+            row.turn_cleared = true;
+        }
+        Effect::None => {}
+    }
+    staged.next_ids.insert(session, id + 1);
+    Ok(Done::Event(stored))
+}
+
+/// Writes what the batch's events so far changed in their sessions' rows,
+/// as each event's own updates would have left them.
+fn update_rows(tx: &Transaction<'_>, rows: &mut HashMap<Uuid, RowChange>) -> Result<(), StoreError> {
+    let now = now_ms();
+    for (_, row) in rows.drain() {
+        let flags = row.turn_running.is_some() || row.title.is_some() || row.agent_started || row.turn_cleared;
+        if !flags {
+            tx.prepare_cached("UPDATE sessions SET event_count = ?2, last_activity_ms = ?3 WHERE id = ?1")?
+                .execute(params![row.sid, to_sql(row.event_count), now])?;
+            continue;
+        }
+        tx.prepare_cached(
+            "UPDATE sessions SET event_count = ?2, last_activity_ms = ?3,
+                 turn_running = coalesce(?4, turn_running), title = coalesce(title, ?5),
+                 agent_started = max(agent_started, ?6),
+                 turn_pgid = CASE WHEN ?7 THEN NULL ELSE turn_pgid END,
+                 turn_marker = CASE WHEN ?7 THEN NULL ELSE turn_marker END
+             WHERE id = ?1",
+        )?
+        .execute(params![
+            row.sid,
+            to_sql(row.event_count),
+            now,
+            row.turn_running,
+            row.title,
+            row.agent_started,
+            row.turn_cleared
+        ])?;
+    }
+    Ok(())
+}
+
+/// Runs one command other than an event inside the open transaction (in
+/// its own savepoint).
 /// Changes to `staged` are made last, only once every statement succeeded.
 fn execute(
     tx: &Transaction<'_>,
-    next_ids: &HashMap<Uuid, u64>,
     audit_tail: &Option<(i64, String)>,
     staged: &mut Staged,
     command: &Command,
@@ -304,51 +475,7 @@ fn execute(
                 turn_marker: None,
             }))
         }
-        Command::Append { fence: Some(fence), .. } if fence.is_tripped() => Ok(Done::Refused(StoreError::Fenced)),
-        Command::Append { session, event, .. } => {
-            let next = match staged.next_ids.get(session).or_else(|| next_ids.get(session)) {
-                Some(next) => Some(*next),
-                None => tx
-                    .prepare_cached("SELECT event_count FROM sessions WHERE id = ?1")?
-                    .query_row([session.to_string()], |r| r.get::<_, i64>(0))
-                    .optional()?
-                    .map(|n| n as u64),
-            };
-            let Some(id) = next else {
-                return Ok(Done::Refused(StoreError::NoSession));
-            };
-            let stored = Stored::new(id, event);
-            let sid = session.to_string();
-            tx.prepare_cached("INSERT INTO events (session, id, json) VALUES (?1, ?2, ?3)")?.execute(params![
-                sid,
-                to_sql(id),
-                &*stored.json
-            ])?;
-            tx.prepare_cached("UPDATE sessions SET event_count = ?2, last_activity_ms = ?3 WHERE id = ?1")?
-                .execute(params![sid, to_sql(id + 1), now_ms()])?;
-            // What an event means for its session's row.
-            match event {
-                Event::User { text, .. } => {
-                    let title: String = text.trim().chars().take(TITLE_CHARS).collect();
-                    tx.prepare_cached(
-                        "UPDATE sessions SET turn_running = 1, title = coalesce(title, ?2) WHERE id = ?1",
-                    )?
-                    .execute(params![sid, title])?;
-                }
-                Event::Session { .. } => {
-                    tx.prepare_cached("UPDATE sessions SET agent_started = 1 WHERE id = ?1")?.execute([&sid])?;
-                }
-                Event::TurnEnd => {
-                    tx.prepare_cached(
-                        "UPDATE sessions SET turn_running = 0, turn_pgid = NULL, turn_marker = NULL WHERE id = ?1",
-                    )?
-                    .execute([&sid])?;
-                }
-                _ => {}
-            }
-            staged.next_ids.insert(*session, id + 1);
-            Ok(Done::Event(stored))
-        }
+        Command::Append { .. } => Err(StoreError::Sqlite("internal: an event outside its batch's inserts".into())),
         Command::SetTurn { session, pgid, marker, .. } => {
             tx.prepare_cached("UPDATE sessions SET turn_pgid = ?2, turn_marker = ?3 WHERE id = ?1")?
                 .execute(params![session.to_string(), pgid, marker])?;
@@ -401,7 +528,18 @@ mod tests {
     ) -> (Command, oneshot::Receiver<Result<Stored, StoreError>>) {
         let (reply, rx) = oneshot::channel();
         let event = Event::Text { text: text.into(), message_id: None, index: None };
-        (Command::Append { session, event, sink: crate::store::tests::nobody(), fence: fence.cloned(), reply }, rx)
+        let (encoded, effect) = (Encoded::new(&event), Effect::of(&event));
+        (
+            Command::Append {
+                session,
+                encoded,
+                effect,
+                sink: crate::store::tests::nobody(),
+                fence: fence.cloned(),
+                reply,
+            },
+            rx,
+        )
     }
 
     /// A transaction whose commit fails (here a deferred foreign key that
@@ -452,6 +590,80 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(kept, [(good.to_string(), 0), (good.to_string(), 1)]);
+    }
+
+    /// One batch for one session: a prompt, its turn's process group, an
+    /// insert that fails (and the fenced write after it), the session's
+    /// announcement and the turn's end. The failing write is rolled back
+    /// alone, and the row ends as the events one by one would leave it.
+    #[test]
+    fn a_batch_leaves_the_row_as_its_events_one_by_one_would() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), Durability::Normal).unwrap());
+        let conn = Connection::open(dir.path().join("breakglass.db")).unwrap();
+        conn.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+        let session = Uuid::new_v4();
+        conn.execute_batch(&format!(
+            "INSERT INTO sessions (id, created_ms, last_activity_ms) VALUES ('{session}', 0, 0);
+             CREATE TRIGGER refuses_boom BEFORE INSERT ON events WHEN NEW.json LIKE '%boom%'
+             BEGIN SELECT RAISE(ABORT, 'boom refused'); END;"
+        ))
+        .unwrap();
+        let mut writer = Writer::new(conn, dir.path().to_owned(), true, Durability::Full, Faults::default());
+        let with = |event: Event, fence: Option<&Fence>| {
+            let (reply, rx) = oneshot::channel();
+            let (encoded, effect) = (Encoded::new(&event), Effect::of(&event));
+            (
+                Command::Append {
+                    session,
+                    encoded,
+                    effect,
+                    sink: crate::store::tests::nobody(),
+                    fence: fence.cloned(),
+                    reply,
+                },
+                rx,
+            )
+        };
+        let fence = Fence::default();
+        let (turn, mut turn_reply) = oneshot::channel();
+        let (user, mut r0) = with(Event::User { text: " first ".into(), by: "alice".into() }, None);
+        let (announce, mut r1) = with(Event::Session { session_id: "s".into() }, None);
+        let (boom, mut r2) = with(Event::Text { text: "boom".into(), message_id: None, index: None }, Some(&fence));
+        let (after, mut r3) = with(Event::Text { text: "after".into(), message_id: None, index: None }, Some(&fence));
+        let (end, mut r4) = with(Event::TurnEnd, None);
+        let set_turn = Command::SetTurn { session, pgid: Some(7), marker: "M=1".into(), reply: turn };
+        writer.apply(vec![user, set_turn, announce, boom, after, end]);
+        assert!(turn_reply.try_recv().unwrap().is_ok());
+        assert_eq!(r0.try_recv().unwrap().unwrap().id, 0);
+        assert_eq!(r1.try_recv().unwrap().unwrap().id, 1);
+        assert!(matches!(r2.try_recv().unwrap(), Err(StoreError::Sqlite(e)) if e.contains("boom refused")));
+        assert!(matches!(r3.try_recv().unwrap(), Err(StoreError::Fenced)));
+        let end = r4.try_recv().unwrap().unwrap();
+        assert_eq!(end.id, 2);
+        assert!(
+            end.json.starts_with(r#"{"at":""#) && end.json.ends_with(r#"","id":2,"kind":"turn_end"}"#),
+            "{}",
+            end.json
+        );
+        let row: (i64, i64, Option<String>, i64, Option<i64>, Option<String>) = writer
+            .conn
+            .query_row(
+                "SELECT event_count, turn_running, title, agent_started, turn_pgid, turn_marker FROM sessions",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            )
+            .unwrap();
+        assert_eq!(row, (3, 0, Some("first".into()), 1, None, None));
+        let ids: Vec<i64> = writer
+            .conn
+            .prepare("SELECT id FROM events")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(ids, [0, 1, 2]);
     }
 
     /// Another connection writing while a batch starts (a checkpoint on
