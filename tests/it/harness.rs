@@ -180,6 +180,13 @@ pub fn spawn(dir: &std::path::Path, options: &Options) -> Result<(Child, String)
 
 type Lines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
+/// The server binary the tests start: the one cargo built, or
+/// `BREAKGLASS_SERVER_BIN` when set (the load harness compares two builds
+/// with it; docs/PERFORMANCE.md).
+pub fn server_binary() -> std::path::PathBuf {
+    std::env::var_os("BREAKGLASS_SERVER_BIN").map_or_else(|| env!("CARGO_BIN_EXE_breakglass").into(), Into::into)
+}
+
 fn spawn_capturing(dir: &std::path::Path, options: &Options) -> Result<(Child, String, Lines), String> {
     let path = format!("{}:{}", repo().join("tests/fake-bin").display(), std::env::var("PATH").unwrap_or_default());
     let log_path = dir.join("server.log");
@@ -187,10 +194,10 @@ fn spawn_capturing(dir: &std::path::Path, options: &Options) -> Result<(Child, S
     let mut command = match options.wrapper.split_first() {
         Some((program, args)) => {
             let mut command = Command::new(program);
-            command.args(args).arg(env!("CARGO_BIN_EXE_breakglass"));
+            command.args(args).arg(server_binary());
             command
         }
-        None => Command::new(env!("CARGO_BIN_EXE_breakglass")),
+        None => Command::new(server_binary()),
     };
     command
         .arg("serve")
