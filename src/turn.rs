@@ -526,7 +526,7 @@ impl<'a> Output<'a> {
             // Submitted: the writer keeps the order, so an approval appended
             // from now on comes after this `tool`.
             if let (Some(hook), Some(id)) = (self.hook, tool_use_id) {
-                hook.printed(&id);
+                hook.tool_logged(&id);
             }
         }
         Ok(())

@@ -131,23 +131,23 @@ pub struct Approvals {
     /// Audit records that could not be written (shared with `/metrics`).
     audit_failures: Arc<AtomicU64>,
     /// Bumped whenever a turn logs a `tool`.
-    printed_changed: tokio::sync::watch::Sender<u64>,
+    tool_logged_changed: tokio::sync::watch::Sender<u64>,
     /// Tells the operator a call waits (README "Notifications").
     notifier: Arc<Notifier>,
 }
 
 /// Tool call ids remembered per running turn.
-const PRINTED: usize = 64;
+const TOOL_LOGGED_KEPT: usize = 64;
 /// Longest an approval waits for its `tool` to be logged first. The CLI
 /// prints a call before it asks its hook, but the two reach the server by
 /// different paths (stdout and HTTP), and the hook may win the race.
-const PRINTED_WAIT: Duration = Duration::from_secs(2);
+const TOOL_LOGGED_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Default)]
 struct Table {
     /// Tool calls each running turn's agent has printed (and the turn has
     /// logged as `tool`), the latest few: an approval waits for its `tool`.
-    printed: HashMap<Uuid, std::collections::VecDeque<String>>,
+    tool_logged: HashMap<Uuid, std::collections::VecDeque<String>>,
     /// Running turns by the SHA-256 of their hook secret.
     turns: HashMap<[u8; 32], Uuid>,
     /// Waiting calls by session and tool call id.
@@ -181,7 +181,7 @@ impl Approvals {
             hook_url,
             table: Mutex::default(),
             audit_failures,
-            printed_changed: tokio::sync::watch::Sender::new(0),
+            tool_logged_changed: tokio::sync::watch::Sender::new(0),
             notifier,
         }
     }
@@ -227,7 +227,7 @@ impl Approvals {
             }
             Verdict::Ask { reason, effect } => (reason, effect),
         };
-        self.until_printed(session, &call.tool_use_id).await;
+        self.until_tool_logged(session, &call.tool_use_id).await;
         let key = (session, call.tool_use_id.clone());
         let (answer_tx, answer_rx) = oneshot::channel();
         {
@@ -285,24 +285,24 @@ impl Approvals {
     }
 
     /// Notes that a turn has logged the `tool` of this call.
-    fn printed(&self, session: Uuid, tool_use_id: &str) {
+    fn tool_logged(&self, session: Uuid, tool_use_id: &str) {
         {
             let mut table = self.lock();
-            let printed = table.printed.entry(session).or_default();
-            if printed.len() >= PRINTED {
-                printed.pop_front();
+            let logged = table.tool_logged.entry(session).or_default();
+            if logged.len() >= TOOL_LOGGED_KEPT {
+                logged.pop_front();
             }
-            printed.push_back(tool_use_id.to_owned());
+            logged.push_back(tool_use_id.to_owned());
         }
-        self.printed_changed.send_modify(|n| *n = n.wrapping_add(1));
+        self.tool_logged_changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Waits (bounded) until the turn has logged this call's `tool`, so
     /// that the log shows a call before the request to approve it.
-    async fn until_printed(&self, session: Uuid, tool_use_id: &str) {
-        let mut changed = self.printed_changed.subscribe();
-        let seen = || self.lock().printed.get(&session).is_some_and(|p| p.iter().any(|id| id == tool_use_id));
-        let waited = tokio::time::timeout(PRINTED_WAIT, async {
+    async fn until_tool_logged(&self, session: Uuid, tool_use_id: &str) {
+        let mut changed = self.tool_logged_changed.subscribe();
+        let seen = || self.lock().tool_logged.get(&session).is_some_and(|p| p.iter().any(|id| id == tool_use_id));
+        let waited = tokio::time::timeout(TOOL_LOGGED_WAIT, async {
             while !seen() {
                 if changed.changed().await.is_err() {
                     return;
@@ -491,8 +491,8 @@ impl TurnHook {
     }
 
     /// The turn has logged this call's `tool` (its hook may be waiting on it).
-    pub fn printed(&self, tool_use_id: &str) {
-        self.approvals.printed(self.session, tool_use_id);
+    pub fn tool_logged(&self, tool_use_id: &str) {
+        self.approvals.tool_logged(self.session, tool_use_id);
     }
 
     /// Ends the hook: its secret stops working and every call still
@@ -507,7 +507,7 @@ impl TurnHook {
             self.closed = true;
             let mut table = self.approvals.lock();
             table.turns.remove(&digest(&self.secret));
-            table.printed.remove(&self.session);
+            table.tool_logged.remove(&self.session);
         }
     }
 }
