@@ -6,7 +6,7 @@
 //! (`model_api.rs`) and a hook receiver of their own on loopback.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
@@ -14,8 +14,8 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::harness::{AGENT_USER_LOCK, Background, agent_user, real_cli_for_agent_user, repo};
-use crate::model_api::{ModelApi, Reply};
+use crate::harness::{AGENT_USER_LOCK, Background, repo};
+use crate::model_api::{CliSandbox, ModelApi, Reply, stream_json_lines};
 
 /// What the receiver answers every hook request.
 #[derive(Clone, Copy)]
@@ -92,8 +92,7 @@ fn settings(url: &str, hook: Value) -> String {
 struct Run {
     output: Output,
     lines: Vec<Value>,
-    cwd: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+    sandbox: CliSandbox,
 }
 
 /// Runs the pinned CLI once, as the test agent user in a fresh home and
@@ -106,45 +105,18 @@ fn run_cli(api: &ModelApi, settings: &str, env: &[(&str, &str)]) -> Run {
 /// first (by the agent user, as an allowed write would): paths under
 /// `home/` or `cwd/`, with their contents.
 fn run_cli_with(api: &ModelApi, settings: &str, env: &[(&str, &str)], args: &[&str], plants: &[(&str, &str)]) -> Run {
-    use std::os::unix::process::CommandExt;
-    let (uid, gid) = agent_user();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
-    let (home, cwd) = (dir.path().join("home"), dir.path().join("cwd"));
-    for d in [&home, &cwd] {
-        std::fs::create_dir(d).unwrap();
-    }
-    for (path, content) in plants {
-        let path = dir.path().join(path);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, content).unwrap();
-    }
-    for d in [&home, &cwd] {
-        let given = Command::new("chown").arg("-R").arg(format!("{uid}:{gid}")).arg(d).status().unwrap();
-        assert!(given.success());
-    }
-    let output = Command::new(real_cli_for_agent_user())
-        .uid(uid)
-        .gid(gid)
-        .current_dir(&cwd)
-        .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .env("HOME", &home)
-        .env("ANTHROPIC_BASE_URL", &api.base_url)
-        .env("ANTHROPIC_API_KEY", "sk-standin")
+    let sandbox = CliSandbox::new(plants);
+    let output = sandbox
+        .command(api)
         .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
         .envs(env.iter().copied())
-        .stdin(Stdio::null())
         .args(["-p", "--dangerously-skip-permissions", "--output-format", "stream-json", "--verbose"])
         .args(args)
         .args(["--model", "sonnet", "--settings", settings, "--", "Is devvm up?"])
         .output()
         .unwrap();
-    let lines = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("a stream-json line: {l}")))
-        .collect();
-    Run { output, lines, cwd, _dir: dir }
+    let lines = stream_json_lines(&output);
+    Run { output, lines, sandbox }
 }
 
 fn assert_success(run: &Run) {
@@ -210,7 +182,7 @@ async fn the_real_cli_posts_a_pre_tool_use_request_for_bash_and_runs_it_when_all
     assert_eq!(body["permission_mode"], "bypassPermissions");
     assert_eq!(body["tool_name"], "Bash");
     assert_eq!(body["tool_input"], json!({ "command": "echo up", "description": "Check the VM" }));
-    assert_eq!(body["cwd"], run.cwd.to_str().unwrap());
+    assert_eq!(body["cwd"], run.sandbox.cwd.to_str().unwrap());
     let tool_use = run.lines.iter().find(|l| l["message"]["content"][0]["type"] == "tool_use").unwrap();
     assert_eq!(body["tool_use_id"], tool_use["message"]["content"][0]["id"]);
     let init = &run.lines[0];
@@ -243,7 +215,7 @@ async fn a_hook_deny_reaches_the_model_as_an_error_tool_result_and_the_turn_goes
     );
     let said = &run.lines[3]["message"]["content"][0];
     assert_eq!((said["content"].as_str(), said["is_error"].as_bool()), (Some(expected), Some(true)));
-    assert!(!run.cwd.join("ran").exists(), "a denied command does not run");
+    assert!(!run.sandbox.cwd.join("ran").exists(), "a denied command does not run");
     let result = run.lines.last().unwrap();
     assert_eq!(result["result"], "Refused, then.");
     assert_eq!(result["permission_denials"][0]["tool_name"], "Bash");
@@ -271,12 +243,12 @@ async fn an_unreachable_hook_blocks_the_tool_only_with_on_failure_block() {
          connect ECONNREFUSED 127.0.0.1:{port}"
     );
     assert_eq!(api.main_requests()[1].tool_results()[0].1, expected);
-    assert!(!run.cwd.join("ran").exists(), "a blocked command does not run");
+    assert!(!run.sandbox.cwd.join("ran").exists(), "a blocked command does not run");
 
     let api = ModelApi::start(vec![Reply::bash("Let me look.", "touch ran"), Reply::text("Ran.")]);
     let run = run_cli(&api, &settings(&url, json!({})), &[]);
     assert_success(&run);
-    assert!(run.cwd.join("ran").exists(), "without onFailure the command runs");
+    assert!(run.sandbox.cwd.join("ran").exists(), "without onFailure the command runs");
     let warning = run.lines.iter().find(|l| l["subtype"] == "informational").expect("a warning line");
     assert_eq!(warning["tag"], "hook_no_verdict");
     assert_eq!(warning["hook_no_verdict"]["timed_out"], false);
@@ -315,9 +287,13 @@ async fn settings_files_the_agent_user_can_write_silence_the_hook_unless_no_sett
             );
             assert_success(&run);
             let asked = receiver.requests().len();
-            let ran = run.cwd.join("ran").exists();
+            let ran = run.sandbox.cwd.join("ran").exists();
             assert_eq!((asked, ran), if guarded { (1, false) } else { (0, true) }, "{plant}, guarded: {guarded}");
-            assert_eq!(run.cwd.join("mcp-ran").exists(), !guarded, "the planted MCP server starts unless guarded");
+            assert_eq!(
+                run.sandbox.cwd.join("mcp-ran").exists(),
+                !guarded,
+                "the planted MCP server starts unless guarded"
+            );
             if guarded {
                 assert!(api.main_requests()[0].body["system"].to_string().contains("PROBE-AGENT-PROMPT"));
             }
@@ -359,5 +335,5 @@ async fn the_clis_bash_tool_runs_what_bashrc_defines_in_place_of_the_command_all
     let asked = receiver.requests();
     let body: Value = serde_json::from_slice(&asked[0].body).unwrap();
     assert_eq!(body["tool_input"]["command"], "ssh devvm uptime", "the hook saw only the allowed command");
-    assert!(run.cwd.join("planted").exists(), "the planted function ran instead of ssh");
+    assert!(run.sandbox.cwd.join("planted").exists(), "the planted function ran instead of ssh");
 }

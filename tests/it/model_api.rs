@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -570,15 +570,9 @@ async fn the_stand_in_answers_errors_side_requests_and_other_paths_as_the_api_do
 /// Runs the pinned CLI once, as the test agent user in a fresh home and
 /// working directory (no state from earlier runs), against `api`.
 fn run_cli(api: &ModelApi, extra_env: &[(&str, &str)], args: &[&str], prompt: &str) -> (Output, Vec<Value>) {
-    let (uid, gid) = agent_user();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
-    let (home, cwd) = (dir.path().join("home"), dir.path().join("cwd"));
-    for d in [&home, &cwd] {
-        std::fs::create_dir(d).unwrap();
-        std::os::unix::fs::chown(d, Some(uid), Some(gid)).unwrap();
-    }
-    let output = cli_command(&home, &cwd, api)
+    let sandbox = CliSandbox::new(&[]);
+    let output = sandbox
+        .command(api)
         .envs(extra_env.iter().copied())
         .args(["-p", "--dangerously-skip-permissions", "--output-format", "stream-json", "--verbose"])
         .args(["--model", "sonnet"])
@@ -587,28 +581,68 @@ fn run_cli(api: &ModelApi, extra_env: &[(&str, &str)], args: &[&str], prompt: &s
         .arg(prompt)
         .output()
         .unwrap();
-    let lines = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("a stream-json line: {l}")))
-        .collect();
+    let lines = stream_json_lines(&output);
     (output, lines)
 }
 
-fn cli_command(home: &Path, cwd: &Path, api: &ModelApi) -> Command {
-    use std::os::unix::process::CommandExt;
-    let (uid, gid) = agent_user();
-    let mut command = Command::new(real_cli_for_agent_user());
-    command
-        .uid(uid)
-        .gid(gid)
-        .current_dir(cwd)
-        .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .env("HOME", home)
-        .env("ANTHROPIC_BASE_URL", &api.base_url)
-        .env("ANTHROPIC_API_KEY", "sk-standin")
-        .stdin(Stdio::null());
-    command
+/// A fresh home and working directory for the test agent user, in which
+/// to run the pinned CLI by hand (without the server).
+pub struct CliSandbox {
+    pub home: PathBuf,
+    pub cwd: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl CliSandbox {
+    /// Files in `plants` (paths under `home/` or `cwd/`, with their
+    /// contents) are written first and owned by the agent user, as an
+    /// allowed write of its own would leave them.
+    pub fn new(plants: &[(&str, &str)]) -> Self {
+        let (uid, gid) = agent_user();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
+        let (home, cwd) = (dir.path().join("home"), dir.path().join("cwd"));
+        for d in [&home, &cwd] {
+            std::fs::create_dir(d).unwrap();
+        }
+        for (path, content) in plants {
+            let path = dir.path().join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, content).unwrap();
+        }
+        for d in [&home, &cwd] {
+            let given = Command::new("chown").arg("-R").arg(format!("{uid}:{gid}")).arg(d).status().unwrap();
+            assert!(given.success());
+        }
+        CliSandbox { home, cwd, _dir: dir }
+    }
+
+    /// The pinned CLI as the agent user in this sandbox, against `api`,
+    /// with a clean environment.
+    pub fn command(&self, api: &ModelApi) -> Command {
+        use std::os::unix::process::CommandExt;
+        let (uid, gid) = agent_user();
+        let mut command = Command::new(real_cli_for_agent_user());
+        command
+            .uid(uid)
+            .gid(gid)
+            .current_dir(&self.cwd)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", &self.home)
+            .env("ANTHROPIC_BASE_URL", &api.base_url)
+            .env("ANTHROPIC_API_KEY", "sk-standin")
+            .stdin(Stdio::null());
+        command
+    }
+}
+
+/// The CLI's stdout as stream-json lines, each of which must parse.
+pub fn stream_json_lines(output: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("a stream-json line: {l}")))
+        .collect()
 }
 
 fn of_type<'a>(lines: &'a [Value], kind: &str) -> Vec<&'a Value> {
