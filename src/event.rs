@@ -218,7 +218,7 @@ impl Stored {
     /// time it entered the log (RFC 3339, UTC), which the transcript and its
     /// export read as the incident's timeline.
     pub fn new(id: EventId, event: &Event) -> Self {
-        Encoded::new(event).stored(id, Stamp::default().at(crate::store::now_ms()))
+        Encoded::new(event).stored(id, Stamp::default().at(crate::util::now_ms()))
     }
 }
 

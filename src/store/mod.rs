@@ -24,7 +24,6 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, ErrorCode};
 use thiserror::Error;
@@ -445,9 +444,7 @@ fn to_sql(id: EventId) -> i64 {
     i64::try_from(id).unwrap_or(i64::MAX)
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
+pub use crate::util::now_ms;
 
 /// Creates a new database under a temporary name and renames it into place
 /// once it is set up, so that an empty `breakglass.db` is never one of ours
