@@ -335,7 +335,18 @@ impl Config {
                 .with_context(|| format!("BREAKGLASS_AGENT_FILE: cannot read {}", path.display()))?,
             None => crate::agent::definition::DEFAULT.to_owned(),
         };
-        let definition = crate::agent::definition::agents_json(&args.agent, &definition)
+        let power = PowerConfig::load(PowerSettings {
+            targets_file: args.targets_file,
+            pve_host: args.pve_host,
+            pve_port: args.pve_port,
+            pve_user: args.pve_user,
+            pve_known_hosts: args.pve_known_hosts,
+            ssh: SshDefaults {
+                program: args.ssh_bin,
+                timeout: positive_seconds("BREAKGLASS_PVE_VERB_TIMEOUT_SECONDS", args.pve_verb_timeout_seconds)?,
+            },
+        })?;
+        let definition = crate::agent::definition::agents_json(&args.agent, &definition, &power.agent_notes())
             .map_err(|e| anyhow::anyhow!("BREAKGLASS_AGENT_FILE: {e}"))?;
         let trusted_proxies = args
             .trusted_proxies
@@ -411,17 +422,7 @@ impl Config {
                 0 => bail!("BREAKGLASS_MAX_CONCURRENT_TURNS must be at least 1"),
                 n => n,
             },
-            power: PowerConfig::load(PowerSettings {
-                targets_file: args.targets_file,
-                pve_host: args.pve_host,
-                pve_port: args.pve_port,
-                pve_user: args.pve_user,
-                pve_known_hosts: args.pve_known_hosts,
-                ssh: SshDefaults {
-                    program: args.ssh_bin,
-                    timeout: positive_seconds("BREAKGLASS_PVE_VERB_TIMEOUT_SECONDS", args.pve_verb_timeout_seconds)?,
-                },
-            })?,
+            power,
         })
     }
 }

@@ -367,6 +367,18 @@ impl PowerConfig {
     pub fn default_target(&self) -> Option<&Target> {
         self.targets.first()
     }
+
+    /// The targets as the agent's prompt names them.
+    pub fn agent_notes(&self) -> Vec<crate::agent::definition::TargetNote> {
+        self.targets
+            .iter()
+            .map(|target| crate::agent::definition::TargetNote {
+                name: target.name.clone(),
+                backend: target.backend.name().to_owned(),
+                verbs: catalogue_of(target.backend.verbs()).0.into_iter().map(str::to_owned).collect(),
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Error)]

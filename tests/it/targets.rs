@@ -146,6 +146,19 @@ host = "192.0.2.10"
     assert_eq!(status, 422);
     let whoami: Value = server.get("/api/whoami").send().await.unwrap().json().await.unwrap();
     assert_eq!(whoami["power_configured"], true);
+
+    // The agent learns the targets' names, and that their power is the console's.
+    let session = server.open_session().await;
+    server.run_turn(&session, "replay basic").await;
+    let argv: Vec<String> = serde_json::from_value(server.agent_runs()[0]["argv"].clone()).unwrap();
+    let agents: Value = serde_json::from_str(&argv[argv.iter().position(|a| a == "--agents").unwrap() + 1]).unwrap();
+    let prompt = agents["breakglass"]["prompt"].as_str().unwrap();
+    assert!(
+        prompt.contains("- `devvm` (pve-api): cycle, forensics, reset, shutdown, start, status, stop\n"),
+        "{prompt}"
+    );
+    assert!(prompt.contains("- `vm` (ssh): ") && prompt.contains("through the operator's console"), "{prompt}");
+    assert!(!prompt.contains("s3cret"), "no secret reaches the agent");
 }
 
 #[tokio::test]
