@@ -15,7 +15,7 @@ use clap::Args;
 use ipnet::IpNet;
 
 use crate::approval::ApprovalConfig;
-use crate::power::PowerConfig;
+use crate::power::{PowerConfig, PowerSettings, SshDefaults};
 use crate::store::Durability;
 
 #[derive(Debug, Clone)]
@@ -270,6 +270,11 @@ pub struct ServeArgs {
     #[arg(long, env = "BREAKGLASS_LOGIN_TTL_SECONDS", default_value_t = 43200)]
     pub login_ttl_seconds: u64,
 
+    /// The power targets, a TOML file of [[target]] tables (README "Targets");
+    /// when set, it alone defines them [default: BREAKGLASS_PVE_HOST's one target].
+    #[arg(long, env = "BREAKGLASS_TARGETS_FILE")]
+    pub targets_file: Option<PathBuf>,
+
     /// Hypervisor address for the power verbs (unset: verbs answer 503).
     #[arg(long, env = "BREAKGLASS_PVE_HOST")]
     pub pve_host: Option<String>,
@@ -330,7 +335,18 @@ impl Config {
                 .with_context(|| format!("BREAKGLASS_AGENT_FILE: cannot read {}", path.display()))?,
             None => crate::agent::definition::DEFAULT.to_owned(),
         };
-        let definition = crate::agent::definition::agents_json(&args.agent, &definition)
+        let power = PowerConfig::load(PowerSettings {
+            targets_file: args.targets_file,
+            pve_host: args.pve_host,
+            pve_port: args.pve_port,
+            pve_user: args.pve_user,
+            pve_known_hosts: args.pve_known_hosts,
+            ssh: SshDefaults {
+                program: args.ssh_bin,
+                timeout: positive_seconds("BREAKGLASS_PVE_VERB_TIMEOUT_SECONDS", args.pve_verb_timeout_seconds)?,
+            },
+        })?;
+        let definition = crate::agent::definition::agents_json(&args.agent, &definition, &power.agent_notes())
             .map_err(|e| anyhow::anyhow!("BREAKGLASS_AGENT_FILE: {e}"))?;
         let trusted_proxies = args
             .trusted_proxies
@@ -344,18 +360,6 @@ impl Config {
             format!("BREAKGLASS_TRUSTED_USER_HEADER: {:?} is not a header name", args.trusted_user_header)
         })?;
         let bearer_token = args.api_bearer_token.filter(|t| !t.is_empty());
-        let pve_host = args.pve_host.filter(|h| !h.is_empty());
-        if let Some(host) = &pve_host {
-            validate_ssh_word("BREAKGLASS_PVE_HOST", host)?;
-        }
-        validate_ssh_word("BREAKGLASS_PVE_USER", &args.pve_user)?;
-        if let Some(file) = &args.pve_known_hosts {
-            // ssh splits that option's value on spaces and expands % and ~.
-            let text = file.to_string_lossy();
-            if text.chars().any(|c| c.is_whitespace() || c == '%' || c == '~' || c.is_control()) {
-                bail!("BREAKGLASS_PVE_KNOWN_HOSTS: {text:?}: use a path without spaces, '%' or '~'");
-            }
-        }
         let presets = match &args.presets_file {
             Some(path) => load_presets(path).context("BREAKGLASS_PRESETS_FILE")?,
             None => default_presets(),
@@ -418,14 +422,7 @@ impl Config {
                 0 => bail!("BREAKGLASS_MAX_CONCURRENT_TURNS must be at least 1"),
                 n => n,
             },
-            power: PowerConfig {
-                host: pve_host,
-                port: args.pve_port,
-                user: args.pve_user,
-                known_hosts: args.pve_known_hosts,
-                ssh_program: args.ssh_bin,
-                timeout: positive_seconds("BREAKGLASS_PVE_VERB_TIMEOUT_SECONDS", args.pve_verb_timeout_seconds)?,
-            },
+            power,
         })
     }
 }
@@ -519,12 +516,4 @@ pub fn validate_model(model: &str) -> Result<(), String> {
     } else {
         Err(format!("model {model:?} must be 1-100 letters, digits or -_.:[]/@, not starting with '-'"))
     }
-}
-
-/// Host and user reach ssh's argv, so neither may look like an option.
-fn validate_ssh_word(name: &str, value: &str) -> anyhow::Result<()> {
-    if value.is_empty() || value.starts_with('-') || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        bail!("{name}: {value:?} is not a usable host or user name");
-    }
-    Ok(())
 }

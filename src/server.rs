@@ -130,11 +130,16 @@ pub async fn run(
     if recovered > 0 {
         tracing::warn!(recovered, "closed turns that were running when the server last stopped");
     }
+    let power = Arc::new(Power::new(config.power.clone(), sessions.store().clone()));
+    let interrupted = power.recover().await.context("while closing operations interrupted by the last stop")?;
+    if interrupted > 0 {
+        tracing::warn!(interrupted, "marked operations that were running when the server last stopped as failed");
+    }
     let state = AppState {
         audit_failures,
         tasks: TaskTracker::new(),
         logins: Arc::new(Logins::open(&config, addr)?),
-        power: Arc::new(Power::new(config.power.clone())),
+        power,
         sessions: sessions.clone(),
         streams_end: CancellationToken::new(),
         config: config.clone(),

@@ -34,11 +34,21 @@ pub enum DefinitionError {
 /// well below.
 pub const MAX_DEFINITION: usize = 64 * 1024;
 
+/// A power target as the agent is told of it (README "Targets").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetNote {
+    pub name: String,
+    pub backend: String,
+    /// Its verbs, sorted.
+    pub verbs: Vec<String>,
+}
+
 /// The `--agents` JSON for one agent named `name`: `{"<name>":
 /// {"description", "prompt", "tools"?, "disallowedTools"?, "model"?}}`.
 /// The front matter is the simple `key: value` form of the CLI's agent
-/// files; lists (`tools`) are comma-separated.
-pub fn agents_json(name: &str, markdown: &str) -> Result<String, DefinitionError> {
+/// files; lists (`tools`) are comma-separated. The power targets, when
+/// there are any, are named at the end of the prompt.
+pub fn agents_json(name: &str, markdown: &str, targets: &[TargetNote]) -> Result<String, DefinitionError> {
     if markdown.len() > MAX_DEFINITION {
         return Err(DefinitionError::TooLong(markdown.len()));
     }
@@ -71,8 +81,36 @@ pub fn agents_json(name: &str, markdown: &str) -> Result<String, DefinitionError
     if prompt.is_empty() {
         return Err(DefinitionError::NoPrompt);
     }
+    let prompt = format!("{prompt}{}", targets_section(targets));
+    if prompt.len() > MAX_DEFINITION {
+        return Err(DefinitionError::TooLong(prompt.len()));
+    }
     agent.insert("prompt".to_owned(), json!(prompt));
     Ok(json!({ name: Value::Object(agent) }).to_string())
+}
+
+/// The targets, for the agent: their names (so that it can speak of them
+/// as the operator's console does) and that their power verbs are the
+/// operator's to run there. The agent holds no key or token of its own for
+/// them; its `ssh pve` path stays as its prompt describes.
+fn targets_section(targets: &[TargetNote]) -> String {
+    if targets.is_empty() {
+        return String::new();
+    }
+    let mut section = String::from(
+        "\n\n## Power targets\n\nThe operator's console reaches the power of these machines through the \
+         breakglass server (the first is the default):\n\n",
+    );
+    for target in targets {
+        section.push_str(&format!("- `{}` ({}): {}\n", target.name, target.backend, target.verbs.join(", ")));
+    }
+    section.push_str(
+        "\nTheir power verbs go through the operator's console, not through you: when one is warranted, \
+         name the target and the verb and ask the operator to run it there (every mutating verb asks the \
+         operator to confirm, and the console shows when the machine is reachable again). Your own \
+         `ssh pve <verb>` path to the hypervisor stays as described above.",
+    );
+    section
 }
 
 #[cfg(test)]
@@ -81,7 +119,7 @@ mod tests {
 
     #[test]
     fn the_built_in_agent_becomes_one_agent_with_its_tools_and_prompt() {
-        let json: Value = serde_json::from_str(&agents_json("breakglass", DEFAULT).unwrap()).unwrap();
+        let json: Value = serde_json::from_str(&agents_json("breakglass", DEFAULT, &[]).unwrap()).unwrap();
         let agent = &json["breakglass"];
         assert_eq!(json.as_object().unwrap().len(), 1);
         assert_eq!(agent["tools"], json!(["Bash", "Read", "Grep", "Glob"]));
@@ -91,7 +129,7 @@ mod tests {
 
     #[test]
     fn a_definition_the_cli_would_read_otherwise_is_refused() {
-        let check = |md: &str| agents_json("a", md).unwrap_err();
+        let check = |md: &str| agents_json("a", md, &[]).unwrap_err();
         assert_eq!(check("no front matter"), DefinitionError::NoFrontMatter);
         assert_eq!(check("---\ndescription: d\n---\n\n"), DefinitionError::NoPrompt);
         assert_eq!(check("---\nname: a\n---\nhi"), DefinitionError::NoDescription);
@@ -106,12 +144,31 @@ mod tests {
 
     #[test]
     fn model_and_disallowed_tools_pass_through() {
-        let json =
-            agents_json("a", "---\nname: a\ndescription: d: e\nmodel: opus\ndisallowedTools: Write, Edit\n---\nhi\n")
-                .unwrap();
+        let json = agents_json(
+            "a",
+            "---\nname: a\ndescription: d: e\nmodel: opus\ndisallowedTools: Write, Edit\n---\nhi\n",
+            &[],
+        )
+        .unwrap();
         assert_eq!(
             serde_json::from_str::<Value>(&json).unwrap(),
             json!({"a": {"description": "d: e", "model": "opus", "disallowedTools": ["Write", "Edit"], "prompt": "hi"}})
         );
+    }
+
+    #[test]
+    fn the_prompt_names_the_targets_and_sends_their_power_verbs_through_the_console() {
+        let targets = [
+            TargetNote { name: "vm".into(), backend: "ssh".into(), verbs: vec!["cycle".into(), "status".into()] },
+            TargetNote { name: "hypervisor".into(), backend: "redfish".into(), verbs: vec!["nmi".into()] },
+        ];
+        let json: Value = serde_json::from_str(&agents_json("breakglass", DEFAULT, &targets).unwrap()).unwrap();
+        let prompt = json["breakglass"]["prompt"].as_str().unwrap();
+        assert!(prompt.starts_with("You are the breakglass recovery agent."));
+        assert!(prompt.contains("ssh pve <verb>"), "the agent's own ssh path stays");
+        assert!(prompt.contains("\n- `vm` (ssh): cycle, status\n- `hypervisor` (redfish): nmi\n"), "{prompt}");
+        assert!(prompt.contains("go through the operator's console"), "{prompt}");
+        let without: Value = serde_json::from_str(&agents_json("breakglass", DEFAULT, &[]).unwrap()).unwrap();
+        assert!(!without["breakglass"]["prompt"].as_str().unwrap().contains("## Power targets"));
     }
 }

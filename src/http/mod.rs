@@ -13,6 +13,7 @@ pub mod login;
 mod power;
 mod push;
 mod sessions;
+mod targets;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,6 +81,7 @@ pub fn router(state: AppState) -> Router {
         .route("/whoami", get(whoami))
         .route("/presets", get(presets))
         .merge(power::router())
+        .merge(targets::router())
         .merge(approvals::router())
         .merge(push::router())
         .fallback(api_not_found)
@@ -186,7 +188,7 @@ async fn whoami(
         "identity": identity.name,
         "via": via,
         "keepalive_seconds": state.config.sse_keepalive.as_secs(),
-        "power_configured": state.config.power.host.is_some(),
+        "power_configured": state.power.default_target().is_some(),
     }))
 }
 

@@ -1,4 +1,6 @@
-//! `/api/pve/…`: the verb catalogue and running a verb (README "API", "Setting up the hypervisor").
+//! `/api/pve/…`: the verb catalogue and running a verb on the default
+//! target (README "API", "Setting up the hypervisor"), answered when the
+//! verb has finished; `/api/targets/…` runs them as operations.
 
 use axum::extract::{Extension, State};
 use axum::http::StatusCode;
@@ -33,6 +35,11 @@ async fn run_verb(
     Path(verb): Path<String>,
 ) -> Result<Response, ApiError> {
     let verb: Verb = verb.parse().map_err(|e: crate::power::UnknownVerb| ApiError::BadRequest(e.to_string()))?;
+    // The hypervisor script's catalogue: `shutdown` and `nmi` are verbs of
+    // the API backends only, reached through `/api/targets/…`.
+    if !Verb::CATALOGUE.contains(&verb) {
+        return Err(ApiError::BadRequest(format!("unknown verb {:?}", verb.as_str())));
+    }
     state
         .detach({
             let state = state.clone();
@@ -44,7 +51,10 @@ async fn run_verb(
 /// Audit "requested" (required for a mutating verb), run, audit the result.
 async fn run_audited(state: &AppState, identity: &Identity, verb: Verb) -> Result<Response, ApiError> {
     let action = format!("verb.{verb}");
-    let target = state.config.power.host.clone().unwrap_or_default();
+    let target = match state.power.default_target().map(|t| &t.backend) {
+        Some(crate::power::Backend::Ssh(ssh)) => ssh.host.clone(),
+        Some(_) | None => String::new(),
+    };
     if verb.is_mutating() {
         if let Err(err) = record(state, identity, &action, &target, "requested").await {
             tracing::error!(%err, %verb, "refusing a mutating verb: the audit trail cannot be written");
@@ -63,13 +73,14 @@ async fn run_audited(state: &AppState, identity: &Identity, verb: Verb) -> Resul
                 _ => format!("not run: {err}"),
             };
             record_or_count(state, identity, &action, &target, &outcome).await;
-            if matches!(err, PowerError::CutOff | PowerError::CannotStart { .. } | PowerError::Lost(_)) {
+            if matches!(err, PowerError::CutOff | PowerError::Backend(_) | PowerError::Lost(_)) {
                 state.notifier.send(Note::power(verb, &target, &outcome));
             }
             return Err(match err {
                 PowerError::NotConfigured | PowerError::CutOff => ApiError::Unavailable(err.to_string()),
                 PowerError::Busy => ApiError::Conflict(err.to_string()),
-                PowerError::CannotStart { .. } | PowerError::Lost(_) => ApiError::Internal(err.to_string()),
+                PowerError::NotSsh(_) => ApiError::BadRequest(err.to_string()),
+                PowerError::Backend(_) | PowerError::Lost(_) => ApiError::Internal(err.to_string()),
             });
         }
     };

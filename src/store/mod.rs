@@ -13,9 +13,11 @@
 //! - `schema`: what makes a file breakglass's, and the migrations;
 //! - `writer`: the writer thread and its transactions;
 //! - `read`: the read pool and the queries clients wait on;
-//! - `audit`: the audit chain and its verification.
+//! - `audit`: the audit chain and its verification;
+//! - `operations`: power operations and their steps.
 
 mod audit;
+mod operations;
 mod read;
 mod schema;
 mod writer;
@@ -34,6 +36,7 @@ use uuid::Uuid;
 use crate::event::{Encoded, Event, EventId, Stored};
 
 pub use audit::{HEAD_FILE, verify_audit};
+pub use operations::{Finish, OperationRow};
 pub use read::Asked;
 use read::Readers;
 use schema::prepare;

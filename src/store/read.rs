@@ -136,7 +136,7 @@ impl Store {
     /// thousand of each (SQLite cannot close a connection's descriptors
     /// while another connection of the process holds a lock on the file, so
     /// every extra connection ever opened would stay open).
-    async fn read<T: Send + 'static>(
+    pub(super) async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {

@@ -51,6 +51,26 @@ pub(super) const MIGRATIONS: &[&str] = &[
     "-- the audit head is anchored from here on",
     // 4: how each audit record's caller authenticated (NULL on older records).
     "ALTER TABLE audit ADD COLUMN via TEXT;",
+    // 5: power operations (README "Operations") and their steps, as their
+    // attached clients receive them.
+    "CREATE TABLE operations (
+        id TEXT PRIMARY KEY,
+        target TEXT NOT NULL,
+        verb TEXT NOT NULL,
+        state TEXT NOT NULL,
+        started_ms INTEGER NOT NULL,
+        finished_ms INTEGER,
+        result TEXT,
+        error TEXT,
+        recovered_after_ms INTEGER
+    );
+    CREATE INDEX operations_running ON operations (state) WHERE state = 'running';
+    CREATE TABLE operation_steps (
+        operation TEXT NOT NULL,
+        id INTEGER NOT NULL,
+        json TEXT NOT NULL,
+        PRIMARY KEY (operation, id)
+    ) WITHOUT ROWID;",
 ];
 
 /// Refuses files that are not ours or are newer; creates or migrates ours.

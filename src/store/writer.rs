@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::audit::{GENESIS, Head, chain_hash, write_head};
+use super::operations::{self, Finish, OperationRow};
 use super::{
     AuditEntry, AuditRecord, AuthMethod, Durability, Faults, Fence, Publish, SessionRow, StoreError, TITLE_CHARS,
     now_ms, to_sql,
@@ -50,6 +51,19 @@ pub(super) enum Command {
         record: AuditRecord,
         reply: oneshot::Sender<Result<AuditEntry, StoreError>>,
     },
+    CreateOperation {
+        row: OperationRow,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    OperationStep {
+        operation: Uuid,
+        step: Stored,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    FinishOperation {
+        finish: Box<Finish>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
 }
 
 impl std::fmt::Debug for Command {
@@ -59,6 +73,9 @@ impl std::fmt::Debug for Command {
             Command::Append { .. } => "Append",
             Command::SetTurn { .. } => "SetTurn",
             Command::Audit { .. } => "Audit",
+            Command::CreateOperation { .. } => "CreateOperation",
+            Command::OperationStep { .. } => "OperationStep",
+            Command::FinishOperation { .. } => "FinishOperation",
         })
     }
 }
@@ -162,6 +179,12 @@ impl Command {
             }
             (Command::SetTurn { reply, .. }, Ok(Done::Nothing)) => drop(reply.send(Ok(()))),
             (Command::Audit { reply, .. }, Ok(Done::Audit(entry))) => drop(reply.send(Ok(entry))),
+            (
+                Command::CreateOperation { reply, .. }
+                | Command::OperationStep { reply, .. }
+                | Command::FinishOperation { reply, .. },
+                Ok(Done::Nothing),
+            ) => drop(reply.send(Ok(()))),
             (command, Ok(Done::Refused(err))) => command.refuse(err),
             (command, Err(err)) => command.fail(err),
             (command, Ok(_)) => command.fail(StoreError::Sqlite("internal: mismatched answer".into())),
@@ -183,6 +206,9 @@ impl Command {
             Command::Append { reply, .. } => drop(reply.send(Err(err))),
             Command::SetTurn { reply, .. } => drop(reply.send(Err(err))),
             Command::Audit { reply, .. } => drop(reply.send(Err(err))),
+            Command::CreateOperation { reply, .. }
+            | Command::OperationStep { reply, .. }
+            | Command::FinishOperation { reply, .. } => drop(reply.send(Err(err))),
         }
     }
 }
@@ -513,6 +539,11 @@ fn execute(
             staged.audit_tail = Some((seq, hash.clone()));
             Ok(Done::Audit(AuditEntry { seq, at_ms, record: record.clone(), prev_hash, hash }))
         }
+        Command::CreateOperation { row, .. } => operations::create(tx, row).map(|()| Done::Nothing),
+        Command::OperationStep { operation, step, .. } => {
+            operations::step(tx, *operation, step).map(|()| Done::Nothing)
+        }
+        Command::FinishOperation { finish, .. } => operations::finish(tx, finish).map(|()| Done::Nothing),
     }
 }
 

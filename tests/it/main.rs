@@ -26,6 +26,7 @@ mod pve;
 mod real_claude;
 mod separation;
 mod storage;
+mod targets;
 mod translate;
 mod turns;
 mod web;

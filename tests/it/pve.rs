@@ -801,7 +801,7 @@ fn the_servers_verb_timeout_outlasts_a_cycle_with_the_hosts_defaults() {
     let final_status = bounded("QM_TIMEOUT");
     let cycle = forensics + stop + wait + start + final_status;
     // ssh may take its whole ConnectTimeout before the script even starts.
-    let power = std::fs::read_to_string(repo().join("src/power.rs")).unwrap();
+    let power = std::fs::read_to_string(repo().join("src/power/ssh.rs")).unwrap();
     let connect: u64 = power.split("ConnectTimeout=").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
 
     let help = Command::new(env!("CARGO_BIN_EXE_breakglass")).args(["serve", "--help"]).env_clear().output().unwrap();
