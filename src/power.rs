@@ -4,6 +4,13 @@
 //! This is the only module that starts `ssh`, and it only ever passes a
 //! [`Verb`] from the enum below as the remote command.
 
+pub mod backend_types;
+pub mod pve_api;
+pub mod redfish;
+mod tls;
+
+pub use tls::{BadFingerprint, Fingerprint, Timeouts, Trust};
+
 use std::fmt;
 use std::path::PathBuf;
 use std::process::Stdio;
