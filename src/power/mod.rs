@@ -11,10 +11,14 @@
 //! Each backend is the only code that knows its wire format; the Proxmox
 //! VE API and Redfish clients plug into [`Backend`]'s variants.
 
+pub mod backend_types;
 pub mod operation;
+pub mod pve_api;
 pub mod recovery;
+pub mod redfish;
 pub mod ssh;
 pub mod targets;
+mod tls;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -29,10 +33,12 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use backend_types::{BackendError, PowerState};
 pub use operation::{Finished, OnDone, OpState, Operations, StartError};
 pub use recovery::Check;
 pub use ssh::{OUTPUT_CAP, REFUSED, SshTarget, VerbOutcome};
 pub use targets::{PveApiSettings, RedfishSettings, SshDefaults, TargetsError};
+pub use tls::{BadFingerprint, Fingerprint, Timeouts, Trust};
 
 use crate::store::Store;
 
@@ -115,56 +121,6 @@ pub fn catalogue_of(verbs: &[Verb]) -> (Vec<&'static str>, Vec<&'static str>) {
 /// The catalogue as `GET /api/pve/verbs` answers it: names sorted.
 pub fn catalogue() -> (Vec<&'static str>, Vec<&'static str>) {
     catalogue_of(&Verb::CATALOGUE)
-}
-
-/// A machine's power, in the same words for every backend (README "API").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PowerState {
-    Running,
-    Stopped,
-    Paused,
-    Unknown,
-}
-
-impl PowerState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PowerState::Running => "running",
-            PowerState::Stopped => "stopped",
-            PowerState::Paused => "paused",
-            PowerState::Unknown => "unknown",
-        }
-    }
-}
-
-impl fmt::Display for PowerState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Why a backend could not do what it was asked. Callers branch on it: an
-/// authentication failure is never retried, a certificate that does not
-/// match is refused, an unreachable endpoint may be polled again.
-#[derive(Debug, Clone, Error, PartialEq, Eq)]
-pub enum BackendError {
-    /// Wrong token or password: the backend's own message.
-    #[error("authentication failed: {0}")]
-    Auth(String),
-    /// The endpoint's certificate (or host key) is not the pinned one.
-    #[error("refused: the endpoint's certificate does not match: {0}")]
-    Tls(String),
-    #[error("unreachable: {0}")]
-    Unreachable(String),
-    /// The backend refused the action (a lock, a task error, busy).
-    #[error("refused: {0}")]
-    Refused(String),
-    /// An answer this backend's client does not understand.
-    #[error("unexpected answer: {0}")]
-    Protocol(String),
-    /// The local program that reaches the backend would not start.
-    #[error("{0}")]
-    CannotStart(String),
 }
 
 /// What the API backends' verbs are composed of (README "Operations").

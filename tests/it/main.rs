@@ -6,6 +6,7 @@
 // std's process API; a blocked test thread stalls only that test.
 #![allow(clippy::disallowed_methods)]
 
+mod backend_fakes;
 mod harness;
 
 mod approvals;
@@ -23,7 +24,9 @@ mod live;
 mod model_api;
 mod notify;
 mod pve;
+mod pve_api;
 mod real_claude;
+mod redfish;
 mod separation;
 mod storage;
 mod targets;
