@@ -535,25 +535,49 @@ async function loadPresets() {
 // ---- VM controls ---------------------------------------------------------
 
 const HINTS = {
-  cycle: "Cycle: stop, then start a fresh QEMU. The fix for a wedged VM (I/O stalled, no SSH, no guest agent); also applies staged config.",
-  reset: "Reset only for a guest hang while QEMU itself is healthy.",
+  cycle: "Cycle: stop, then start again. The fix for a wedged VM (I/O stalled, no SSH, no guest agent); also applies staged config.",
+  reset: "Reset only for a guest hang while the hypervisor itself is healthy.",
 };
+const TARGET_KEY = "breakglass.target";
+
+// The targets and the operation this page watches: an operation runs on the
+// server to its end whatever the page does (README "Power targets").
+const power = { targets: [], source: null, running: false };
+
+const currentTarget = () => power.targets.find((t) => t.name === $("target").value) ?? power.targets[0];
 
 async function loadVerbs() {
-  const got = await api("GET", "/api/pve/verbs");
+  const got = await api("GET", "/api/targets");
   const box = $("verbs");
-  box.replaceChildren();
-  if (!got.ok) {
-    box.append(el("p", "hint", got.data?.detail ?? "the verbs could not be loaded"));
+  if (!got.ok || !got.data?.targets?.length) {
+    box.replaceChildren(el("p", "hint", got.data?.detail ?? "the targets could not be loaded"));
     return;
   }
-  const mutating = new Set(got.data.mutating);
-  const readOnly = got.data.verbs.filter((v) => !mutating.has(v));
-  const order = [...readOnly, "cycle", ...got.data.mutating.filter((v) => v !== "cycle")];
+  power.targets = got.data.targets;
+  const select = $("target");
+  const chosen = select.value || localStorage.getItem(TARGET_KEY);
+  select.replaceChildren(...power.targets.map((t) => el("option", "", t.name)));
+  select.value = power.targets.some((t) => t.name === chosen) ? chosen : power.targets[0].name;
+  // One target needs no picker, but its name still says what the verbs reach.
+  $("target-row").hidden = false;
+  select.disabled = power.targets.length < 2;
+  showVerbs();
+}
+
+function showVerbs() {
+  const target = currentTarget();
+  const box = $("verbs");
+  box.replaceChildren();
+  $("confirm").hidden = true;
+  if (!target) return;
+  const mutating = new Set(target.mutating);
+  const readOnly = target.verbs.filter((v) => !mutating.has(v));
+  const order = [...readOnly, ...target.mutating.filter((v) => v === "cycle"), ...target.mutating.filter((v) => v !== "cycle")];
   for (const verb of order) {
     const button = el("button", mutating.has(verb) ? "danger" : "", verb);
     button.type = "button";
     button.dataset.verb = verb;
+    button.disabled = power.running;
     if (verb === "cycle") button.classList.add("headline");
     button.addEventListener("click", () => (mutating.has(verb) ? confirmVerb(verb) : runVerb(verb)));
     box.append(button);
@@ -562,29 +586,66 @@ async function loadVerbs() {
 }
 
 function confirmVerb(verb) {
-  $("confirm-text").textContent = `Run ${verb} on the VM? Forensics are taken first.`;
+  const target = currentTarget();
+  $("confirm-text").textContent = `Run ${verb} on ${target.name}? Forensics are taken first.`;
   $("confirm-run").textContent = `Run ${verb}`;
   $("confirm-run").dataset.verb = verb;
   $("confirm").hidden = false;
   $("confirm-cancel").focus();
 }
 
+function setRunning(running) {
+  power.running = running;
+  for (const b of $("verbs").querySelectorAll("button")) b.disabled = running;
+  $("target").disabled = running || power.targets.length < 2;
+}
+
+// Starts the verb as an operation and follows its steps live until its end.
 async function runVerb(verb) {
   $("confirm").hidden = true;
+  const target = currentTarget();
   const out = $("verb-output");
   out.hidden = false;
-  out.textContent = `${verb}: running…`;
-  for (const b of $("verbs").querySelectorAll("button")) b.disabled = true;
-  try {
-    const got = await api("POST", `/api/pve/${verb}`);
-    const d = got.data ?? {};
-    const head = d.verb ? `${d.verb}: exit ${d.exit_code ?? "none"}${d.rejected ? " (refused by the host)" : ""}` : `${verb}: ${d.detail ?? got.status}`;
-    out.textContent = [head, d.stdout, d.stderr].filter(Boolean).join("\n\n");
-  } catch (err) {
-    out.textContent = `${verb}: no answer (${err})`;
-  } finally {
-    for (const b of $("verbs").querySelectorAll("button")) b.disabled = false;
+  out.textContent = `${verb} on ${target.name}: starting…`;
+  setRunning(true);
+  const body = state.session ? { session: state.session } : {};
+  const got = await api("POST", `/api/targets/${encodeURIComponent(target.name)}/verbs/${encodeURIComponent(verb)}`, body);
+  if (!got.ok || !got.data?.operation_id) {
+    out.textContent = `${verb} on ${target.name}: ${got.data?.detail ?? `not started (${got.status})`}`;
+    setRunning(false);
+    return;
   }
+  watchOperation(got.data.operation_id, `${verb} on ${target.name}`);
+}
+
+function watchOperation(id, title) {
+  power.source?.close();
+  const out = $("verb-output");
+  out.textContent = `${title}:`;
+  out.dataset.state = "running";
+  // EventSource reconnects by itself, with the Last-Event-ID of the last
+  // step seen: a bad link loses no step and repeats none.
+  const source = new EventSource(`/api/operations/${encodeURIComponent(id)}/stream`);
+  power.source = source;
+  source.onmessage = (message) => {
+    let event;
+    try {
+      event = JSON.parse(message.data);
+    } catch {
+      return;
+    }
+    if (event.kind === "step") {
+      out.textContent += `\n· ${event.text}`;
+    } else if (event.kind === "done") {
+      const back = event.recovered_after_s != null ? ` · back after ${Math.round(event.recovered_after_s)} s` : "";
+      out.textContent += `\n${event.state === "succeeded" ? "✓ succeeded" : "✗ failed"}${back}${event.error ? `: ${event.error}` : ""}`;
+      out.dataset.state = event.state;
+      source.close();
+      if (power.source === source) power.source = null;
+      setRunning(false);
+    }
+    out.scrollTop = out.scrollHeight;
+  };
 }
 
 // ---- Sheets --------------------------------------------------------------
@@ -743,6 +804,10 @@ async function start() {
   }
   $("confirm-cancel").addEventListener("click", () => ($("confirm").hidden = true));
   $("confirm-run").addEventListener("click", () => runVerb($("confirm-run").dataset.verb));
+  $("target").addEventListener("change", () => {
+    localStorage.setItem(TARGET_KEY, $("target").value);
+    showVerbs();
+  });
   document.addEventListener("keydown", (e) => {
     if (e.key === "Escape") {
       $("confirm").hidden = true;

@@ -2,7 +2,7 @@
 // on a flaky network; the API always goes to the network. It also shows the
 // server's Web Push notes and opens their session when one is tapped
 // (README "Notifications").
-const CACHE = "breakglass-shell-v4";
+const CACHE = "breakglass-shell-v5";
 const SHELL = ["/", "/app.js", "/transcript.js", "/approval.js", "/style.css", "/manifest.webmanifest", "/icon.svg", "/icon-192.png", "/icon-512.png"];
 
 self.addEventListener("install", (event) => {
