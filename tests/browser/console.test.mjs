@@ -31,6 +31,9 @@ let context;
 let page;
 let qmDir;
 let proxy;
+// The port of the second target's recovery check: nothing listens on it
+// until the test says the machine is back.
+let checkPort;
 
 /** A TCP proxy in front of the server whose connections the test can cut. */
 function startProxy(target) {
@@ -61,8 +64,29 @@ function startProxy(target) {
   });
 }
 
-function startServer() {
+/** A loopback port nothing listens on (yet). */
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const probe = net.createServer();
+    probe.once("error", reject);
+    probe.listen(0, "127.0.0.1", () => {
+      const { port } = probe.address();
+      probe.close(() => resolve(port));
+    });
+  });
+}
+
+async function startServer() {
   const dir = mkdtempSync(path.join(tmpdir(), "breakglass-browser-"));
+  checkPort = await freePort();
+  // Two targets through the same host script: the default one, and a
+  // second whose recovery is proven by a TCP check.
+  const targets = path.join(dir, "targets.toml");
+  writeFileSync(
+    targets,
+    `[[target]]\nname = "vm"\nbackend = "ssh"\nhost = "192.0.2.10"\n\n` +
+      `[[target]]\nname = "devvm2"\nbackend = "ssh"\nhost = "192.0.2.11"\ncheck = "tcp:127.0.0.1:${checkPort}"\nrecover_timeout_seconds = 25\n`,
+  );
   qmDir = path.join(dir, "qm");
   mkdirSync(qmDir);
   const conf = path.join(dir, "pve.conf");
@@ -75,7 +99,7 @@ function startServer() {
       PATH: `${path.join(repo, "tests/fake-bin")}:${process.env.PATH}`,
       HOME: dir,
       RUST_LOG: "info",
-      BREAKGLASS_PVE_HOST: "192.0.2.10",
+      BREAKGLASS_TARGETS_FILE: targets,
       BREAKGLASS_SSH_BIN: path.join(here, "fake-ssh"),
       BREAKGLASS_PVE_CONF: conf,
       FAKE_QM_DIR: qmDir,
@@ -429,22 +453,59 @@ test("a call asked again under its tool_use_id gets a card of its own, decided o
   check(await statuses());
 });
 
-test("a mutating verb needs its confirm and shows its output", async () => {
+test("a mutating verb needs its confirm and shows its steps", async () => {
   await page.click("#open-vm");
   await page.waitForSelector("#vm-sheet:not([hidden])");
+  await page.waitForFunction(() => document.querySelectorAll("#target option").length === 2, null, { timeout: DEADLINE });
+  assert.equal(await page.inputValue("#target"), "vm", "the first target is the default");
   const labels = await page.locator("#verbs button").allTextContents();
   assert.deepEqual(labels.slice(0, 3), ["forensics", "status", "cycle"], "read-only verbs first, then cycle");
   await page.click("#verbs button[data-verb=cycle]");
   await page.waitForSelector("#confirm:not([hidden])");
+  assert.match(await page.textContent("#confirm-text"), /Run cycle on vm\?/);
   assert.equal(readFileSync(path.join(qmDir, "calls"), { encoding: "utf8", flag: "a+" }).includes("qm stop"), false, "nothing ran before the confirm");
   await page.screenshot({ path: path.join(shots, "3-vm-sheet.png") });
   await page.click("#confirm-run");
-  await page.waitForSelector("#verb-output:has-text('cycle done')", { timeout: DEADLINE });
-  assert.match(await page.textContent("#verb-output"), /cycle: exit 0/);
+  await page.waitForSelector("#verb-output[data-state=succeeded]", { timeout: DEADLINE });
+  const steps = await page.textContent("#verb-output");
+  assert.match(steps, /cycle on vm:/);
+  assert.match(steps, /forensics saved/);
+  assert.match(steps, /running/);
+  assert.match(steps, /✓ succeeded · back after \d+ s/);
   const calls = readFileSync(path.join(qmDir, "calls"), "utf8");
   assert.ok(calls.indexOf("qm config 101") < calls.indexOf("qm stop 101"), "forensics before the stop");
   const box = await page.locator("#verb-output").boundingBox();
   assert.ok(box.height <= 844 * 0.46 + 1, `output capped in height: ${box.height}`);
+});
+
+test("a cycle on a second target is watched step by step until it is reachable again", async () => {
+  await page.waitForSelector("#vm-sheet:not([hidden])");
+  await page.selectOption("#target", "devvm2");
+  await page.click("#verbs button[data-verb=cycle]");
+  assert.match(await page.textContent("#confirm-text"), /Run cycle on devvm2\?/);
+  await page.click("#confirm-run");
+  // The machine is running but its check does not pass yet: the steps say
+  // what is awaited, and the verbs stay locked while it runs.
+  await page.waitForSelector(`#verb-output:has-text('waiting for')`, { timeout: DEADLINE });
+  assert.equal(await page.getAttribute("#verb-output", "data-state"), "running");
+  assert.equal(await page.locator("#verbs button[data-verb=cycle]").isDisabled(), true, "no second verb while one runs");
+  const listener = net.createServer((socket) => socket.end());
+  await new Promise((resolve) => listener.listen(checkPort, "127.0.0.1", resolve));
+  try {
+    await page.waitForSelector("#verb-output[data-state=succeeded]", { timeout: DEADLINE });
+  } finally {
+    listener.close();
+  }
+  const steps = await page.textContent("#verb-output");
+  assert.match(steps, /cycle on devvm2:/);
+  assert.match(steps, /reachable again after [\d.]+ s/);
+  assert.match(steps, /✓ succeeded · back after \d+ s/);
+  await page.screenshot({ path: path.join(shots, "4-operation.png") });
+  // The choice is remembered on this device.
+  await page.reload();
+  await page.click("#open-vm");
+  await page.waitForFunction(() => document.querySelectorAll("#target option").length === 2, null, { timeout: DEADLINE });
+  assert.equal(await page.inputValue("#target"), "devvm2");
 });
 
 /** Runs every axe rule, the experimental ones too, and returns the serious or critical violations. */
