@@ -54,22 +54,25 @@ impl Store {
         .await
     }
 
-    /// Hands `each` the events of a session with id > `after`, in order,
-    /// until it returns false or `budget` bytes of JSON went by (at least
-    /// one event), and returns it with the session's event count. The rows
+    /// Hands `each` (with `state`) the events of a session with id >
+    /// `after`, in order, until it returns false or `budget` bytes of JSON
+    /// went by (at least one event), and returns `state` with the session's
+    /// event count. The rows
     /// are borrowed from SQLite, never copied, and read in one transaction
     /// with the count: a count beyond the last row read is rows missing,
     /// not rows committed since (the attach stream's replay, ARCHITECTURE.md
     /// `sse`, tells the two apart this way).
-    pub async fn scan_after<F>(
+    pub async fn scan_after<S, F>(
         &self,
         session: Uuid,
         after: Option<EventId>,
         budget: usize,
-        mut each: F,
-    ) -> Result<(F, EventId), StoreError>
+        mut state: S,
+        each: F,
+    ) -> Result<(S, EventId), StoreError>
     where
-        F: FnMut(EventId, &str) -> bool + Send + 'static,
+        S: Send + 'static,
+        F: Fn(&mut S, EventId, &str) -> bool + Send + 'static,
     {
         self.read(move |conn| {
             let snapshot = conn.unchecked_transaction()?;
@@ -89,11 +92,11 @@ impl Store {
             while let Some(row) = rows.next()? {
                 let json = row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?;
                 bytes += json.len();
-                if !each(row.get::<_, i64>(0)? as EventId, json) || bytes >= budget {
+                if !each(&mut state, row.get::<_, i64>(0)? as EventId, json) || bytes >= budget {
                     break;
                 }
             }
-            Ok((each, count as EventId))
+            Ok((state, count as EventId))
         })
         .await
     }
