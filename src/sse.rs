@@ -110,6 +110,9 @@ pub fn attach(
     keepalive: Duration,
     shutdown: CancellationToken,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    // The stream's own token, cancelled with the server's: it is looked at
+    // for every chunk, and the server's is one lock shared by every stream.
+    let shutdown = shutdown.child_token();
     let state = Attach {
         subscription: log.subscribe(),
         log,
