@@ -239,7 +239,7 @@ impl Attach {
             match self.phase {
                 Phase::Ended => return Ok(None),
                 Phase::Backlog | Phase::CatchUp | Phase::Closing => {
-                    if let Some(chunk) = self.from_log().await? {
+                    if let Some(chunk) = self.read_log().await? {
                         return Ok(Some(chunk));
                     }
                 }
@@ -258,7 +258,7 @@ impl Attach {
     /// sent reaches the log's count (read with the page, in one snapshot);
     /// a page that stops short of it, or a row missing on the way, is a
     /// damaged log.
-    async fn from_log(&mut self) -> Result<Option<Bytes>, End> {
+    async fn read_log(&mut self) -> Result<Option<Bytes>, End> {
         let start = Page { next: self.next_expected(), ..Page::default() };
         let read = self.log.scan_after(self.sent, PAGE_BYTES, start, Page::push).await;
         let (page, count) = match read {
