@@ -31,6 +31,7 @@ use futures_util::Stream;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::event::{Event, EventId, Stored};
 use crate::hub::{Published, Subscription};
@@ -123,6 +124,7 @@ pub fn attach(
         last_write: Instant::now(),
         cancelled: Box::pin(shutdown.clone().cancelled_owned()),
         shutdown,
+        prefetch: None,
     };
     futures_util::stream::unfold(state, |mut state| async move {
         let chunk = state.next_chunk().await?;
@@ -169,6 +171,17 @@ struct Attach {
     /// `shutdown`, waited on across events (one waiter per stream, not one
     /// made and dropped per event).
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The next page of the log, read while the last one is being sent, so
+    /// that reading and sending overlap: at most two pages per stream.
+    /// Aborted if the stream ends first.
+    prefetch: Option<Prefetch>,
+}
+
+/// A page of the log being read ahead.
+struct Prefetch {
+    /// What it reads after.
+    after: Option<EventId>,
+    read: AbortOnDropHandle<Result<(Page, EventId), StoreError>>,
 }
 
 /// The frames of one page of the log, encoded as its rows are read.
@@ -259,8 +272,13 @@ impl Attach {
     /// a page that stops short of it, or a row missing on the way, is a
     /// damaged log.
     async fn read_log(&mut self) -> Result<Option<Bytes>, End> {
-        let start = Page { next: self.next_expected(), ..Page::default() };
-        let read = self.log.scan_after(self.sent, PAGE_BYTES, start, Page::push).await;
+        let read = match self.prefetch.take() {
+            Some(prefetch) if prefetch.after == self.sent => {
+                prefetch.read.await.unwrap_or_else(|err| Err(StoreError::Sqlite(format!("reader task failed: {err}"))))
+            }
+            // Dropping one read after something else aborts it.
+            _ => read_page(self.log.clone(), self.sent).await,
+        };
         let (page, count) = match read {
             Ok(read) => read,
             Err(StoreError::Corrupt(err)) => return Err(self.damaged(Some(&err)).await),
@@ -299,6 +317,11 @@ impl Attach {
             // drain's last events (the turns' ends) reach the client.
             Phase::Closing if at_end || frames.is_empty() => self.phase = Phase::Ended,
             _ => {}
+        }
+        if !at_end && !frames.is_empty() && matches!(self.phase, Phase::Backlog | Phase::CatchUp | Phase::Closing) {
+            let after = self.sent;
+            let read = tokio::spawn(read_page(self.log.clone(), after));
+            self.prefetch = Some(Prefetch { after, read: AbortOnDropHandle::new(read) });
         }
         Ok((!frames.is_empty()).then(|| Bytes::from(frames)))
     }
@@ -380,6 +403,12 @@ impl Attach {
         tracing::error!(session = %self.log.session(), cause, "{error}");
         End::Told(notice_frame(&crate::log::notice(&Event::Error { error })))
     }
+}
+
+/// The page of the log after `after`, encoded, and the log's count.
+async fn read_page(log: Arc<Log>, after: Option<EventId>) -> Result<(Page, EventId), StoreError> {
+    let start = Page { next: after.map_or(0, |sent| sent + 1), ..Page::default() };
+    log.scan_after(after, PAGE_BYTES, start, Page::push).await
 }
 
 impl Page {
