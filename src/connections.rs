@@ -308,6 +308,11 @@ async fn serve_connection(
     builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
     let connection = builder.serve_connection(io, service);
     tokio::pin!(connection);
+    // This connection's own tokens, cancelled with the server's: the select
+    // below polls them whenever the connection's task wakes (every frame an
+    // attach stream sends), and the server's tokens are one lock shared by
+    // every connection.
+    let (graceful, now) = (stop.graceful.child_token(), stop.now.child_token());
     let mut graceful_sent = false;
     loop {
         tokio::select! {
@@ -317,7 +322,7 @@ async fn serve_connection(
                 }
                 return;
             }
-            () = stop.graceful.cancelled(), if !graceful_sent => {
+            () = graceful.cancelled(), if !graceful_sent => {
                 graceful_sent = true;
                 connection.as_mut().graceful_shutdown();
             }
@@ -325,7 +330,7 @@ async fn serve_connection(
                 tracing::debug!(%addr, "idle connection closed to make room");
                 return;
             }
-            () = stop.now.cancelled() => return,
+            () = now.cancelled() => return,
         }
     }
 }

@@ -6,8 +6,9 @@
 //! which is the source of truth. Memory is bounded by the ring, whatever the
 //! number or speed of clients.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use bytes::Bytes;
 use tokio::sync::broadcast;
 
 use crate::event::{EventId, Stored};
@@ -19,7 +20,7 @@ pub const CAPACITY: usize = 256;
 #[derive(Debug, Clone)]
 pub enum Published {
     /// An event, committed to the log.
-    Event(Stored),
+    Event(Arc<Shared>),
     /// A notice that could not be logged (the log itself is failing): sent
     /// to whoever is attached now, without an id, never replayed.
     Notice(Arc<str>),
@@ -32,6 +33,22 @@ pub enum Published {
         after: Option<EventId>,
         json: Arc<str>,
     },
+}
+
+/// An event as every subscriber receives it: one allocation shared by all,
+/// with room for its wire form, so that a thousand attached clients encode
+/// it once (the first to send it does), not a thousand times.
+#[derive(Debug)]
+pub struct Shared {
+    pub event: Stored,
+    frame: OnceLock<Bytes>,
+}
+
+impl Shared {
+    /// The event's wire form: `encode`d by the first caller, shared after.
+    pub fn frame(&self, encode: impl FnOnce(&Stored) -> Bytes) -> Bytes {
+        self.frame.get_or_init(|| encode(&self.event)).clone()
+    }
 }
 
 #[derive(Debug)]
@@ -61,7 +78,7 @@ impl Hub {
         let mut sent = self.sent();
         sent.last_event = Some(event.id);
         // No subscribers is not an error: nobody is attached.
-        let _ = sent.tx.send(Published::Event(event));
+        let _ = sent.tx.send(Published::Event(Arc::new(Shared { event, frame: OnceLock::new() })));
     }
 
     /// Delivers a notice that is not in the log (see [`Published::Notice`]).

@@ -46,6 +46,24 @@ impl Log {
         self.store.read_after(self.session, after, limit).await
     }
 
+    /// Hands `each` (with `state`) the events after `after` in order, until
+    /// it returns false or about `budget` bytes went by, and returns `state`
+    /// with the number of events in the log when they were read (see
+    /// [`Store::scan_after`]).
+    pub async fn scan_after<S, F>(
+        &self,
+        after: Option<EventId>,
+        budget: usize,
+        state: S,
+        each: F,
+    ) -> Result<(S, EventId), LogError>
+    where
+        S: Send + 'static,
+        F: Fn(&mut S, EventId, &str) -> bool + Send + 'static,
+    {
+        self.store.scan_after(self.session, after, budget, state, each).await
+    }
+
     /// Id the next appended event will get (the number of events so far).
     pub async fn next_id(&self) -> Result<EventId, LogError> {
         Ok(self.store.session(self.session).await?.map_or(0, |row| row.event_count))
@@ -155,8 +173,8 @@ pub mod tests {
             pending.push(log.submit(text(&i.to_string()), None).await.unwrap());
         }
         for expected in 1..=200u64 {
-            let crate::hub::Published::Event(event) = sub.recv().await.unwrap() else { panic!("no notices here") };
-            assert_eq!(event.id, expected);
+            let crate::hub::Published::Event(shared) = sub.recv().await.unwrap() else { panic!("no notices here") };
+            assert_eq!(shared.event.id, expected);
             let read = log.read_after(Some(expected - 1), 1).await.unwrap();
             assert_eq!(read.first().map(|e| e.id), Some(expected), "published before it was readable");
         }

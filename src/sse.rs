@@ -21,23 +21,30 @@
 //! never after an event the client already has that was published later
 //! than them (that event may be the text they belong to).
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use bytes::Bytes;
 use futures_util::Stream;
-use tokio::sync::broadcast::error::RecvError;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::event::{Event, EventId, Stored};
 use crate::hub::{Published, Subscription};
 use crate::log::Log;
 use crate::store::StoreError;
 
-/// Events read from the log at a time while replaying.
-const PAGE: usize = 256;
+/// Bytes of event JSON read from the log at a time while replaying: one
+/// page is in flight per client, encoded as frames while it is read.
+const PAGE_BYTES: usize = 256 * 1024;
+/// Live frames put in one body chunk, at most (one frame may exceed it): a
+/// client that fell behind gets what waits for it in one write, not one
+/// write per frame.
+const CHUNK_BYTES: usize = 64 * 1024;
 
 pub const CAUGHT_UP: &str = "event: caught-up\ndata: {}\n\n";
 /// A comment (README "API") that also dispatches a `keepalive` event: pages using
@@ -58,7 +65,29 @@ pub fn parse_last_event_id(value: Option<&[u8]>) -> Option<EventId> {
 /// One event as an SSE frame. The JSON is a single line (serde_json escapes
 /// newlines inside strings), so one `data:` field carries it.
 pub fn frame(event: &Stored) -> Bytes {
-    Bytes::from(format!("id: {}\ndata: {}\n\n", event.id, event.json))
+    let mut buf = Vec::with_capacity(event.json.len() + 32);
+    push_frame(&mut buf, event.id, &event.json);
+    Bytes::from(buf)
+}
+
+/// Appends `id: N\ndata: <json>\n\n` to `buf`.
+fn push_frame(buf: &mut Vec<u8>, id: EventId, json: &str) {
+    buf.extend_from_slice(b"id: ");
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = id;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[at..]);
+    buf.extend_from_slice(b"\ndata: ");
+    buf.extend_from_slice(json.as_bytes());
+    buf.extend_from_slice(b"\n\n");
 }
 
 /// A notice the log could not keep: a frame without an id, so a client's
@@ -75,24 +104,31 @@ pub fn delta_frame(json: &str) -> Bytes {
 
 /// The frames of one attached client, ending when `shutdown` fires (after
 /// everything already in the log is sent) or the log can no longer be read.
+/// Each item is one body chunk of one or more whole frames.
 pub fn attach(
     log: Arc<Log>,
     last_event_id: Option<EventId>,
     keepalive: Duration,
     shutdown: CancellationToken,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    // The stream's own token, cancelled with the server's: it is looked at
+    // for every chunk, and the server's is one lock shared by every stream.
+    let shutdown = shutdown.child_token();
     let state = Attach {
         subscription: log.subscribe(),
         log,
         sent: last_event_id,
-        pending: VecDeque::new(),
         phase: Phase::Backlog,
         keepalive,
+        idle: Box::pin(tokio::time::sleep(keepalive)),
+        last_write: Instant::now(),
+        cancelled: Box::pin(shutdown.clone().cancelled_owned()),
         shutdown,
+        prefetch: None,
     };
     futures_util::stream::unfold(state, |mut state| async move {
-        let frame = state.next_frame().await?;
-        Some((Ok(frame), state))
+        let chunk = state.next_chunk().await?;
+        Some((Ok(chunk), state))
     })
 }
 
@@ -113,7 +149,8 @@ enum Phase {
     CatchUp,
     /// Shutting down: sending what the log holds, then ending.
     Closing,
-    /// The log is damaged: the stream has said so and ends.
+    /// Nothing more to send: the log is damaged and the stream said so, or
+    /// the drain sent the log's end.
     Ended,
 }
 
@@ -122,145 +159,269 @@ struct Attach {
     subscription: Subscription,
     /// The highest id this stream has sent (or the client already had).
     sent: Option<EventId>,
-    pending: VecDeque<Stored>,
     phase: Phase,
     keepalive: Duration,
+    /// Fires at the earliest time a keepalive may be due. It is moved only
+    /// when it fires, never per event: a timer registered and cancelled for
+    /// every event of every client costs more than the event's write.
+    idle: Pin<Box<Sleep>>,
+    /// When this stream last handed a chunk to its connection.
+    last_write: Instant,
     shutdown: CancellationToken,
+    /// `shutdown`, waited on across events (one waiter per stream, not one
+    /// made and dropped per event).
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The next page of the log, read while the last one is being sent, so
+    /// that reading and sending overlap: at most two pages per stream.
+    /// Aborted if the stream ends first.
+    prefetch: Option<Prefetch>,
+}
+
+/// A page of the log being read ahead.
+struct Prefetch {
+    /// What it reads after.
+    after: Option<EventId>,
+    read: AbortOnDropHandle<Result<(Page, EventId), StoreError>>,
+}
+
+/// The frames of one page of the log, encoded as its rows are read.
+#[derive(Default)]
+struct Page {
+    frames: Vec<u8>,
+    /// The id the next row must have: ids are contiguous in a sound log.
+    next: EventId,
+    /// The last id encoded.
+    last: Option<EventId>,
+    /// A row came with another id than `next`: rows are missing there.
+    gap: bool,
+}
+
+/// Frames ready to go out in one chunk: a single frame is sent as it is
+/// (an event's frame is shared by every client), more are copied together.
+#[derive(Default)]
+struct Batch {
+    single: Option<Bytes>,
+    joined: Vec<u8>,
+}
+
+impl Batch {
+    fn push(&mut self, frame: Bytes) {
+        if self.single.is_none() && self.joined.is_empty() {
+            self.single = Some(frame);
+            return;
+        }
+        if let Some(first) = self.single.take() {
+            self.joined.extend_from_slice(&first);
+        }
+        self.joined.extend_from_slice(&frame);
+    }
+
+    fn len(&self) -> usize {
+        self.single.as_ref().map_or(self.joined.len(), Bytes::len)
+    }
+
+    fn into_chunk(self) -> Option<Bytes> {
+        match self.single {
+            Some(frame) => Some(frame),
+            None if self.joined.is_empty() => None,
+            None => Some(Bytes::from(self.joined)),
+        }
+    }
 }
 
 impl Attach {
-    async fn next_frame(&mut self) -> Option<Bytes> {
-        match self.step().await {
-            Ok(frame) => frame,
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        let chunk = match self.step().await {
+            Ok(chunk) => chunk,
             Err(End::Quietly) => None,
-            Err(End::Told(frame)) => {
+            Err(End::Told(notice)) => {
                 self.phase = Phase::Ended;
-                self.pending.clear();
-                Some(frame)
+                Some(notice)
+            }
+        };
+        self.last_write = Instant::now();
+        chunk
+    }
+
+    /// The next chunk; `Ok(None)` when the stream is over.
+    async fn step(&mut self) -> Result<Option<Bytes>, End> {
+        loop {
+            if self.shutdown.is_cancelled() && matches!(self.phase, Phase::Live | Phase::CatchUp) {
+                self.phase = Phase::Closing;
+            }
+            match self.phase {
+                Phase::Ended => return Ok(None),
+                Phase::Backlog | Phase::CatchUp | Phase::Closing => {
+                    if let Some(chunk) = self.read_log().await? {
+                        return Ok(Some(chunk));
+                    }
+                }
+                Phase::Live => {
+                    if let Some(chunk) = self.live().await? {
+                        return Ok(Some(chunk));
+                    }
+                }
             }
         }
     }
 
-    /// The next frame; `Ok(None)` when the stream is over.
-    async fn step(&mut self) -> Result<Option<Bytes>, End> {
-        loop {
-            if matches!(self.phase, Phase::Ended) {
-                return Ok(None);
+    /// One page of the log after what was sent, as one chunk, and where the
+    /// stream goes next; `None` when there was nothing to send. `caught-up`
+    /// promises the whole log, so the replay sends it only once what was
+    /// sent reaches the log's count (read with the page, in one snapshot);
+    /// a page that stops short of it, or a row missing on the way, is a
+    /// damaged log.
+    async fn read_log(&mut self) -> Result<Option<Bytes>, End> {
+        let read = match self.prefetch.take() {
+            Some(prefetch) if prefetch.after == self.sent => {
+                prefetch.read.await.unwrap_or_else(|err| Err(StoreError::Sqlite(format!("reader task failed: {err}"))))
             }
-            if self.shutdown.is_cancelled() && matches!(self.phase, Phase::Live | Phase::CatchUp) {
-                self.phase = Phase::Closing;
+            // Dropping one read after something else aborts it.
+            _ => read_page(self.log.clone(), self.sent).await,
+        };
+        let (page, count) = match read {
+            Ok(read) => read,
+            Err(StoreError::Corrupt(err)) => return Err(self.damaged(Some(&err)).await),
+            Err(err) => {
+                tracing::warn!(%err, "attach stream ends: the log cannot be read");
+                return Err(End::Quietly);
             }
-            if let Some(event) = self.pending.pop_front() {
-                if !self.is_new(event.id) {
-                    continue;
-                }
-                // Ids are contiguous in a sound log; a hole means lost rows.
-                if Some(event.id) != self.next_expected() {
-                    return Err(self.damaged(None).await);
-                }
-                self.sent = Some(event.id);
-                return Ok(Some(frame(&event)));
-            }
-            match self.phase {
-                Phase::Backlog => {
-                    if !self.fill_from_log().await? && !self.reached_the_end().await? {
-                        return Err(self.damaged(None).await);
-                    }
-                    if self.pending.is_empty() {
-                        self.phase = Phase::Live;
-                        return Ok(Some(Bytes::from_static(CAUGHT_UP.as_bytes())));
-                    }
-                }
-                Phase::CatchUp => {
-                    if !self.fill_from_log().await? {
-                        self.phase = Phase::Live;
-                    }
-                }
-                // Whatever the log holds is sent before the stream ends, so
-                // a drain's last events (the turns' ends) reach the client.
-                Phase::Closing => {
-                    if !self.fill_from_log().await? {
-                        return Ok(None);
-                    }
-                }
-                Phase::Ended => return Ok(None),
-                Phase::Live => {
-                    let received = tokio::select! {
-                        _ = self.shutdown.cancelled() => continue,
-                        received = tokio::time::timeout(self.keepalive, self.subscription.recv()) => received,
-                    };
-                    match received {
-                        Err(_idle) => return Ok(Some(Bytes::from_static(KEEPALIVE.as_bytes()))),
-                        Ok(Ok(Published::Notice(json))) => return Ok(Some(notice_frame(&json))),
-                        Ok(Ok(Published::Delta { after, json })) => {
-                            if self.sent.is_none_or(|sent| after.is_some_and(|after| after >= sent)) {
-                                return Ok(Some(delta_frame(&json)));
-                            }
-                        }
-                        Ok(Ok(Published::Event(event))) if !self.is_new(event.id) => {}
-                        Ok(Ok(Published::Event(event))) if Some(event.id) == self.next_expected() => {
-                            self.pending.push_back(event)
-                        }
-                        // A gap (the ring dropped events for us) or a lag
-                        // notice: the log has everything; read it to its end.
-                        Ok(Ok(Published::Event(_))) | Ok(Err(RecvError::Lagged(_))) => self.phase = Phase::CatchUp,
-                        Ok(Err(RecvError::Closed)) => return Ok(None),
-                    }
-                }
-            }
+        };
+        // An id this log never issued (a log from another life): replay it all.
+        if matches!(self.phase, Phase::Backlog)
+            && let Some(sent) = self.sent.filter(|&sent| sent >= count)
+        {
+            tracing::warn!(session = %self.log.session(), last_event_id = sent, next = count, "Last-Event-ID beyond the log; replaying it all");
+            self.sent = None;
+            return Ok(None);
         }
+        if page.last.is_some() {
+            self.sent = page.last;
+        }
+        let at_end = !page.gap && self.next_expected() >= count;
+        let mut frames = page.frames;
+        // Rows missing: what came before them was sent, and this read
+        // (which starts at the hole) says where the replay stopped.
+        if frames.is_empty() && page.gap {
+            return Err(self.damaged(None).await);
+        }
+        match self.phase {
+            Phase::Backlog if at_end => {
+                frames.extend_from_slice(CAUGHT_UP.as_bytes());
+                self.phase = Phase::Live;
+            }
+            // The log ends short of its count: rows missing at its end.
+            Phase::Backlog if frames.is_empty() => return Err(self.damaged(None).await),
+            Phase::CatchUp if at_end || frames.is_empty() => self.phase = Phase::Live,
+            // Whatever the log holds is sent before the stream ends, so a
+            // drain's last events (the turns' ends) reach the client.
+            Phase::Closing if at_end || frames.is_empty() => self.phase = Phase::Ended,
+            _ => {}
+        }
+        if !at_end && !frames.is_empty() && matches!(self.phase, Phase::Backlog | Phase::CatchUp | Phase::Closing) {
+            let after = self.sent;
+            let read = tokio::spawn(read_page(self.log.clone(), after));
+            self.prefetch = Some(Prefetch { after, read: AbortOnDropHandle::new(read) });
+        }
+        Ok((!frames.is_empty()).then(|| Bytes::from(frames)))
+    }
+
+    /// What the hub has for this stream, as one chunk: the first item waited
+    /// for, then whatever else is already there (up to [`CHUNK_BYTES`]).
+    /// `None` when nothing was to be sent (a keepalive not yet due, a stale
+    /// delta, or the hub dropped events and the log is to be read).
+    async fn live(&mut self) -> Result<Option<Bytes>, End> {
+        let first = tokio::select! {
+            biased;
+            received = self.subscription.recv() => received,
+            // `step` sees the token and closes; this future is not polled again.
+            () = self.cancelled.as_mut() => return Ok(None),
+            () = self.idle.as_mut() => {
+                let due = self.last_write + self.keepalive;
+                let now = Instant::now();
+                if now < due {
+                    self.idle.as_mut().reset(due);
+                    return Ok(None);
+                }
+                self.idle.as_mut().reset(now + self.keepalive);
+                return Ok(Some(Bytes::from_static(KEEPALIVE.as_bytes())));
+            }
+        };
+        let mut batch = Batch::default();
+        let mut received = first;
+        loop {
+            match received {
+                Ok(Published::Notice(json)) => batch.push(notice_frame(&json)),
+                Ok(Published::Delta { after, json }) => {
+                    if self.sent.is_none_or(|sent| after.is_some_and(|after| after >= sent)) {
+                        batch.push(delta_frame(&json));
+                    }
+                }
+                Ok(Published::Event(shared)) if !self.is_new(shared.event.id) => {}
+                Ok(Published::Event(shared)) if shared.event.id == self.next_expected() => {
+                    self.sent = Some(shared.event.id);
+                    batch.push(shared.frame(frame));
+                }
+                // A gap (the ring dropped events for us) or a lag notice:
+                // the log has everything; read it to its end.
+                Ok(Published::Event(_)) | Err(RecvError::Lagged(_)) => {
+                    self.phase = Phase::CatchUp;
+                    break;
+                }
+                Err(RecvError::Closed) => {
+                    self.phase = Phase::Ended;
+                    break;
+                }
+            }
+            if batch.len() >= CHUNK_BYTES {
+                break;
+            }
+            received = match self.subscription.try_recv() {
+                Ok(item) => Ok(item),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                Err(TryRecvError::Closed) => Err(RecvError::Closed),
+            };
+        }
+        Ok(batch.into_chunk())
     }
 
     fn is_new(&self, id: EventId) -> bool {
         self.sent.is_none_or(|sent| id > sent)
     }
 
-    fn next_expected(&self) -> Option<EventId> {
-        Some(self.sent.map_or(0, |sent| sent + 1))
-    }
-
-    /// Queues the next page of the log after what was sent; false when there
-    /// was nothing more. A log that cannot be read ends the stream: quietly
-    /// when that may pass (the client reconnects with its Last-Event-ID),
-    /// with an error notice when the log is damaged.
-    async fn fill_from_log(&mut self) -> Result<bool, End> {
-        match self.log.read_after(self.sent, PAGE).await {
-            Ok(page) => {
-                let more = !page.is_empty();
-                self.pending.extend(page);
-                Ok(more)
-            }
-            Err(StoreError::Corrupt(err)) => Err(self.damaged(Some(&err)).await),
-            Err(err) => {
-                tracing::warn!(%err, "attach stream ends: the log cannot be read");
-                Err(End::Quietly)
-            }
-        }
-    }
-
-    /// Whether what was sent reaches the log's end, asked once the log had
-    /// nothing more after it. A count taken before a read is covered by that
-    /// read, so events committed meanwhile are read (and the replay goes on)
-    /// rather than taken for missing ones.
-    async fn reached_the_end(&mut self) -> Result<bool, End> {
-        let count = self.log.next_id().await.map_err(|err| {
-            tracing::warn!(%err, "attach stream ends: the log cannot be read");
-            End::Quietly
-        })?;
-        if self.next_expected().is_some_and(|next| next >= count) {
-            return Ok(true);
-        }
-        self.fill_from_log().await
+    fn next_expected(&self) -> EventId {
+        self.sent.map_or(0, |sent| sent + 1)
     }
 
     /// The notice that ends a stream on a damaged log, and the log line
     /// that goes with it.
     async fn damaged(&self, cause: Option<&str>) -> End {
-        let at = self.next_expected().unwrap_or(0);
+        let at = self.next_expected();
         let count = self.log.next_id().await.map_or_else(|_| "?".to_owned(), |c| c.to_string());
         let error = format!("the log of this session is damaged: replay stopped at id {at} of {count}");
         tracing::error!(session = %self.log.session(), cause, "{error}");
         End::Told(notice_frame(&crate::log::notice(&Event::Error { error })))
+    }
+}
+
+/// The page of the log after `after`, encoded, and the log's count.
+async fn read_page(log: Arc<Log>, after: Option<EventId>) -> Result<(Page, EventId), StoreError> {
+    let start = Page { next: after.map_or(0, |sent| sent + 1), ..Page::default() };
+    log.scan_after(after, PAGE_BYTES, start, Page::push).await
+}
+
+impl Page {
+    /// Encodes one row; false (stop reading) at a hole in the ids.
+    fn push(&mut self, id: EventId, json: &str) -> bool {
+        if id != self.next {
+            self.gap = true;
+            return false;
+        }
+        push_frame(&mut self.frames, id, json);
+        self.last = Some(id);
+        self.next = id + 1;
+        true
     }
 }
 
@@ -282,17 +443,49 @@ mod tests {
     use crate::event::Event;
     use futures_util::StreamExt;
 
+    /// The frames of a stream one at a time, whatever chunks carry them.
+    struct Frames<S> {
+        stream: std::pin::Pin<Box<S>>,
+        ready: std::collections::VecDeque<String>,
+    }
+
+    impl<S: Stream<Item = Result<Bytes, Infallible>>> Frames<S> {
+        fn new(stream: S) -> Self {
+            Frames { stream: Box::pin(stream), ready: Default::default() }
+        }
+
+        /// The next frame; None once the stream ended.
+        async fn next(&mut self) -> Option<String> {
+            loop {
+                if let Some(frame) = self.ready.pop_front() {
+                    return Some(frame);
+                }
+                let next = tokio::time::timeout(Duration::from_secs(20), self.stream.next()).await;
+                let Ok(chunk) = next.expect("the stream went silent")?;
+                let text = std::str::from_utf8(&chunk).unwrap();
+                assert!(text.ends_with("\n\n"), "a chunk carries whole frames: {text:?}");
+                self.ready.extend(text.split_inclusive("\n\n").map(str::to_owned));
+            }
+        }
+
+        /// The next chunk as it came (one or more whole frames).
+        async fn chunk(&mut self) -> Bytes {
+            assert!(self.ready.is_empty(), "frames of the last chunk are left: {:?}", self.ready);
+            let next = tokio::time::timeout(Duration::from_secs(20), self.stream.next()).await;
+            let Ok(chunk) = next.expect("the stream went silent").expect("the stream ended");
+            chunk
+        }
+    }
+
     /// Reads frames until `turn_end`, returning the event ids and how many
     /// `caught-up` frames were seen.
     async fn ids_until_turn_end(stream: impl Stream<Item = Result<Bytes, Infallible>>) -> (Vec<EventId>, usize) {
-        let mut stream = std::pin::pin!(stream);
+        ids_of(&mut Frames::new(stream)).await
+    }
+
+    async fn ids_of<S: Stream<Item = Result<Bytes, Infallible>>>(frames: &mut Frames<S>) -> (Vec<EventId>, usize) {
         let (mut ids, mut caught_up) = (Vec::new(), 0);
-        loop {
-            let next = tokio::time::timeout(Duration::from_secs(20), stream.next()).await;
-            let Some(Ok(frame)) = next.expect("the stream went silent before turn_end") else {
-                break;
-            };
-            let text = std::str::from_utf8(&frame).unwrap();
+        while let Some(text) = frames.next().await {
             if text == CAUGHT_UP {
                 caught_up += 1;
                 continue;
@@ -327,11 +520,10 @@ mod tests {
     async fn a_lagging_subscriber_reads_the_log_to_its_end() {
         let (_dir, log) = crate::log::tests::temp_log().await;
         let log = Arc::new(log);
-        let stream = attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new());
-        let mut stream = Box::pin(stream);
-        assert_eq!(&stream.next().await.unwrap().unwrap()[..], CAUGHT_UP.as_bytes());
+        let mut frames = Frames::new(attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new()));
+        assert_eq!(frames.next().await.unwrap(), CAUGHT_UP);
         append_many(&log, 70_000).await; // far beyond the hub's ring, nobody reading
-        let (ids, caught_up) = ids_until_turn_end(stream).await;
+        let (ids, caught_up) = ids_of(&mut frames).await;
         assert_eq!(caught_up, 0, "caught-up is sent once, before the live tail");
         assert_eq!(ids, (0..=70_000).collect::<Vec<_>>());
     }
@@ -378,16 +570,16 @@ mod tests {
         let delta = |text: &str| crate::event::Delta { message_id: "msg_1".into(), index: 0, text: text.into() };
         // Subscribed (the stream exists) but not yet polled: the delta waits
         // in its subscription while the text is appended.
-        let mut stream = Box::pin(attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new()));
+        let mut stream = Frames::new(attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new()));
         log.delta(&delta("stale "));
         log.append(Event::Text { text: "stale text".into(), message_id: Some("msg_1".into()), index: Some(0) })
             .await
             .unwrap();
         let mut frames = Vec::new();
         loop {
-            let frame = stream.next().await.unwrap().unwrap();
-            let done = &frame[..] == CAUGHT_UP.as_bytes();
-            frames.push(String::from_utf8(frame.to_vec()).unwrap());
+            let frame = stream.next().await.unwrap();
+            let done = frame == CAUGHT_UP;
+            frames.push(frame);
             if done {
                 break;
             }
@@ -395,7 +587,7 @@ mod tests {
         log.delta(&delta("fresh"));
         log.append(Event::TurnEnd).await.unwrap();
         for _ in 0..2 {
-            frames.push(String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap());
+            frames.push(stream.next().await.unwrap());
         }
         assert!(frames[..2].iter().all(|f| f.starts_with("id: ")), "{frames:#?}");
         assert_eq!(frames[2], CAUGHT_UP);
@@ -409,8 +601,8 @@ mod tests {
     async fn a_subscriber_lagging_behind_deltas_misses_no_event() {
         let (_dir, log) = crate::log::tests::temp_log().await;
         let log = Arc::new(log);
-        let mut stream = Box::pin(attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new()));
-        assert_eq!(&stream.next().await.unwrap().unwrap()[..], CAUGHT_UP.as_bytes());
+        let mut frames = Frames::new(attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new()));
+        assert_eq!(frames.next().await.unwrap(), CAUGHT_UP);
         let delta = crate::event::Delta { message_id: "msg_1".into(), index: 0, text: "x".into() };
         for i in 0..50 {
             log.append(Event::Status { text: i.to_string() }).await.unwrap();
@@ -419,8 +611,126 @@ mod tests {
             }
         }
         log.append(Event::TurnEnd).await.unwrap();
-        let (ids, _) = ids_until_turn_end(stream).await;
+        let (ids, _) = ids_of(&mut frames).await;
         assert_eq!(ids, (0..=50).collect::<Vec<_>>());
+    }
+
+    fn ids_in(chunk: &[u8]) -> Vec<EventId> {
+        let text = std::str::from_utf8(chunk).unwrap();
+        text.split_inclusive("\n\n")
+            .filter_map(|frame| frame.strip_prefix("id: "))
+            .map(|rest| rest.split('\n').next().unwrap().parse().unwrap())
+            .collect()
+    }
+
+    /// A replay goes out in a few large chunks (one page of the log each),
+    /// not a chunk per event, and still carries every id once, in order,
+    /// with `caught-up` after the last.
+    #[tokio::test]
+    async fn a_replay_sends_pages_of_frames_each_id_once_then_caught_up() {
+        let (_dir, log) = crate::log::tests::temp_log().await;
+        let log = Arc::new(log);
+        append_many(&log, 4_999).await;
+        let mut frames = Frames::new(attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new()));
+        let (mut ids, mut chunks) = (Vec::new(), 0);
+        loop {
+            let chunk = frames.chunk().await;
+            chunks += 1;
+            ids.extend(ids_in(&chunk));
+            if chunk.ends_with(CAUGHT_UP.as_bytes()) {
+                break;
+            }
+        }
+        assert_eq!(ids, (0..5_000).collect::<Vec<_>>());
+        assert!(chunks <= 3, "{chunks} chunks for 5000 events");
+    }
+
+    /// A client resuming near the head gets its events and `caught-up` in
+    /// one chunk, from one read of the log (the page and the count together).
+    #[tokio::test]
+    async fn a_resume_near_the_head_is_one_chunk_with_caught_up() {
+        let (_dir, log) = crate::log::tests::temp_log().await;
+        let log = Arc::new(log);
+        append_many(&log, 99).await;
+        let mut frames = Frames::new(attach(log.clone(), Some(89), Duration::from_secs(60), CancellationToken::new()));
+        let chunk = frames.chunk().await;
+        assert_eq!(ids_in(&chunk), (90..100).collect::<Vec<_>>());
+        assert!(chunk.ends_with(CAUGHT_UP.as_bytes()), "{chunk:?}");
+    }
+
+    /// A Last-Event-ID this log never issued (a log from another life)
+    /// replays the whole log.
+    #[tokio::test]
+    async fn a_last_event_id_beyond_the_log_replays_it_all() {
+        let (_dir, log) = crate::log::tests::temp_log().await;
+        let log = Arc::new(log);
+        append_many(&log, 9).await;
+        for beyond in [10, 5_000] {
+            let mut frames =
+                Frames::new(attach(log.clone(), Some(beyond), Duration::from_secs(60), CancellationToken::new()));
+            let mut ids = Vec::new();
+            while let Some(frame) = frames.next().await.filter(|frame| frame != CAUGHT_UP) {
+                ids.extend(ids_in(frame.as_bytes()));
+            }
+            assert_eq!(ids, (0..10).collect::<Vec<_>>(), "Last-Event-ID {beyond}");
+        }
+    }
+
+    /// Live events that wait for a client (it was busy writing) go out
+    /// together in one chunk, in order.
+    #[tokio::test]
+    async fn live_events_waiting_for_a_client_go_out_in_one_chunk() {
+        let (_dir, log) = crate::log::tests::temp_log().await;
+        let log = Arc::new(log);
+        let mut frames = Frames::new(attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new()));
+        assert_eq!(&frames.chunk().await[..], CAUGHT_UP.as_bytes());
+        append_many(&log, 49).await;
+        let chunk = frames.chunk().await;
+        assert_eq!(ids_in(&chunk), (0..50).collect::<Vec<_>>());
+    }
+
+    /// Every attached client sends the same bytes for an event: it is
+    /// encoded once, not once per client.
+    #[tokio::test]
+    async fn an_event_is_encoded_once_for_every_client() {
+        let (_dir, log) = crate::log::tests::temp_log().await;
+        let log = Arc::new(log);
+        let mut clients: Vec<_> = (0..3)
+            .map(|_| Frames::new(attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new())))
+            .collect();
+        for client in &mut clients {
+            assert_eq!(&client.chunk().await[..], CAUGHT_UP.as_bytes());
+        }
+        log.append(Event::TurnEnd).await.unwrap();
+        let mut chunks = Vec::new();
+        for client in &mut clients {
+            chunks.push(client.chunk().await);
+        }
+        assert!(chunks[0].starts_with(b"id: 0\n"), "{:?}", chunks[0]);
+        assert!(chunks.iter().all(|chunk| chunk.as_ptr() == chunks[0].as_ptr()), "one encoding shared by all");
+    }
+
+    /// The keepalive comes once the stream has been quiet for the period,
+    /// never while events flow faster than that.
+    #[tokio::test]
+    async fn a_keepalive_comes_after_a_quiet_period_only() {
+        let (_dir, log) = crate::log::tests::temp_log().await;
+        let log = Arc::new(log);
+        let keepalive = Duration::from_millis(800);
+        let mut frames = Frames::new(attach(log.clone(), None, keepalive, CancellationToken::new()));
+        assert_eq!(frames.next().await.unwrap(), CAUGHT_UP);
+        let started = tokio::time::Instant::now();
+        for i in 0..20 {
+            // Pacing the events, not waiting for anything: a quarter of the period apart.
+            tokio::time::sleep(keepalive / 4).await;
+            log.append(Event::Status { text: i.to_string() }).await.unwrap();
+            let frame = frames.next().await.unwrap();
+            assert!(frame.starts_with(&format!("id: {i}\n")), "{frame:?}");
+        }
+        assert!(started.elapsed() > keepalive * 4, "the events spanned several periods");
+        let quiet = tokio::time::Instant::now();
+        assert_eq!(frames.next().await.unwrap(), KEEPALIVE);
+        assert!(quiet.elapsed() >= keepalive * 3 / 4, "{:?}", quiet.elapsed());
     }
 
     #[test]

@@ -27,8 +27,7 @@ use axum::{Json, Router, middleware};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
-use tracing::Level;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::power::Power;
@@ -99,15 +98,29 @@ pub fn router(state: AppState) -> Router {
         .route("/api/", any(api_not_found))
         .fallback(crate::web::asset)
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(|request: &Request<_>| {
-                    tracing::info_span!("request", method = %request.method(), path = %request.uri().path())
-                })
-                .on_request(())
-                .on_response(DefaultOnResponse::new().level(Level::INFO)),
-        )
+        .layer(middleware::from_fn(log_request))
         .with_state(state)
+}
+
+/// The request log line, once the response head is ready, in the span every
+/// line the handler logs carries. The response body is left as it is: a
+/// tracing layer that wraps it enters the span on every poll of the body,
+/// which for an attach stream is every chunk of every client for hours.
+async fn log_request(request: Request<axum::body::Body>, next: middleware::Next) -> Response {
+    let span = tracing::info_span!("request", method = %request.method(), path = %request.uri().path());
+    let started = std::time::Instant::now();
+    async move {
+        let response = next.run(request).await;
+        let latency = format_args!("{} ms", started.elapsed().as_millis());
+        let status = response.status();
+        tracing::info!(%latency, status = status.as_u16(), "finished processing request");
+        if status.is_server_error() {
+            tracing::error!(classification = %format_args!("Status code: {status}"), %latency, "response failed");
+        }
+        response
+    }
+    .instrument(span)
+    .await
 }
 
 async fn health() -> Json<serde_json::Value> {

@@ -122,15 +122,9 @@ async fn attach(
     // parameter lets a page that opens a new EventSource say the same.
     let given =
         headers.get("last-event-id").map(HeaderValue::as_bytes).or(query.last_event_id.as_deref().map(str::as_bytes));
-    let mut last = sse::parse_last_event_id(given);
-    // An id this log never issued (a log from another life): replay it all.
-    if let Some(id) = last {
-        let next = session.log.next_id().await?;
-        if id >= next {
-            tracing::warn!(session = %session.id, last_event_id = id, next, "Last-Event-ID beyond the log; replaying it all");
-            last = None;
-        }
-    }
+    // An id this log never issued (a log from another life) means a full
+    // replay: the stream finds out with its first read of the log.
+    let last = sse::parse_last_event_id(given);
     let stream = sse::attach(session.log.clone(), last, state.config.sse_keepalive, state.streams_end.clone());
     Ok((
         [

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
@@ -49,6 +50,53 @@ impl Store {
                 }
             }
             Ok(page)
+        })
+        .await
+    }
+
+    /// Hands `each` (with `state`) the events of a session with id >
+    /// `after`, in order, until it returns false or `budget` bytes of JSON
+    /// went by (at least one event), and returns `state` with the session's
+    /// event count. The rows
+    /// are borrowed from SQLite, never copied, and read in one transaction
+    /// with the count: a count beyond the last row read is rows missing,
+    /// not rows committed since (the attach stream's replay, ARCHITECTURE.md
+    /// `sse`, tells the two apart this way).
+    pub async fn scan_after<S, F>(
+        &self,
+        session: Uuid,
+        after: Option<EventId>,
+        budget: usize,
+        mut state: S,
+        each: F,
+    ) -> Result<(S, EventId), StoreError>
+    where
+        S: Send + 'static,
+        F: Fn(&mut S, EventId, &str) -> bool + Send + 'static,
+    {
+        self.read(move |conn| {
+            let snapshot = conn.unchecked_transaction()?;
+            let session = session.to_string();
+            let count: i64 = snapshot
+                .prepare_cached("SELECT event_count FROM sessions WHERE id = ?1")?
+                .query_row([&session], |row| row.get(0))
+                .optional()?
+                .unwrap_or(0);
+            let start = after.map_or(0, |a| a.saturating_add(1));
+            // No LIMIT: the loop stops reading, and a bound LIMIT would make
+            // SQLite re-prepare the statement on every use (see `open_reader`).
+            let mut stmt =
+                snapshot.prepare_cached("SELECT id, json FROM events WHERE session = ?1 AND id >= ?2 ORDER BY id")?;
+            let mut rows = stmt.query(params![session, to_sql(start)])?;
+            let mut bytes = 0;
+            while let Some(row) = rows.next()? {
+                let json = row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?;
+                bytes += json.len();
+                if !each(&mut state, row.get::<_, i64>(0)? as EventId, json) || bytes >= budget {
+                    break;
+                }
+            }
+            Ok((state, count as EventId))
         })
         .await
     }
@@ -229,5 +277,40 @@ impl Readers {
 fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
     conn.busy_timeout(Duration::from_secs(5))?;
+    // A statement whose plan may depend on a bound value (a `LIMIT ?`, a
+    // range on an indexed column with STAT4) is otherwise re-prepared
+    // whenever that value changes, which is every page of a replay: the
+    // cached statement would be parsed and planned again each time. Our
+    // plans never depend on the values.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Durability;
+
+    /// Regression: the replay's page statement (`LIMIT ?`) was parsed and
+    /// planned again on every page, because SQLite re-prepares a statement
+    /// whose plan may depend on a bound value each time that value changes.
+    #[tokio::test]
+    async fn a_cached_read_statement_is_not_prepared_again_for_new_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Durability::Normal).unwrap();
+        let reprepared = store
+            .read(|conn| {
+                let sql = "SELECT id, json FROM events WHERE session = ?1 AND id >= ?2 ORDER BY id LIMIT ?3";
+                for (start, limit) in [(0, 256), (256, 256), (512, 100)] {
+                    let mut stmt = conn.prepare_cached(sql)?;
+                    let mut rows = stmt.query(params!["s", start, limit])?;
+                    while rows.next()?.is_some() {}
+                }
+                let stmt = conn.prepare_cached(sql)?;
+                Ok(stmt.get_status(rusqlite::StatementStatus::RePrepare))
+            })
+            .await
+            .unwrap();
+        assert_eq!(reprepared, 0);
+    }
 }

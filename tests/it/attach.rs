@@ -203,3 +203,21 @@ async fn unknown_sessions_are_404_json() {
         }
     }
 }
+
+/// Each request is logged once its response head is ready, with its path
+/// and status, in the request's span; an attach stream's is logged when it
+/// starts, not when it ends hours later.
+#[tokio::test]
+async fn an_attach_request_is_logged_with_its_status_when_the_stream_starts() {
+    let server = Server::start();
+    let session = server.open_session().await;
+    let mut stream = server.attach(&session, None).await;
+    assert!(stream.until_caught_up().await.is_empty());
+    let path = format!("/api/session/{session}/stream");
+    crate::harness::eventually("the attach request's log line", || {
+        server.log().lines().any(|line| {
+            line.contains("finished processing request") && line.contains(&path) && line.contains("status=200")
+        })
+    })
+    .await;
+}
