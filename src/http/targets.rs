@@ -307,10 +307,10 @@ impl Attached {
             };
             match received {
                 None => return Some(Bytes::from_static(sse::KEEPALIVE.as_bytes())),
-                Some(Ok(Published::Event(step))) if self.sent.is_none_or(|sent| step.id == sent + 1) => {
-                    self.pending.push_back(step)
+                Some(Ok(Published::Event(step))) if self.sent.is_none_or(|sent| step.event.id == sent + 1) => {
+                    self.pending.push_back(step.event.clone())
                 }
-                Some(Ok(Published::Event(step))) if self.sent.is_some_and(|sent| step.id <= sent) => {}
+                Some(Ok(Published::Event(step))) if self.sent.is_some_and(|sent| step.event.id <= sent) => {}
                 // A gap, a lag or the operation's end: the store has every
                 // step that was published.
                 Some(Ok(Published::Event(_))) | Some(Err(RecvError::Lagged(_))) => {
