@@ -135,6 +135,7 @@ pub async fn run(
     if interrupted > 0 {
         tracing::warn!(interrupted, "marked operations that were running when the server last stopped as failed");
     }
+    power.probe();
     let state = AppState {
         audit_failures,
         tasks: TaskTracker::new(),

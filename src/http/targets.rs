@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -17,6 +18,7 @@ use futures_util::Stream;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -29,6 +31,7 @@ use crate::event::{Event, EventId, Stored};
 use crate::hub::{Published, Subscription};
 use crate::notify::Note;
 use crate::power::{Finished, OnDone, StartError, Verb, catalogue_of};
+use crate::session::Session;
 use crate::sse;
 use crate::store::Store;
 use crate::util::rfc3339;
@@ -46,7 +49,7 @@ async fn targets(State(state): State<AppState>) -> Json<Value> {
         .power
         .targets()
         .map(|target| {
-            let (verbs, mutating) = catalogue_of(target.backend.verbs());
+            let (verbs, mutating) = catalogue_of(&target.backend.verbs());
             json!({ "name": target.name, "backend": target.backend.name(), "verbs": verbs, "mutating": mutating })
         })
         .collect();
@@ -72,8 +75,8 @@ async fn start(
 ) -> Result<Response, ApiError> {
     let target = state.power.target(&name).ok_or_else(|| ApiError::NotFound(format!("no target named {name:?}")))?;
     let verb: Verb = verb.parse().map_err(|e: crate::power::UnknownVerb| ApiError::BadRequest(e.to_string()))?;
-    if !target.backend.offers(verb) {
-        let (offered, _) = catalogue_of(target.backend.verbs());
+    if !target.backend.offers(verb).await {
+        let (offered, _) = catalogue_of(&target.backend.verbs());
         return Err(ApiError::BadRequest(format!(
             "target {name:?} ({}) does not offer {verb}; it offers {}",
             target.backend.name(),
@@ -100,59 +103,75 @@ async fn start(
         .detach({
             let state = state.clone();
             async move {
-                let action = format!("verb.{verb}");
-                if verb.is_mutating() {
-                    if let Err(err) = record(&state, &identity, &action, &name, "requested").await {
-                        tracing::error!(%err, %verb, target = %name, "refusing a mutating verb: the audit trail cannot be written");
-                        return Err(ApiError::Unavailable(format!(
-                            "the audit trail cannot be written ({err}); refusing to run {verb}"
-                        )));
-                    }
-                } else {
-                    record_or_count(&state, &identity, &action, &name, "requested").await;
-                }
-                let on_done: OnDone = Box::new({
-                    let (state, identity, action, session) =
-                        (state.clone(), identity.clone(), action.clone(), session.clone());
-                    move |finished: Finished| {
-                        Box::pin(async move {
-                            let outcome = finished.summary();
-                            record_or_count(&state, &identity, &action, &finished.target, &outcome).await;
-                            state.notifier.send(Note::power(finished.verb, &finished.target, &outcome));
-                            if let Some(session) = session {
-                                let text = format!("power: {} on {}: {outcome}", finished.verb, finished.target);
-                                timeline(&session, text).await;
-                            }
-                        })
-                    }
-                });
-                let id = match state.power.start(&name, verb, on_done).await {
-                    Ok(id) => id,
-                    Err(err) => {
-                        record_or_count(&state, &identity, &action, &name, &format!("not run: {err}")).await;
-                        return Err(match err {
-                            StartError::NoTarget => ApiError::NotFound(format!("no target named {name:?}")),
-                            StartError::NotOffered => ApiError::BadRequest(err.to_string()),
-                            StartError::Busy => ApiError::Conflict(err.to_string()),
-                            StartError::ShuttingDown => ApiError::Unavailable(err.to_string()),
-                            StartError::Store(err) => err.into(),
-                        });
-                    }
-                };
-                tracing::info!(operation = %id, %verb, target = %name, by = %identity.name, "operation requested");
-                if let Some(session) = &session {
-                    timeline(session, format!("power: {verb} on {name} started by {} (operation {id})", identity.name))
-                        .await;
-                }
+                let id = begin(&state, identity, name, verb, session, None).await?;
                 Ok((StatusCode::ACCEPTED, Json(json!({ "operation_id": id.to_string() }))).into_response())
             }
         })
         .await
 }
 
+/// Audits the request (a mutating verb is not run unrecorded), starts the
+/// operation and returns its id; when it finishes, it is audited, notified,
+/// written in `session`'s log, and handed to `finished` if given.
+pub(super) async fn begin(
+    state: &AppState,
+    identity: Identity,
+    name: String,
+    verb: Verb,
+    session: Option<Arc<Session>>,
+    finished: Option<oneshot::Sender<Finished>>,
+) -> Result<Uuid, ApiError> {
+    let action = format!("verb.{verb}");
+    if verb.is_mutating() {
+        if let Err(err) = record(state, &identity, &action, &name, "requested").await {
+            tracing::error!(%err, %verb, target = %name, "refusing a mutating verb: the audit trail cannot be written");
+            return Err(ApiError::Unavailable(format!(
+                "the audit trail cannot be written ({err}); refusing to run {verb}"
+            )));
+        }
+    } else {
+        record_or_count(state, &identity, &action, &name, "requested").await;
+    }
+    let on_done: OnDone = Box::new({
+        let (state, identity, action, session) = (state.clone(), identity.clone(), action.clone(), session.clone());
+        move |done: Finished| {
+            Box::pin(async move {
+                let outcome = done.summary();
+                record_or_count(&state, &identity, &action, &done.target, &outcome).await;
+                state.notifier.send(Note::power(done.verb, &done.target, &outcome));
+                if let Some(session) = session {
+                    let text = format!("power: {} on {}: {outcome}", done.verb, done.target);
+                    timeline(&session, text).await;
+                }
+                if let Some(finished) = finished {
+                    let _ = finished.send(done);
+                }
+            })
+        }
+    });
+    let id = match state.power.start(&name, verb, on_done).await {
+        Ok(id) => id,
+        Err(err) => {
+            record_or_count(state, &identity, &action, &name, &format!("not run: {err}")).await;
+            return Err(match err {
+                StartError::NoTarget => ApiError::NotFound(format!("no target named {name:?}")),
+                StartError::NotOffered => ApiError::BadRequest(err.to_string()),
+                StartError::Busy => ApiError::Conflict(err.to_string()),
+                StartError::ShuttingDown => ApiError::Unavailable(err.to_string()),
+                StartError::Store(err) => err.into(),
+            });
+        }
+    };
+    tracing::info!(operation = %id, %verb, target = %name, by = %identity.name, "operation requested");
+    if let Some(session) = &session {
+        timeline(session, format!("power: {verb} on {name} started by {} (operation {id})", identity.name)).await;
+    }
+    Ok(id)
+}
+
 /// A line in a session's log (a `status` event), so that its incident
 /// timeline shows the power actions; never holds up the operation.
-async fn timeline(session: &crate::session::Session, text: String) {
+async fn timeline(session: &Session, text: String) {
     if let Err(err) = session.log.append(Event::Status { text }).await {
         tracing::warn!(%err, session = %session.id, "could not log a power action in the session");
     }
@@ -170,7 +189,11 @@ fn not_found() -> ApiError {
 const PAGE: usize = 256;
 
 async fn operation(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let id = parse_id(&id)?;
+    operation_json(&state, parse_id(&id)?).await.map(Json)
+}
+
+/// An operation as `GET /api/operations/{id}` answers it.
+pub(super) async fn operation_json(state: &AppState, id: Uuid) -> Result<Value, ApiError> {
     let store = state.power.operations().store();
     let row = store.operation(id).await?.ok_or_else(not_found)?;
     let mut steps = Vec::new();
@@ -201,7 +224,7 @@ async fn operation(State(state): State<AppState>, Path(id): Path<String>) -> Res
     if let Some(ms) = row.recovered_after_ms {
         answer["recovered_after_s"] = json!(crate::power::operation::seconds(Duration::from_millis(ms as u64)));
     }
-    Ok(Json(answer))
+    Ok(answer)
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,8 +8,10 @@
 //! - `operation`: a verb as an operation you can watch: its steps, durable
 //!   in the store, fanned out to attached clients, and the recovery wait.
 //!
-//! Each backend is the only code that knows its wire format; the Proxmox
-//! VE API and Redfish clients plug into [`Backend`]'s variants.
+//! Each backend is the only code that knows its wire format (`ssh`,
+//! `pve_api`, `redfish`, sharing `tls` and `backend_types`); [`Backend`]
+//! holds each target's client, built once at start-up, and maps the
+//! operations' actions onto it.
 
 pub mod backend_types;
 pub mod operation;
@@ -27,9 +29,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use thiserror::Error;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OnceCell};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -41,6 +43,8 @@ pub use targets::{PveApiSettings, RedfishSettings, SshDefaults, TargetsError};
 pub use tls::{BadFingerprint, Fingerprint, Timeouts, Trust};
 
 use crate::store::Store;
+use pve_api::{PveApi, PveApiConfig};
+use redfish::{Redfish, RedfishConfig, ResetType};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Verb {
@@ -139,23 +143,122 @@ pub enum Action {
 }
 
 /// How a target is reached: a closed set, each the only code that knows
-/// its wire format. The Proxmox VE API and Redfish clients are not built
-/// in yet: their variants hold the checked settings and every call
-/// answers [`BackendError::Protocol`] until they are.
+/// its wire format. The API backends hold their client, built once at
+/// start-up from the checked settings.
 #[derive(Debug, Clone)]
 pub enum Backend {
     Ssh(SshTarget),
-    PveApi(PveApiSettings),
-    Redfish(RedfishSettings),
+    PveApi(Arc<PveApiBackend>),
+    Redfish(Arc<RedfishBackend>),
 }
 
-const SSH_VERBS: &[Verb] = &Verb::CATALOGUE;
-const PVE_API_VERBS: &[Verb] =
-    &[Verb::Status, Verb::Forensics, Verb::Reset, Verb::Stop, Verb::Start, Verb::Cycle, Verb::Shutdown];
-const REDFISH_VERBS: &[Verb] = &Verb::ALL;
+/// A Proxmox VE API target: its settings and its client.
+#[derive(Debug)]
+pub struct PveApiBackend {
+    pub settings: PveApiSettings,
+    client: PveApi,
+    /// The graceful shutdown's timeout, which PVE itself enforces: the
+    /// target's `stop_timeout_seconds`.
+    shutdown_timeout: Duration,
+}
 
-fn not_built(backend: &str) -> BackendError {
-    BackendError::Protocol(format!("the {backend} client is not built into this server yet"))
+impl PveApiBackend {
+    pub fn new(settings: PveApiSettings, shutdown_timeout: Duration) -> Result<PveApiBackend, BackendError> {
+        let vmid = u32::try_from(settings.vmid)
+            .map_err(|_| BackendError::Protocol(format!("vmid {} is too large", settings.vmid)))?;
+        let config = PveApiConfig::new(
+            settings.url.as_str(),
+            &settings.node,
+            vmid,
+            &settings.token_id,
+            settings.token_secret.expose(),
+            trust(&settings.tls),
+        );
+        Ok(PveApiBackend { client: PveApi::new(config)?, settings, shutdown_timeout })
+    }
+
+    async fn act(&self, action: Action) -> Result<Value, BackendError> {
+        let said = match action {
+            Action::Reset => serde_json::to_value(self.client.reset().await?),
+            Action::ForceOff => serde_json::to_value(self.client.stop().await?),
+            Action::On => serde_json::to_value(self.client.start().await?),
+            // A guest that outlasts the timeout is an answer, not an
+            // error: `stop` then escalates (README "Operations").
+            Action::GracefulShutdown => serde_json::to_value(self.client.shutdown(self.shutdown_timeout).await?),
+            Action::PowerCycle | Action::Nmi => {
+                return Err(BackendError::Refused(format!("the Proxmox VE API has no {action:?}")));
+            }
+        };
+        said.map_err(|e| BackendError::Protocol(e.to_string()))
+    }
+}
+
+/// A BMC's Redfish target: its settings, its client, and the reset types
+/// the BMC declares once it has said.
+#[derive(Debug)]
+pub struct RedfishBackend {
+    pub settings: RedfishSettings,
+    client: Redfish,
+    /// Asked at start-up in the background ([`Power::probe`]) and again by
+    /// the first verb that needs it until the BMC answers; kept for the
+    /// server's life, as a BMC's reset types come with its firmware.
+    offered: OnceCell<Vec<ResetType>>,
+}
+
+impl RedfishBackend {
+    pub fn new(settings: RedfishSettings) -> Result<RedfishBackend, BackendError> {
+        let mut config =
+            RedfishConfig::new(settings.url.as_str(), &settings.user, settings.password.expose(), trust(&settings.tls));
+        config.system.clone_from(&settings.system);
+        Ok(RedfishBackend { client: Redfish::new(config)?, settings, offered: OnceCell::new() })
+    }
+
+    /// The reset types the BMC offers, asked once it answers.
+    async fn reset_types(&self) -> Result<&[ResetType], BackendError> {
+        self.offered.get_or_try_init(|| self.client.reset_types()).await.map(Vec::as_slice)
+    }
+
+    async fn act(&self, action: Action) -> Result<Value, BackendError> {
+        let reset = match action {
+            // A hard reset, as PVE's `reset` and the host script's are.
+            Action::Reset => ResetType::ForceRestart,
+            Action::ForceOff => ResetType::ForceOff,
+            Action::On => ResetType::On,
+            Action::GracefulShutdown => ResetType::GracefulShutdown,
+            Action::PowerCycle => ResetType::PowerCycle,
+            Action::Nmi => ResetType::Nmi,
+        };
+        self.client.reset(reset).await?;
+        Ok(json!({ "reset_type": reset.as_str() }))
+    }
+}
+
+/// What an HTTPS client trusts, from the targets file's checked settings.
+fn trust(tls: &targets::Tls) -> Option<Trust> {
+    match tls {
+        targets::Tls::Fingerprint(digest) => Some(Trust::Fingerprint(Fingerprint::from(*digest))),
+        targets::Tls::CaFile { path, .. } => Some(Trust::CaFile(path.clone())),
+        targets::Tls::PlainLoopback => None,
+    }
+}
+
+/// How long `POST …/verbs/{verb}` waits for a BMC to say whether it offers
+/// `shutdown` or `nmi` before trying the verb anyway.
+const ASK_BMC: Duration = Duration::from_secs(5);
+
+/// A Redfish target's verbs: the six of the catalogue, and `shutdown` and
+/// `nmi` where the BMC's `@Redfish.AllowableValues` (once known) offers
+/// `GracefulShutdown` and `Nmi`.
+fn redfish_verbs(offered: Option<&[ResetType]>) -> Vec<Verb> {
+    let mut verbs = Verb::CATALOGUE.to_vec();
+    let offered = offered.unwrap_or_default();
+    if offered.contains(&ResetType::GracefulShutdown) {
+        verbs.push(Verb::Shutdown);
+    }
+    if offered.contains(&ResetType::Nmi) {
+        verbs.push(Verb::Nmi);
+    }
+    verbs
 }
 
 impl Backend {
@@ -168,36 +271,64 @@ impl Backend {
         }
     }
 
-    /// The verbs this backend offers: the six of the catalogue, and
-    /// `shutdown` and `nmi` where it has them.
-    pub fn verbs(&self) -> &'static [Verb] {
+    /// The verbs this backend offers, as far as is known now: the six of
+    /// the catalogue, `shutdown` for `pve-api`, and for `redfish`
+    /// `shutdown` and `nmi` once the BMC has said it offers them.
+    pub fn verbs(&self) -> Vec<Verb> {
         match self {
-            Backend::Ssh(_) => SSH_VERBS,
-            Backend::PveApi(_) => PVE_API_VERBS,
-            Backend::Redfish(_) => REDFISH_VERBS,
+            Backend::Ssh(_) => Verb::CATALOGUE.to_vec(),
+            Backend::PveApi(_) => {
+                let mut verbs = Verb::CATALOGUE.to_vec();
+                verbs.push(Verb::Shutdown);
+                verbs
+            }
+            Backend::Redfish(bmc) => redfish_verbs(bmc.offered.get().map(Vec::as_slice)),
         }
     }
 
-    pub fn offers(&self, verb: Verb) -> bool {
+    /// Whether `verb` may be asked now: offered, or a Redfish verb the BMC
+    /// has not yet said whether it offers (the operation then finds out).
+    pub fn may_offer(&self, verb: Verb) -> bool {
         self.verbs().contains(&verb)
+            || matches!(self, Backend::Redfish(bmc) if bmc.offered.get().is_none())
+                && redfish_verbs(Some(&ResetType::ALL)).contains(&verb)
+    }
+
+    /// Whether the target offers `verb`. A BMC that has not said which
+    /// reset types it offers is asked now, for at most [`ASK_BMC`]; one
+    /// that still does not answer has the verb tried, and the operation
+    /// fails in its words.
+    pub async fn offers(&self, verb: Verb) -> bool {
+        if !self.may_offer(verb) {
+            return false;
+        }
+        match self {
+            Backend::Redfish(bmc) if !self.verbs().contains(&verb) => {
+                match tokio::time::timeout(ASK_BMC, bmc.reset_types()).await {
+                    Ok(Ok(types)) => redfish_verbs(Some(types)).contains(&verb),
+                    Ok(Err(_)) | Err(_) => true,
+                }
+            }
+            _ => true,
+        }
     }
 
     /// Whether the backend can ask the guest to shut down, so that `stop`
     /// tries that first.
-    pub fn has_graceful_stop(&self) -> bool {
+    pub async fn has_graceful_stop(&self) -> Result<bool, BackendError> {
         match self {
-            Backend::Ssh(_) => false,
-            Backend::PveApi(_) | Backend::Redfish(_) => true,
+            Backend::Ssh(_) => Ok(false),
+            Backend::PveApi(_) => Ok(true),
+            Backend::Redfish(bmc) => Ok(bmc.reset_types().await?.contains(&ResetType::GracefulShutdown)),
         }
     }
 
     /// Whether `cycle` is one action of the backend's rather than off,
-    /// wait, on.
-    pub fn has_native_cycle(&self) -> bool {
+    /// wait, on: where `@Redfish.AllowableValues` offers `PowerCycle`.
+    pub async fn has_native_cycle(&self) -> Result<bool, BackendError> {
         match self {
-            Backend::Ssh(_) | Backend::PveApi(_) => false,
-            // Where `@Redfish.AllowableValues` offers `PowerCycle`.
-            Backend::Redfish(_) => false,
+            Backend::Ssh(_) | Backend::PveApi(_) => Ok(false),
+            Backend::Redfish(bmc) => Ok(bmc.reset_types().await?.contains(&ResetType::PowerCycle)),
         }
     }
 
@@ -205,8 +336,21 @@ impl Backend {
     pub async fn power(&self) -> Result<(PowerState, Value), BackendError> {
         match self {
             Backend::Ssh(ssh) => ssh.power().await,
-            Backend::PveApi(_) => Err(not_built("Proxmox VE API")),
-            Backend::Redfish(_) => Err(not_built("Redfish")),
+            Backend::PveApi(pve) => {
+                let status = pve.client.status().await?;
+                Ok((status.power, status.raw))
+            }
+            Backend::Redfish(bmc) => {
+                let status = bmc.client.status().await?;
+                // The system resource declares the reset types: learn them
+                // here if the start-up probe could not.
+                if bmc.offered.get().is_none()
+                    && let Ok(types) = bmc.client.offered(&status.raw).await
+                {
+                    let _ = bmc.offered.set(types);
+                }
+                Ok((status.power, status.raw))
+            }
         }
     }
 
@@ -220,20 +364,21 @@ impl Backend {
                     None => Ok(outcome.to_json()),
                 }
             }
-            Backend::PveApi(_) => Err(not_built("Proxmox VE API")),
-            Backend::Redfish(_) => Err(not_built("Redfish")),
+            Backend::PveApi(pve) => pve.client.forensics().await,
+            Backend::Redfish(bmc) => bmc.client.forensics().await,
         }
     }
 
     /// One action of an API backend, followed to its end (a Proxmox task
-    /// to its exit status).
+    /// to its exit status; a BMC's reset to its answer, its effect landing
+    /// later), and what the backend said.
     pub async fn act(&self, action: Action) -> Result<Value, BackendError> {
         match self {
             // The host script composes its own verbs: it is never asked
             // for a bare action.
             Backend::Ssh(_) => Err(BackendError::Protocol(format!("the ssh backend has no bare action {action:?}"))),
-            Backend::PveApi(_) => Err(not_built("Proxmox VE API")),
-            Backend::Redfish(_) => Err(not_built("Redfish")),
+            Backend::PveApi(pve) => pve.act(action).await,
+            Backend::Redfish(bmc) => bmc.act(action).await,
         }
     }
 }
@@ -331,7 +476,7 @@ impl PowerConfig {
             .map(|target| crate::agent::definition::TargetNote {
                 name: target.name.clone(),
                 backend: target.backend.name().to_owned(),
-                verbs: catalogue_of(target.backend.verbs()).0.into_iter().map(str::to_owned).collect(),
+                verbs: catalogue_of(&target.backend.verbs()).0.into_iter().map(str::to_owned).collect(),
             })
             .collect()
     }
@@ -377,6 +522,8 @@ pub struct Power {
     /// Fired when shutdown can wait no longer: verbs still running are cut
     /// off, recorded and answered rather than dropped with the process.
     cut_off: CancellationToken,
+    /// Fired at shutdown: the start-up questions to BMCs stop waiting.
+    probing: CancellationToken,
     operations: Arc<Operations>,
 }
 
@@ -393,6 +540,7 @@ impl Power {
             by_name,
             tracker: TaskTracker::new(),
             cut_off: CancellationToken::new(),
+            probing: CancellationToken::new(),
             operations: Arc::new(Operations::new(store)),
         }
     }
@@ -424,7 +572,7 @@ impl Power {
     /// has finished, whatever happened.
     pub async fn start(&self, name: &str, verb: Verb, on_done: OnDone) -> Result<uuid::Uuid, StartError> {
         let slot = self.by_name.get(name).map(|i| self.slots[*i].clone()).ok_or(StartError::NoTarget)?;
-        if !slot.target.backend.offers(verb) {
+        if !slot.target.backend.may_offer(verb) {
             return Err(StartError::NotOffered);
         }
         if self.tracker.is_closed() {
@@ -466,15 +614,61 @@ impl Power {
         task.await.unwrap_or_else(|err| Err(PowerError::Lost(err.to_string())))
     }
 
+    /// Asks each Redfish target's BMC, in the background, which reset types
+    /// it offers, so that `GET /api/targets` lists `shutdown` and `nmi`
+    /// where it does. A BMC that does not answer delays nothing: its target
+    /// lists the six verbs of the catalogue until the BMC answers one of
+    /// the later questions (README "Targets").
+    pub fn probe(&self) {
+        for slot in &self.slots {
+            let Backend::Redfish(bmc) = &slot.target.backend else { continue };
+            let (bmc, name, stop) = (bmc.clone(), slot.target.name.clone(), self.probing.clone());
+            self.tracker.spawn(async move {
+                tokio::select! {
+                    asked = bmc.reset_types() => match asked {
+                        Ok(types) => tracing::info!(target = %name, offered = ?types, "the BMC said which reset types it offers"),
+                        Err(err) => tracing::warn!(
+                            target = %name, %err,
+                            "the BMC did not say which reset types it offers: its target lists the six verbs until it does"
+                        ),
+                    },
+                    () = stop.cancelled() => {}
+                }
+            });
+        }
+    }
+
     /// Waits (bounded by `within`) for verbs and operations in flight at
     /// shutdown, then cuts off those still running and gives them
     /// `cut_off` to be recorded and answered.
     pub async fn drain(&self, within: Duration, cut_off: Duration) {
+        self.probing.cancel();
         self.tracker.close();
         if tokio::time::timeout(within, self.tracker.wait()).await.is_err() {
             tracing::warn!("a power verb was still running {within:?} into shutdown; cutting it off");
             self.cut_off.cancel();
             let _ = tokio::time::timeout(cut_off, self.tracker.wait()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redfish_target_lists_shutdown_and_nmi_only_where_the_bmc_offers_them() {
+        let names = |offered: Option<&[ResetType]>| catalogue_of(&redfish_verbs(offered)).0;
+        let six = ["cycle", "forensics", "reset", "start", "status", "stop"];
+        assert_eq!(names(None), six, "not known yet: the catalogue");
+        assert_eq!(names(Some(&[ResetType::On, ResetType::ForceOff, ResetType::ForceRestart])), six);
+        assert_eq!(
+            names(Some(&[ResetType::On, ResetType::ForceOff, ResetType::GracefulShutdown])),
+            ["cycle", "forensics", "reset", "shutdown", "start", "status", "stop"]
+        );
+        assert_eq!(
+            names(Some(&ResetType::ALL)),
+            ["cycle", "forensics", "nmi", "reset", "shutdown", "start", "status", "stop"]
+        );
     }
 }

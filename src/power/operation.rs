@@ -385,10 +385,12 @@ async fn composed(target: &Target, verb: Verb, run: &mut Run) -> Result<(), Stri
             run.step("NMI sent").await;
         }
         Verb::Shutdown => {
-            run.put("shutdown", act(Action::GracefulShutdown).await.map_err(failed)?);
-            run.step("shutdown sent").await;
             let sent = Instant::now();
-            match wait_for(backend, PowerState::Stopped, target.stop_timeout).await? {
+            run.step("shutdown sent").await;
+            run.put("shutdown", act(Action::GracefulShutdown).await.map_err(failed)?);
+            // The stop timeout counts from the request: PVE spends it
+            // inside its own shutdown task, a BMC after answering.
+            match wait_for(backend, PowerState::Stopped, left(sent, target.stop_timeout)).await? {
                 true => run.step(format!("stopped after {}", secs(sent.elapsed()))).await,
                 false => {
                     return Err(format!(
@@ -401,10 +403,10 @@ async fn composed(target: &Target, verb: Verb, run: &mut Run) -> Result<(), Stri
         Verb::Stop => {
             let sent = Instant::now();
             let mut how = "forced";
-            if backend.has_graceful_stop() {
-                run.put("shutdown", act(Action::GracefulShutdown).await.map_err(failed)?);
+            if backend.has_graceful_stop().await.map_err(failed)? {
                 run.step("graceful shutdown sent").await;
-                if wait_for(backend, PowerState::Stopped, target.stop_timeout).await? {
+                run.put("shutdown", act(Action::GracefulShutdown).await.map_err(failed)?);
+                if wait_for(backend, PowerState::Stopped, left(sent, target.stop_timeout)).await? {
                     how = "graceful";
                 } else {
                     run.step(format!("still running after {}: forced stop sent", secs(target.stop_timeout))).await;
@@ -421,7 +423,7 @@ async fn composed(target: &Target, verb: Verb, run: &mut Run) -> Result<(), Stri
             run.put("stop", how);
             run.step(format!("stopped after {} ({how})", secs(sent.elapsed()))).await;
         }
-        Verb::Cycle if backend.has_native_cycle() => {
+        Verb::Cycle if backend.has_native_cycle().await.map_err(failed)? => {
             run.put("cycle", act(Action::PowerCycle).await.map_err(failed)?);
             run.step("power cycle sent").await;
         }
@@ -439,6 +441,11 @@ async fn composed(target: &Target, verb: Verb, run: &mut Run) -> Result<(), Stri
         Verb::Status | Verb::Forensics => {}
     }
     Ok(())
+}
+
+/// What is left of `limit` since `since`.
+fn left(since: Instant, limit: Duration) -> Duration {
+    (since + limit).saturating_duration_since(Instant::now())
 }
 
 /// Polls the power state until it is `want` (true) or `within` has passed

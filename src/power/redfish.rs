@@ -284,7 +284,9 @@ impl Redfish {
         }
     }
 
-    async fn offered(&self, system: &Value) -> Result<Vec<ResetType>, BackendError> {
+    /// The reset types `system` (the resource as read) declares, following
+    /// its `@Redfish.ActionInfo` where the values are not inline.
+    pub async fn offered(&self, system: &Value) -> Result<Vec<ResetType>, BackendError> {
         let reset = action(system);
         let declared = match reset.and_then(|a| a.get("ResetType@Redfish.AllowableValues")) {
             Some(values) => Some(values.clone()),

@@ -219,7 +219,10 @@ mod tests {
             Some(BackendError::Unreachable(_))
         ));
         let busy = outcome(Some(75), "breakglass-pve: busy: another mutating verb is running on this host").error();
-        assert_eq!(busy.unwrap().to_string(), "refused: busy: another mutating verb is running on this host");
+        assert_eq!(
+            busy.unwrap().to_string(),
+            "the backend refused: busy: another mutating verb is running on this host"
+        );
         let saved = outcome(Some(0), "breakglass-pve: forensics saved to /var/lib/f/vm101-x-stop-1.txt\n");
         assert_eq!(saved.forensics_file(), Some("/var/lib/f/vm101-x-stop-1.txt"));
     }

@@ -6,13 +6,14 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::Url;
 
 use super::recovery::Check;
 use super::ssh::SshTarget;
-use super::{Backend, Target};
+use super::{Backend, BackendError, PveApiBackend, RedfishBackend, Target};
 
 /// How long a recovering target may take to answer its check, unless the
 /// file says (README "Targets").
@@ -220,10 +221,10 @@ impl Fields<'_> {
     }
 
     fn target(&mut self, name: String, ssh: &SshDefaults) -> Result<Target, TargetsError> {
-        let backend = match self.required_str("backend")?.as_str() {
-            "ssh" => Backend::Ssh(self.ssh(ssh)?),
-            "pve-api" => Backend::PveApi(self.pve_api()?),
-            "redfish" => Backend::Redfish(self.redfish()?),
+        let settings = match self.required_str("backend")?.as_str() {
+            "ssh" => Settings::Ssh(self.ssh(ssh)?),
+            "pve-api" => Settings::PveApi(self.pve_api()?),
+            "redfish" => Settings::Redfish(self.redfish()?),
             other => {
                 return Err(self.error("backend", format!("unknown backend {other:?}: use ssh, pve-api or redfish")));
             }
@@ -238,6 +239,24 @@ impl Fields<'_> {
         let stop_timeout = self
             .integer("stop_timeout_seconds", 1..=MAX_RECOVER_TIMEOUT)?
             .map_or(DEFAULT_STOP_TIMEOUT, Duration::from_secs);
+        // The clients are built here, once: what they refuse (a CA file
+        // they cannot use, a secret a header cannot carry) stops the start
+        // like any other mistake in the file.
+        let backend = match settings {
+            Settings::Ssh(ssh) => Backend::Ssh(ssh),
+            Settings::PveApi(settings) => {
+                let key = client_key(&settings.tls, "token_secret_file");
+                Backend::PveApi(Arc::new(
+                    PveApiBackend::new(settings, stop_timeout).map_err(|e| self.error(key(&e), e.to_string()))?,
+                ))
+            }
+            Settings::Redfish(settings) => {
+                let key = client_key(&settings.tls, "password_file");
+                Backend::Redfish(Arc::new(
+                    RedfishBackend::new(settings).map_err(|e| self.error(key(&e), e.to_string()))?,
+                ))
+            }
+        };
         Ok(Target { name, backend, check, recover_timeout, stop_timeout })
     }
 
@@ -337,6 +356,25 @@ impl Fields<'_> {
     }
 }
 
+/// A backend's checked settings, before its client is built.
+enum Settings {
+    Ssh(SshTarget),
+    PveApi(PveApiSettings),
+    Redfish(RedfishSettings),
+}
+
+/// The key of the file a client's construction error is about: the
+/// secret for a credential a header cannot carry, `ca_file` for a CA file
+/// the TLS library refuses, `url` for the rest.
+fn client_key(tls: &Tls, secret: &'static str) -> impl Fn(&BackendError) -> &'static str + use<> {
+    let ca_file = matches!(tls, Tls::CaFile { .. });
+    move |err| match err {
+        BackendError::Auth(_) => secret,
+        BackendError::Tls(_) if ca_file => "ca_file",
+        _ => "url",
+    }
+}
+
 fn is_loopback(url: &Url) -> bool {
     let host = url.host_str().unwrap_or("");
     let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
@@ -433,8 +471,8 @@ mod tests {
         let names: Vec<_> = targets.iter().map(|t| (t.name.as_str(), t.backend.name())).collect();
         assert_eq!(names, [("devvm", "pve-api"), ("hypervisor", "redfish"), ("vm", "ssh")]);
         let Backend::PveApi(pve) = &targets[0].backend else { panic!() };
-        assert_eq!(pve.token_secret.expose(), "s3cret");
-        assert_eq!(pve.tls, Tls::Fingerprint([0xab; 32]));
+        assert_eq!(pve.settings.token_secret.expose(), "s3cret");
+        assert_eq!(pve.settings.tls, Tls::Fingerprint([0xab; 32]));
         assert!(!format!("{:?}", targets[0]).contains("s3cret"), "a secret never shows in Debug");
         assert_eq!(targets[0].recover_timeout, Duration::from_secs(120));
         assert_eq!(targets[1].recover_timeout, DEFAULT_RECOVER_TIMEOUT);
@@ -474,6 +512,20 @@ mod tests {
             let err = load_text(text).unwrap_err().to_string();
             assert!(err.contains(expected), "{text}\n=> {err}");
         }
+    }
+
+    #[test]
+    fn a_ca_file_the_tls_library_refuses_is_named_as_the_ca_file() {
+        let text = "[[target]]\nname = \"a\"\nbackend = \"redfish\"\nurl = \"https://192.0.2.5\"\nuser = \"u\"\n\
+                    password_file = \"$DIR/secret\"\nca_file = \"$DIR/secret.pem\"\n";
+        let dir = tempfile::tempdir().unwrap();
+        let pem = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n";
+        std::fs::write(dir.path().join("secret.pem"), pem).unwrap();
+        std::fs::write(dir.path().join("secret"), "s3cret\n").unwrap();
+        let file = dir.path().join("targets.toml");
+        std::fs::write(&file, text.replace("$DIR", &dir.path().display().to_string())).unwrap();
+        let err = load(&file, &defaults()).unwrap_err();
+        assert_eq!((err.target.as_deref(), err.key.as_deref()), (Some("\"a\""), Some("ca_file")), "{err}");
     }
 
     #[test]

@@ -38,6 +38,13 @@ impl Fingerprint {
     }
 }
 
+/// The digest as the targets file gives it, already checked.
+impl From<[u8; 32]> for Fingerprint {
+    fn from(digest: [u8; 32]) -> Fingerprint {
+        Fingerprint(digest)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error(
     "a certificate fingerprint is \"sha256:\" and 32 bytes in hex (colons optional), as `openssl x509 -noout \

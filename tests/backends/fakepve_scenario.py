@@ -19,7 +19,9 @@ The scenario (every key but "cert", "key" and "guests" optional):
      "failures": [{"method": "POST", "suffix": "/status/reset", "status": 500, "message": "..."}]}
 
 It prints "fakepve listening on https://HOST:PORT" once it accepts
-connections, then serves until it is killed.
+connections, then serves until it is killed, printing
+"fakepve saw METHOD PATH" for each request it receives (refused ones
+included), so a test can tell what reached it and how often.
 """
 
 import asyncio
@@ -49,6 +51,12 @@ async def serve(scenario):
     for rule in scenario.get('failures', []):
         pve.fail(rule['method'], rule['suffix'], status=rule.get('status'), message=rule.get('message'),
                  error=rule.get('error'), times=rule.get('times'))
+    record = pve._record
+
+    def record_and_say(request, body):
+        print('fakepve saw {0} {1}'.format(request.method, request.path), flush=True)
+        record(request, body)
+    pve._record = record_and_say
     await pve.start(scenario['cert'], scenario['key'])
     print('fakepve listening on {0}'.format(pve.url), flush=True)
     await asyncio.Event().wait()

@@ -15,6 +15,7 @@ mod auth;
 mod connections;
 mod crash;
 mod drill;
+mod fleet;
 mod frozen;
 mod hook_probe;
 mod layering;

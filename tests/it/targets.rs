@@ -13,7 +13,7 @@ use crate::harness::{Attached, DEADLINE, Frame, Server, refused_at_start};
 use crate::pve::{Pve, Sshd, free_port};
 
 /// Writes a targets file (and a secret beside it) into `dir`.
-fn targets_file(dir: &std::path::Path, text: &str) -> PathBuf {
+pub(crate) fn targets_file(dir: &std::path::Path, text: &str) -> PathBuf {
     std::fs::write(dir.join("secret"), "s3cret-token\n").unwrap();
     let file = dir.join("targets.toml");
     std::fs::write(&file, text.replace("$DIR", &dir.display().to_string())).unwrap();
@@ -33,7 +33,7 @@ fn serve(host: &Sshd, file: &std::path::Path) -> Server {
         .start()
 }
 
-async fn post_verb(server: &Server, target: &str, verb: &str, body: Option<Value>) -> (u16, Value) {
+pub(crate) async fn post_verb(server: &Server, target: &str, verb: &str, body: Option<Value>) -> (u16, Value) {
     let mut request = server.post(&format!("/api/targets/{target}/verbs/{verb}"));
     if let Some(body) = body {
         request = request.json(&body);
@@ -44,20 +44,20 @@ async fn post_verb(server: &Server, target: &str, verb: &str, body: Option<Value
 }
 
 /// Starts a verb that must be accepted; its operation id.
-async fn start(server: &Server, target: &str, verb: &str) -> String {
+pub(crate) async fn start(server: &Server, target: &str, verb: &str) -> String {
     let (status, body) = post_verb(server, target, verb, None).await;
     assert_eq!(status, 202, "{target} {verb}: {body}");
     body["operation_id"].as_str().expect("operation_id").to_owned()
 }
 
-async fn operation(server: &Server, id: &str) -> Value {
+pub(crate) async fn operation(server: &Server, id: &str) -> Value {
     let response = server.get(&format!("/api/operations/{id}")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
 }
 
 /// Polls the operation until it is no longer running.
-async fn finished(server: &Server, id: &str) -> Value {
+pub(crate) async fn finished(server: &Server, id: &str) -> Value {
     let started = Instant::now();
     loop {
         let op = operation(server, id).await;
@@ -69,7 +69,7 @@ async fn finished(server: &Server, id: &str) -> Value {
     }
 }
 
-async fn attach(server: &Server, id: &str, last_event_id: Option<&str>) -> Attached {
+pub(crate) async fn attach(server: &Server, id: &str, last_event_id: Option<&str>) -> Attached {
     let mut request = server.get(&format!("/api/operations/{id}/stream"));
     if let Some(last) = last_event_id {
         request = request.header("Last-Event-ID", last);
@@ -80,7 +80,7 @@ async fn attach(server: &Server, id: &str, last_event_id: Option<&str>) -> Attac
     Attached::new(response)
 }
 
-fn texts(op: &Value) -> Vec<String> {
+pub(crate) fn texts(op: &Value) -> Vec<String> {
     op["steps"].as_array().unwrap().iter().map(|s| s["text"].as_str().unwrap().to_owned()).collect()
 }
 
@@ -127,9 +127,8 @@ host = "192.0.2.10"
             {"name": "devvm", "backend": "pve-api",
              "verbs": ["cycle", "forensics", "reset", "shutdown", "start", "status", "stop"],
              "mutating": ["cycle", "reset", "shutdown", "start", "stop"]},
-            {"name": "hypervisor", "backend": "redfish",
-             "verbs": ["cycle", "forensics", "nmi", "reset", "shutdown", "start", "status", "stop"],
-             "mutating": ["cycle", "nmi", "reset", "shutdown", "start", "stop"]},
+            // A BMC that has not answered yet: the catalogue's six.
+            {"name": "hypervisor", "backend": "redfish", "verbs": six, "mutating": ["cycle", "reset", "start", "stop"]},
             {"name": "vm", "backend": "ssh", "verbs": six, "mutating": ["cycle", "reset", "start", "stop"]},
         ]})
     );
