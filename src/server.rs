@@ -174,7 +174,7 @@ pub async fn run(
 fn start_notifier(config: &Config) -> anyhow::Result<Notifier> {
     let notify = &config.notify;
     let stats = Arc::new(Stats::default());
-    let client = crate::notify::http_client()?;
+    let client = crate::notify::HttpClient::default();
     let webhook = notify.webhook.clone().map(|url| {
         tracing::info!(to = %crate::notify::origin(&url), format = ?notify.format, "notifications go to a webhook");
         Webhook::new(url, notify.format, notify.public_url.clone(), client.clone())
