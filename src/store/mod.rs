@@ -37,7 +37,7 @@ use crate::event::{Encoded, Event, EventId, Stored};
 pub use audit::{HEAD_FILE, verify_audit};
 pub use read::Asked;
 use read::Readers;
-use schema::prepare;
+use schema::{Origin, prepare};
 pub use writer::{BATCH_MAX, BATCH_WINDOW};
 use writer::{Command, Writer};
 
@@ -329,7 +329,7 @@ impl Store {
             Err(err) => return Err(OpenError::Io { path, source: err }),
         };
         let mut conn = Connection::open(&path).map_err(|source| OpenError::Open { path: path.clone(), source })?;
-        prepare(&mut conn, &path, !created)?;
+        prepare(&mut conn, &path, if created { Origin::Made } else { Origin::Found })?;
         let anchoring = audit::anchor_agrees(&conn, dir);
         let open_error = |source| OpenError::Open { path: path.clone(), source };
         conn.pragma_update(None, "synchronous", durability.synchronous()).map_err(open_error)?;
@@ -472,7 +472,7 @@ fn create(dir: &Path, path: &Path) -> Result<(), OpenError> {
     // above at the next start), and a dozen of them were most of a first
     // start's time.
     conn.pragma_update(None, "synchronous", "OFF").map_err(open)?;
-    prepare(&mut conn, &fresh, false)?;
+    prepare(&mut conn, &fresh, Origin::Made)?;
     // Closing the last connection checkpoints the WAL into the file and
     // removes it: the file alone is the whole database.
     conn.close().map_err(|(_, source)| open(source))?;

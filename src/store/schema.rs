@@ -53,18 +53,28 @@ pub(super) const MIGRATIONS: &[&str] = &[
     "ALTER TABLE audit ADD COLUMN via TEXT;",
 ];
 
+/// Where the file being prepared comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Origin {
+    /// Found in the data directory: checked (`quick_check`) when it holds a
+    /// schema.
+    Found,
+    /// Just made by `create`: not checked, and its directory is synced by
+    /// `create` once the database is in place.
+    Made,
+}
+
 /// Refuses files that are not ours or are newer; creates or migrates ours.
-/// `check` runs the start-up check (`quick_check`) on a file that already
-/// held a schema; the file just made by `create` needs none.
-pub(super) fn prepare(conn: &mut Connection, path: &Path, check: bool) -> Result<(), OpenError> {
+pub(super) fn prepare(conn: &mut Connection, path: &Path, origin: Origin) -> Result<(), OpenError> {
     let corrupt = |source| OpenError::Corrupt { path: path.to_owned(), source };
     conn.busy_timeout(Duration::from_secs(5)).map_err(corrupt)?;
     let version = check_identity(conn, path)?;
-    if version > 0 && check {
+    if version > 0 && origin == Origin::Found {
         quick_check(conn, path, QUICK_CHECK_WITHIN)?;
     }
     conn.pragma_update(None, "journal_mode", "WAL").map_err(corrupt)?;
-    anchor_before_migrating(conn, path.parent().unwrap_or(Path::new(".")), version)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    anchor_before_migrating(conn, dir, version, origin == Origin::Made)?;
     // Every pending migration in one transaction: a file is at one schema
     // or the next, never in between, and a new database costs one commit.
     let pending = &MIGRATIONS[version as usize..];
