@@ -193,6 +193,11 @@ impl Push {
         })
     }
 
+    /// The HTTP client it sends with, for the other channels to share.
+    pub fn client(&self) -> super::HttpClient {
+        self.client.clone()
+    }
+
     /// The public key browsers subscribe with (`applicationServerKey`).
     pub fn public_key(&self) -> &str {
         &self.public_key
