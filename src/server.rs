@@ -123,7 +123,21 @@ pub async fn run(
     let writer_failed = store.writer_failed();
     let addr = listener.local_addr().context("while reading the bound address")?;
     let audit_failures: Arc<std::sync::atomic::AtomicU64> = Arc::default();
-    let notifier = Arc::new(start_notifier(&config)?);
+    // The login key, the `listen` file and the VAPID key are each written
+    // and synced on a first start: made side by side (and beside the
+    // recovery), off the runtime's threads, they cost the start one sync's
+    // wait instead of three.
+    let logins = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || Logins::open(&config, addr)
+    });
+    let stats = Arc::new(Stats::default());
+    let push = tokio::task::spawn_blocking({
+        let (config, stats) = (config.clone(), stats.clone());
+        move || open_push(&config, stats)
+    });
+    let push = push.await.context("while reading the VAPID key")??;
+    let notifier = Arc::new(start_notifier(&config, push, stats));
     let approvals = Arc::new(Approvals::new(config.approvals.clone(), addr, audit_failures.clone(), notifier.clone()));
     let sessions = Arc::new(Sessions::new(&config, store, approvals, notifier.clone()));
     let recovered = sessions.recover().await.context("while closing turns interrupted by the last stop")?;
@@ -136,10 +150,11 @@ pub async fn run(
         tracing::warn!(interrupted, "marked operations that were running when the server last stopped as failed");
     }
     power.probe();
+    let logins = logins.await.context("while reading the login key")??;
     let state = AppState {
         audit_failures,
         tasks: TaskTracker::new(),
-        logins: Arc::new(Logins::open(&config, addr)?),
+        logins: Arc::new(logins),
         power,
         sessions: sessions.clone(),
         streams_end: CancellationToken::new(),
@@ -174,20 +189,24 @@ pub async fn run(
     Ok(())
 }
 
-/// The notification channels (README "Notifications"): the webhook when
-/// `BREAKGLASS_NOTIFY_URL` is set, Web Push always (its key is made on
-/// first run; with no browser subscribed it sends nothing).
-fn start_notifier(config: &Config) -> anyhow::Result<Notifier> {
+/// The Web Push channel: its key is made on first run (with no browser
+/// subscribed it sends nothing). Reads and may write files: run it off the
+/// runtime's threads.
+fn open_push(config: &Config, stats: Arc<Stats>) -> anyhow::Result<Push> {
     let notify = &config.notify;
-    let stats = Arc::new(Stats::default());
-    let client = crate::notify::http_client()?;
+    let client = crate::notify::HttpClient::default();
+    Push::open(&config.data_dir, client, notify.push_contact.clone(), notify.public_url.clone(), stats)
+}
+
+/// The notification channels (README "Notifications"): the webhook when
+/// `BREAKGLASS_NOTIFY_URL` is set, and Web Push always, sharing one client.
+fn start_notifier(config: &Config, push: Push, stats: Arc<Stats>) -> Notifier {
+    let notify = &config.notify;
     let webhook = notify.webhook.clone().map(|url| {
         tracing::info!(to = %crate::notify::origin(&url), format = ?notify.format, "notifications go to a webhook");
-        Webhook::new(url, notify.format, notify.public_url.clone(), client.clone())
+        Webhook::new(url, notify.format, notify.public_url.clone(), push.client())
     });
-    let push =
-        Push::open(&config.data_dir, client, notify.push_contact.clone(), notify.public_url.clone(), stats.clone())?;
-    Ok(Notifier::start(webhook, Some(Arc::new(push)), stats))
+    Notifier::start(webhook, Some(Arc::new(push)), stats)
 }
 
 /// The order of a drain: no new connections; turns stopped and their ends

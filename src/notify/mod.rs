@@ -383,7 +383,42 @@ async fn work(
 /// redirect (a 3xx is a failure: a redirect could carry a note, and a
 /// token in its URL, somewhere the operator did not name), no proxy from
 /// the environment, TLS with rustls and the system's roots.
-pub fn http_client() -> anyhow::Result<reqwest::Client> {
+///
+/// Built when the first note goes out, not at start-up: reading the
+/// system's roots is most of the time and memory a fresh start would spend
+/// on it, most servers send few notes, and a certificate store that cannot
+/// be read must cost the notifications (each counted as failed, and the
+/// next note tries again), never the console (README "Notifications").
+#[derive(Clone, Default)]
+pub struct HttpClient(Arc<tokio::sync::OnceCell<reqwest::Client>>);
+
+impl std::fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpClient").field("built", &self.0.initialized()).finish()
+    }
+}
+
+impl HttpClient {
+    /// The client, built on the first call (off the runtime's threads: it
+    /// reads files); an error says why it could not be.
+    pub async fn get(&self) -> Result<&reqwest::Client, String> {
+        self.0
+            .get_or_try_init(|| async {
+                match tokio::task::spawn_blocking(build_http_client).await {
+                    Ok(built) => built,
+                    Err(err) => Err(format!("while building the HTTP client: {err}")),
+                }
+            })
+            .await
+    }
+
+    /// Whether a note has needed it yet.
+    pub fn is_built(&self) -> bool {
+        self.0.initialized()
+    }
+}
+
+fn build_http_client() -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .timeout(DELIVERY_TIMEOUT)
         .connect_timeout(DELIVERY_TIMEOUT / 2)
@@ -391,7 +426,7 @@ pub fn http_client() -> anyhow::Result<reqwest::Client> {
         .no_proxy()
         .user_agent(concat!("breakglass/", env!("CARGO_PKG_VERSION")))
         .build()
-        .map_err(|err| anyhow::anyhow!("while building the HTTP client: {err}"))
+        .map_err(|err| format!("while building the HTTP client: {err}"))
 }
 
 /// `scheme://host[:port]` of a URL: all that is ever logged of one, since
@@ -403,6 +438,17 @@ pub fn origin(url: &reqwest::Url) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_http_client_is_built_by_the_first_note_and_kept() {
+        let client = HttpClient::default();
+        let shared = client.clone();
+        assert!(!client.is_built(), "built before any note");
+        let first: *const reqwest::Client = client.get().await.unwrap();
+        assert!(shared.is_built(), "clones share the client");
+        let again: *const reqwest::Client = shared.get().await.unwrap();
+        assert_eq!(first, again, "built once");
+    }
 
     #[test]
     fn truncation_keeps_whole_characters_and_marks_the_cut() {

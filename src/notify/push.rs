@@ -138,7 +138,7 @@ pub struct Push {
     file: PathBuf,
     /// One rewrite of the file at a time, each of the list as it is then.
     saving: tokio::sync::Mutex<()>,
-    client: reqwest::Client,
+    client: super::HttpClient,
     /// The VAPID `sub` claim: how a push service's operator reaches ours.
     contact: String,
     public_url: Option<String>,
@@ -157,7 +157,7 @@ impl Push {
     /// subscriptions file is logged and set aside (browsers subscribe again).
     pub fn open(
         data_dir: &Path,
-        client: reqwest::Client,
+        client: super::HttpClient,
         contact: String,
         public_url: Option<String>,
         stats: Arc<Stats>,
@@ -191,6 +191,11 @@ impl Push {
             public_url,
             stats,
         })
+    }
+
+    /// The HTTP client it sends with, for the other channels to share.
+    pub fn client(&self) -> super::HttpClient {
+        self.client.clone()
     }
 
     /// The public key browsers subscribe with (`applicationServerKey`).
@@ -296,8 +301,14 @@ impl Push {
             }
         };
         let authorization = format!("vapid t={}, k={}", self.token(&target.endpoint), self.public_key);
-        let sent = self
-            .client
+        let client = match self.client.get().await {
+            Ok(client) => client,
+            Err(why) => {
+                tracing::warn!(%to, %why, "push message failed");
+                return Outcome::Failed;
+            }
+        };
+        let sent = client
             .post(target.endpoint.clone())
             .header("TTL", TTL.as_secs())
             .header("Urgency", note.priority.urgency())
@@ -426,7 +437,7 @@ mod tests {
         let open = || {
             Push::open(
                 dir.path(),
-                crate::notify::http_client().unwrap(),
+                crate::notify::HttpClient::default(),
                 "mailto:ops@example.org".into(),
                 None,
                 Arc::default(),

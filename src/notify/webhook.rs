@@ -26,11 +26,11 @@ pub struct Webhook {
     url: reqwest::Url,
     format: Format,
     public_url: Option<String>,
-    client: reqwest::Client,
+    client: super::HttpClient,
 }
 
 impl Webhook {
-    pub fn new(url: reqwest::Url, format: Format, public_url: Option<String>, client: reqwest::Client) -> Self {
+    pub fn new(url: reqwest::Url, format: Format, public_url: Option<String>, client: super::HttpClient) -> Self {
         Webhook { url, format, public_url, client }
     }
 
@@ -58,12 +58,14 @@ impl Webhook {
 
     async fn post(&self, note: &Note) -> Delivered {
         let (headers, body) = self.request(note);
-        let sent = self.client.post(self.url.clone()).headers(headers).body(body).send().await;
-        let failure = match sent {
-            Ok(response) if response.status().is_success() => None,
-            Ok(response) => Some(format!("answered {}", response.status())),
-            // reqwest's errors name the URL; this one must not be logged.
-            Err(err) => Some(err.without_url().to_string()),
+        let failure = match self.client.get().await {
+            Err(why) => Some(why),
+            Ok(client) => match client.post(self.url.clone()).headers(headers).body(body).send().await {
+                Ok(response) if response.status().is_success() => None,
+                Ok(response) => Some(format!("answered {}", response.status())),
+                // reqwest's errors name the URL; this one must not be logged.
+                Err(err) => Some(err.without_url().to_string()),
+            },
         };
         match failure {
             None => Delivered { sent: 1, failed: 0 },
@@ -119,7 +121,7 @@ mod tests {
             "https://ntfy.example/secret-topic".parse().unwrap(),
             format,
             public_url.map(str::to_owned),
-            crate::notify::http_client().unwrap(),
+            crate::notify::HttpClient::default(),
         )
     }
 

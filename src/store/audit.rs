@@ -54,12 +54,18 @@ pub(super) fn head_path(dir: &Path) -> PathBuf {
 /// the old one, then the directory synced, so a crash leaves the old anchor
 /// or the new one, never a torn one.
 pub(super) fn write_head(dir: &Path, head: &Head) -> std::io::Result<()> {
+    replace_head(dir, head)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// [`write_head`] but the directory's sync, for a caller that syncs the
+/// directory itself afterwards.
+fn replace_head(dir: &Path, head: &Head) -> std::io::Result<()> {
     let tmp = dir.join(format!("{HEAD_FILE}.tmp"));
     let mut file = std::fs::File::create(&tmp)?;
     file.write_all(format!("{}\n", serde_json::to_string(head).map_err(std::io::Error::other)?).as_bytes())?;
     file.sync_all()?;
-    std::fs::rename(&tmp, head_path(dir))?;
-    std::fs::File::open(dir)?.sync_all()
+    std::fs::rename(&tmp, head_path(dir))
 }
 
 /// The anchor, `None` when there is no file.
@@ -83,8 +89,15 @@ fn chain_head(conn: &Connection) -> rusqlite::Result<Head> {
 
 /// Before the migration that starts anchoring: anchors the chain as it
 /// stands (a new database's empty one, or an older version's whole trail,
-/// which can only be trusted as it is found).
-pub(super) fn anchor_before_migrating(conn: &Connection, dir: &Path, version: i64) -> Result<(), OpenError> {
+/// which can only be trusted as it is found). With `dir_synced_after`, the
+/// caller syncs the directory once the database is in place, which makes
+/// the anchor's rename durable too.
+pub(super) fn anchor_before_migrating(
+    conn: &Connection,
+    dir: &Path,
+    version: i64,
+    dir_synced_after: bool,
+) -> Result<(), OpenError> {
     if version >= ANCHORED_SINCE {
         return Ok(());
     }
@@ -94,7 +107,8 @@ pub(super) fn anchor_before_migrating(conn: &Connection, dir: &Path, version: i6
     } else {
         chain_head(conn).map_err(|source| OpenError::Corrupt { path: path.clone(), source })?
     };
-    write_head(dir, &head).map_err(|source| OpenError::Anchor { path: head_path(dir), source })?;
+    let written = if dir_synced_after { replace_head(dir, &head) } else { write_head(dir, &head) };
+    written.map_err(|source| OpenError::Anchor { path: head_path(dir), source })?;
     tracing::info!(seq = head.seq, "audit trail head anchored in {}", head_path(dir).display());
     Ok(())
 }

@@ -39,7 +39,7 @@ pub use audit::{HEAD_FILE, verify_audit};
 pub use operations::{Finish, OperationRow};
 pub use read::Asked;
 use read::Readers;
-use schema::prepare;
+use schema::{Origin, prepare};
 pub use writer::{BATCH_MAX, BATCH_WINDOW};
 use writer::{Command, Writer};
 
@@ -321,14 +321,17 @@ impl Store {
     pub(crate) fn open_with(dir: &Path, durability: Durability, faults: Faults) -> Result<Store, OpenError> {
         let lock = lock_dir(dir)?;
         let path = dir.join("breakglass.db");
-        match std::fs::metadata(&path) {
+        let created = match std::fs::metadata(&path) {
             Ok(meta) if meta.len() == 0 => return Err(OpenError::Empty { path }),
-            Ok(_) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => create(dir, &path)?,
+            Ok(_) => false,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                create(dir, &path)?;
+                true
+            }
             Err(err) => return Err(OpenError::Io { path, source: err }),
-        }
+        };
         let mut conn = Connection::open(&path).map_err(|source| OpenError::Open { path: path.clone(), source })?;
-        prepare(&mut conn, &path)?;
+        prepare(&mut conn, &path, if created { Origin::Made } else { Origin::Found })?;
         let anchoring = audit::anchor_agrees(&conn, dir);
         let open_error = |source| OpenError::Open { path: path.clone(), source };
         conn.pragma_update(None, "synchronous", durability.synchronous()).map_err(open_error)?;
@@ -463,7 +466,13 @@ fn create(dir: &Path, path: &Path) -> Result<(), OpenError> {
     }
     let open = |source| OpenError::Open { path: fresh.clone(), source };
     let mut conn = Connection::open(&fresh).map_err(open)?;
-    prepare(&mut conn, &fresh)?;
+    // Nothing names this file until the rename below, which follows one
+    // sync of the whole file: a sync at each of SQLite's steps would keep
+    // nothing more (a crash before the rename leaves a `.new` file, removed
+    // above at the next start), and a dozen of them were most of a first
+    // start's time.
+    conn.pragma_update(None, "synchronous", "OFF").map_err(open)?;
+    prepare(&mut conn, &fresh, Origin::Made)?;
     // Closing the last connection checkpoints the WAL into the file and
     // removes it: the file alone is the whole database.
     conn.close().map_err(|(_, source)| open(source))?;

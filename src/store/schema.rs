@@ -73,25 +73,43 @@ pub(super) const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;",
 ];
 
+/// Where the file being prepared comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Origin {
+    /// Found in the data directory: checked (`quick_check`) when it holds a
+    /// schema.
+    Found,
+    /// Just made by `create`: not checked, and its directory is synced by
+    /// `create` once the database is in place.
+    Made,
+}
+
 /// Refuses files that are not ours or are newer; creates or migrates ours.
-pub(super) fn prepare(conn: &mut Connection, path: &Path) -> Result<(), OpenError> {
+pub(super) fn prepare(conn: &mut Connection, path: &Path, origin: Origin) -> Result<(), OpenError> {
     let corrupt = |source| OpenError::Corrupt { path: path.to_owned(), source };
     conn.busy_timeout(Duration::from_secs(5)).map_err(corrupt)?;
     let version = check_identity(conn, path)?;
-    if version > 0 {
+    if version > 0 && origin == Origin::Found {
         quick_check(conn, path, QUICK_CHECK_WITHIN)?;
     }
     conn.pragma_update(None, "journal_mode", "WAL").map_err(corrupt)?;
-    anchor_before_migrating(conn, path.parent().unwrap_or(Path::new(".")), version)?;
-    let migrate = |source| OpenError::Migrate { path: path.to_owned(), source };
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let tx = conn.transaction().map_err(migrate)?;
-        tx.execute_batch(sql).map_err(migrate)?;
-        tx.pragma_update(None, "application_id", APPLICATION_ID).map_err(migrate)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(migrate)?;
-        tx.commit().map_err(migrate)?;
-        tracing::info!(path = %path.display(), schema = i + 1, "database schema migrated");
+    let dir = path.parent().unwrap_or(Path::new("."));
+    anchor_before_migrating(conn, dir, version, origin == Origin::Made)?;
+    // Every pending migration in one transaction: a file is at one schema
+    // or the next, never in between, and a new database costs one commit.
+    let pending = &MIGRATIONS[version as usize..];
+    if pending.is_empty() {
+        return Ok(());
     }
+    let migrate = |source| OpenError::Migrate { path: path.to_owned(), source };
+    let tx = conn.transaction().map_err(migrate)?;
+    for sql in pending {
+        tx.execute_batch(sql).map_err(migrate)?;
+    }
+    tx.pragma_update(None, "application_id", APPLICATION_ID).map_err(migrate)?;
+    tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64).map_err(migrate)?;
+    tx.commit().map_err(migrate)?;
+    tracing::info!(path = %path.display(), from = version, schema = MIGRATIONS.len(), "database schema migrated");
     Ok(())
 }
 

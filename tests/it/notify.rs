@@ -233,6 +233,29 @@ async fn a_redirect_is_not_followed() {
     assert_eq!(targets, ["/moved"], "the redirect was followed");
 }
 
+/// TLS roots are read when the first note goes out, not at start-up: a
+/// system certificate store that cannot be read costs the notifications
+/// (counted as failures, the reason logged), never the console.
+#[tokio::test]
+async fn an_unreadable_certificate_store_fails_notifications_not_the_start() {
+    let receiver = Receiver::start(Answer::Status(200)).await;
+    let missing = "/nonexistent/breakglass-test-roots";
+    let server = with_webhook(&format!("{}/topic", receiver.base))
+        .env("SSL_CERT_FILE", missing)
+        .env("SSL_CERT_DIR", missing)
+        .start();
+    let health = server.client.get(server.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let session = server.open_session().await;
+    server.run_turn(&session, "replay basic").await;
+    metric_reaches(&server, WEBHOOK_FAILED, 1).await;
+    assert!(receiver.seen().is_empty(), "a note went out without a client");
+    eventually("the failure in the log", || server.log().contains("webhook notification failed")).await;
+    let log = server.log();
+    let line = log.lines().find(|l| l.contains("webhook notification failed")).unwrap();
+    assert!(line.contains("HTTP client"), "{line}");
+}
+
 #[test]
 fn the_webhook_url_is_refused_on_the_command_line() {
     let said = crate::harness::refused_at_start(&["serve", "--notify-url", "https://ntfy.example/t"], &[]);

@@ -586,6 +586,35 @@ async fn removing_the_last_audit_records_is_detected() {
     .await;
 }
 
+/// A first start makes the database at the latest schema in one commit
+/// and does not check the file it has just made; the next start checks it.
+#[tokio::test]
+async fn a_new_database_is_made_in_one_step_and_checked_from_the_next_start() {
+    let mut server = Server::start();
+    eventually("the start-up in the log", || server.log().contains("accepting connections")).await;
+    let log = server.log();
+    let migrated: Vec<_> = log.lines().filter(|l| l.contains("database schema migrated")).collect();
+    assert_eq!(migrated.len(), 1, "one migration step:\n{log}");
+    assert!(migrated[0].contains("from=0"), "{}", migrated[0]);
+    assert!(log.contains("created a new database"), "{log}");
+    assert!(!log.contains("quick_check"), "the file just made was checked:\n{log}");
+    let conn = rusqlite::Connection::open(server.db_path()).unwrap();
+    let schema: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+    let journal: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0)).unwrap();
+    drop(conn);
+    assert!(migrated[0].contains(&format!("schema={schema}")), "{}", migrated[0]);
+    assert_eq!(journal, "wal");
+    assert_eq!(server.integrity_check(), "ok");
+
+    assert!(server.terminate().success());
+    server.restart();
+    let session = server.open_session().await;
+    assert_eq!(kinds(&server.run_turn(&session, "replay basic").await), BASIC);
+    eventually("the second start-up in the log", || server.log().matches("accepting connections").count() == 2).await;
+    let log = server.log();
+    assert_eq!(log.matches("database checked (quick_check): sound").count(), 1, "{log}");
+}
+
 /// Regression: an empty `breakglass.db` (a truncated file) was quietly set
 /// up as a new, empty database, and the history it had held was forgotten.
 #[tokio::test]
