@@ -462,8 +462,10 @@ struct Output<'a> {
     result: &'a mut Option<TurnResult>,
 }
 
-/// Events of one turn submitted and not yet known to be committed.
-const IN_FLIGHT: usize = 256;
+/// Events of one turn submitted and not yet known to be committed: as
+/// many as one transaction takes ([`crate::store::BATCH_MAX`]), so that a
+/// flooding turn fills whole transactions while the one before commits.
+const IN_FLIGHT: usize = crate::store::BATCH_MAX;
 
 impl<'a> Output<'a> {
     fn new(
