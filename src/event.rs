@@ -226,49 +226,187 @@ impl Stored {
 /// store's single writer thread (ARCHITECTURE.md, storage) then only splices
 /// those two in, so that encoding never holds up the writes of other
 /// sessions. The result is byte for byte what [`Event::to_json`] with `at`
-/// added gives: the keys in sorted order (serde_json's `Map`), compact.
+/// added gives: the keys in sorted order (serde_json's `Map`), compact. It
+/// is written directly, member by member, without building that `Map`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Encoded {
     /// The `"key":value` members before `at`, between `at` and `id`, and
-    /// after `id`, each comma-separated.
-    parts: [String; 3],
+    /// after `id`, one after the other; each of the three comma-separated.
+    members: String,
+    /// Where the members between `at` and `id` start in `members`.
+    at: usize,
+    /// Where the members after `id` start.
+    id: usize,
+}
+
+/// One member's value, as [`Encoded::new`] writes it.
+#[derive(Debug, Clone, Copy)]
+enum Member<'a> {
+    Str(&'a str),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Bool(bool),
+    Null,
+    Json(&'a Value),
+    /// Where `at` goes.
+    At,
+    /// Where `id` goes.
+    Id,
+}
+
+/// The most members an event has, `kind`, `at` and `id` included.
+const MEMBERS: usize = 10;
+
+impl Event {
+    /// Every member of this event's JSON, `kind` first, then as
+    /// [`Event::to_json`] puts them (their order is sorted later).
+    fn members<'a>(&'a self) -> ([(&'static str, Member<'a>); MEMBERS], usize) {
+        fn opt_str(value: &Option<String>) -> Member<'_> {
+            value.as_deref().map_or(Member::Null, Member::Str)
+        }
+        fn opt_u64<'a>(value: Option<u64>) -> Member<'a> {
+            value.map_or(Member::Null, Member::U64)
+        }
+        let mut list = [("", Member::Null); MEMBERS];
+        let mut len = 0;
+        let mut put = |key: &'static str, value: Member<'a>| {
+            list[len] = (key, value);
+            len += 1;
+        };
+        put("at", Member::At);
+        put("id", Member::Id);
+        put("kind", Member::Str(self.kind()));
+        match self {
+            Event::User { text, by } => {
+                put("text", Member::Str(text));
+                put("by", Member::Str(by));
+            }
+            Event::Session { session_id } => put("session_id", Member::Str(session_id)),
+            Event::Status { text } => put("text", Member::Str(text)),
+            Event::Text { text, message_id, index } => {
+                put("text", Member::Str(text));
+                if let Some(message_id) = message_id {
+                    put("message_id", Member::Str(message_id));
+                }
+                if let Some(index) = index {
+                    put("index", Member::U64(*index));
+                }
+            }
+            Event::Tool { name, input, tool_use_id } => {
+                put("name", Member::Str(name));
+                put("input", Member::Json(input));
+                put("tool_use_id", Member::Str(tool_use_id));
+            }
+            Event::ToolResult { tool_use_id, is_error, content } => {
+                put("tool_use_id", Member::Str(tool_use_id));
+                put("is_error", Member::Bool(*is_error));
+                put("content", Member::Str(content));
+            }
+            Event::Result(r) => {
+                put("is_error", Member::Bool(r.is_error));
+                put("result", Member::Str(&r.result));
+                put("subtype", opt_str(&r.subtype));
+                put("duration_ms", opt_u64(r.duration_ms));
+                put("num_turns", opt_u64(r.num_turns));
+                put("total_cost_usd", r.total_cost_usd.map_or(Member::Null, Member::F64));
+            }
+            Event::Error { error } => put("error", Member::Str(error)),
+            Event::Cancelled | Event::TurnEnd => {}
+            Event::Approval { tool_use_id, tool, input, reason, effect, deadline_ms } => {
+                put("tool_use_id", Member::Str(tool_use_id));
+                put("tool", Member::Str(tool));
+                put("input", Member::Json(input));
+                put("reason", Member::Str(reason));
+                if let Some(effect) = effect {
+                    put("effect", Member::Str(effect));
+                }
+                put("deadline_ms", Member::I64(*deadline_ms));
+            }
+            Event::ApprovalDecision { tool_use_id, decision, by, at_ms, message } => {
+                put("tool_use_id", Member::Str(tool_use_id));
+                put("decision", Member::Str(decision.as_str()));
+                put("by", Member::Str(by));
+                put("at_ms", Member::I64(*at_ms));
+                if let Some(message) = message {
+                    put("message", Member::Str(message));
+                }
+            }
+        }
+        (list, len)
+    }
 }
 
 impl Encoded {
     pub fn new(event: &Event) -> Self {
-        let mut parts: [String; 3] = Default::default();
-        if let Value::Object(obj) = event.to_json(0) {
-            for (key, value) in obj.iter().filter(|(key, _)| key.as_str() != "id") {
-                let part = &mut parts[usize::from(key.as_str() > "at") + usize::from(key.as_str() > "id")];
-                if !part.is_empty() {
-                    part.push(',');
+        let (mut list, len) = event.members();
+        let list = &mut list[..len];
+        // The order serde_json's `Map` (a `BTreeMap` of `String`s) gives.
+        list.sort_unstable_by_key(|(key, _)| *key);
+        let mut out: Vec<u8> = Vec::with_capacity(128);
+        let (mut at, mut id, mut first) = (0, 0, true);
+        for (key, value) in list.iter() {
+            match value {
+                Member::At => (at, first) = (out.len(), true),
+                Member::Id => (id, first) = (out.len(), true),
+                value => {
+                    if !first {
+                        out.push(b',');
+                    }
+                    first = false;
+                    write_json(&mut out, key);
+                    out.push(b':');
+                    match *value {
+                        Member::Str(text) => write_json(&mut out, text),
+                        Member::U64(n) => write_json(&mut out, &n),
+                        Member::I64(n) => write_json(&mut out, &n),
+                        Member::F64(n) => write_json(&mut out, &n),
+                        Member::Bool(b) => write_json(&mut out, &b),
+                        Member::Null | Member::At | Member::Id => out.extend_from_slice(b"null"),
+                        Member::Json(value) => write_json(&mut out, value),
+                    }
                 }
-                // Writing to a String cannot fail, nor can encoding a Value.
-                part.push_str(&Value::String(key.clone()).to_string());
-                part.push(':');
-                part.push_str(&value.to_string());
             }
         }
-        Encoded { parts }
+        // serde_json writes UTF-8 only; the fallback is never taken.
+        let members = String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        Encoded { members, at, id }
     }
 
     /// The stored JSON with `id` and `at` (already RFC 3339) in their places.
     pub fn stored(&self, id: EventId, at: &str) -> Stored {
-        let [before, middle, after] = &self.parts;
-        let at = format!("\"at\":\"{at}\"");
-        let id_member = format!("\"id\":{id}");
-        let mut json =
-            String::with_capacity(before.len() + middle.len() + after.len() + at.len() + id_member.len() + 6);
+        use std::fmt::Write;
+        let (before, middle, after) =
+            (&self.members[..self.at], &self.members[self.at..self.id], &self.members[self.id..]);
+        let mut json = String::with_capacity(self.members.len() + at.len() + 40);
         json.push('{');
-        for member in [before, &at, middle, &id_member, after].into_iter().filter(|m| !m.is_empty()) {
-            if json.len() > 1 {
-                json.push(',');
-            }
-            json.push_str(member);
+        if !before.is_empty() {
+            json.push_str(before);
+            json.push(',');
+        }
+        json.push_str("\"at\":\"");
+        json.push_str(at);
+        json.push('"');
+        if !middle.is_empty() {
+            json.push(',');
+            json.push_str(middle);
+        }
+        // Writing to a String cannot fail.
+        let _ = write!(json, ",\"id\":{id}");
+        if !after.is_empty() {
+            json.push(',');
+            json.push_str(after);
         }
         json.push('}');
         Stored { id, json: json.into() }
     }
+}
+
+/// Appends `value` as serde_json encodes it (compact).
+fn write_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    // Writing to a Vec cannot fail, nor can encoding a string, a number or
+    // a `Value` (its keys are strings).
+    let _ = serde_json::to_writer(out, value);
 }
 
 /// The RFC 3339 text of the last millisecond asked for: the writer thread
@@ -304,7 +442,7 @@ mod tests {
     }
 
     #[test]
-    fn an_encoded_event_with_its_id_and_at_is_byte_identical_to_its_whole_json() {
+    fn an_encoded_event_with_its_id_and_at_is_byte_identical_to_its_whole_json_for_every_kind() {
         let input = json!({"command": "df -h", "quote\"": "a\nb"});
         let events = [
             Event::User { text: "disk \"full\"\n".into(), by: "alice".into() },
@@ -332,6 +470,46 @@ mod tests {
                 by: "timeout".into(),
                 at_ms: 9,
                 message: Some("no".into()),
+            },
+            // Every character serde_json escapes, and some it does not.
+            Event::Text { text: (0u8..0x80).map(char::from).collect(), message_id: None, index: Some(0) },
+            Event::Text {
+                text: "\\ / \u{7f} \u{80} \u{2028} \u{fffd} 😀".into(),
+                message_id: Some("\"".into()),
+                index: None,
+            },
+            Event::Tool {
+                name: "Edit".into(),
+                input: json!({"z": [1, -2, 2.5, 1e300, null, true], "a\u{1}\"": {"y": "é", "b": {}}, "": []}),
+                tool_use_id: String::new(),
+            },
+            Event::Tool { name: "Bash".into(), input: Value::Null, tool_use_id: "t".into() },
+            Event::ToolResult { tool_use_id: "t".into(), is_error: false, content: "\t\r\n\u{8}\u{c}".into() },
+            Event::Result(TurnResult::default()),
+            Event::Result(TurnResult {
+                is_error: true,
+                result: "r".into(),
+                subtype: Some("error_max_turns".into()),
+                duration_ms: Some(u64::MAX),
+                num_turns: Some(0),
+                total_cost_usd: Some(f64::NAN),
+            }),
+            Event::Result(TurnResult { total_cost_usd: Some(1e-7), ..TurnResult::default() }),
+            Event::Result(TurnResult { total_cost_usd: Some(3.0), ..TurnResult::default() }),
+            Event::Approval {
+                tool_use_id: "t".into(),
+                tool: "Bash".into(),
+                input: json!("just a string"),
+                reason: String::new(),
+                effect: None,
+                deadline_ms: -5,
+            },
+            Event::ApprovalDecision {
+                tool_use_id: "t".into(),
+                decision: Decision::Allow,
+                by: "alice".into(),
+                at_ms: i64::MIN,
+                message: None,
             },
         ];
         let at = Stamp::default().at(1_700_000_000_123).to_owned();

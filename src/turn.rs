@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::agent::line::{self, AgentLine};
-use crate::agent::process::{AgentProcess, DRAIN, Line, Spec};
+use crate::agent::process::{AgentProcess, DRAIN, Line, LineReader, Spec};
 use crate::agent::translate::{Translated, Translator};
 use crate::agent::user::AgentUser;
 use crate::approval::{Approvals, TurnHook};
@@ -301,7 +301,7 @@ impl Runner {
                 _ = agent.exit.wait() => break None,
                 line = agent.stdout.next_line() => match line {
                     Ok(Some(line)) => tokio::select! {
-                        written = output.line(line) => if let Err(err) = written {
+                        written = output.lines(line, &mut agent.stdout) => if let Err(err) = written {
                             break Some(Ending::LogFailed(err));
                         },
                         ending = stop_requested(stops, &mut deadline, self.agent.turn_timeout) => break Some(ending),
@@ -462,8 +462,10 @@ struct Output<'a> {
     result: &'a mut Option<TurnResult>,
 }
 
-/// Events of one turn submitted and not yet known to be committed.
-const IN_FLIGHT: usize = 256;
+/// Events of one turn submitted and not yet known to be committed: as
+/// many as one transaction takes ([`crate::store::BATCH_MAX`]), so that a
+/// flooding turn fills whole transactions while the one before commits.
+const IN_FLIGHT: usize = crate::store::BATCH_MAX;
 
 impl<'a> Output<'a> {
     fn new(
@@ -482,6 +484,22 @@ impl<'a> Output<'a> {
             started,
             result,
         }
+    }
+
+    /// Takes `first` and then every line already read in with it: a
+    /// flooding agent's lines come in dozens to a read, and they need no
+    /// trip back through the turn's wait on Stop, shutdown and its deadline
+    /// each (that wait still surrounds this whole call).
+    async fn lines<R: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        first: Line,
+        reader: &mut LineReader<R>,
+    ) -> Result<(), LogError> {
+        self.line(first).await?;
+        while let Some(line) = reader.buffered_line() {
+            self.line(line).await?;
+        }
+        Ok(())
     }
 
     /// Translates one line of the agent's output and submits its events.

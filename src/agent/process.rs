@@ -346,7 +346,20 @@ pub struct LineReader<R> {
 
 impl<R: AsyncRead + Unpin> LineReader<R> {
     pub fn new(reader: R, max: usize) -> Self {
-        LineReader { inner: BufReader::new(reader), max, line: Vec::new(), skipping: None }
+        // As much as a pipe holds (Linux's default): a flooding agent's
+        // lines come in with one read per pipeful.
+        LineReader { inner: BufReader::with_capacity(64 * 1024, reader), max, line: Vec::new(), skipping: None }
+    }
+
+    /// The next line if the bytes already read hold its end; never reads,
+    /// so it needs no waiting: the lines that came in with one read are
+    /// taken one after the other without going back to the runtime.
+    pub fn buffered_line(&mut self) -> Option<Line> {
+        let available = self.inner.buffer();
+        let end = memchr::memchr(b'\n', available)?;
+        let line = Self::take(&mut self.line, &mut self.skipping, self.max, &available[..end], true);
+        self.inner.consume(end + 1);
+        line
     }
 
     /// Cancel-safe: all state lives in `self` between awaits.
@@ -364,23 +377,32 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 Some(i) => (&available[..i], i + 1, true),
                 None => (available, available.len(), false),
             };
-            let piece_len = piece.len();
-            match self.skipping {
-                Some(len) => self.skipping = Some(len + piece_len),
-                None if self.line.len() + piece_len > self.max => {
-                    self.skipping = Some(self.line.len() + piece_len);
-                    self.line = Vec::new();
-                }
-                None => self.line.extend_from_slice(piece),
-            }
+            let line = Self::take(&mut self.line, &mut self.skipping, self.max, piece, ends);
             self.inner.consume(consumed);
-            if ends {
-                return Ok(Some(match self.skipping.take() {
-                    Some(len) => Line::TooLong { len },
-                    None => Line::Complete(std::mem::take(&mut self.line)),
-                }));
+            if line.is_some() {
+                return Ok(line);
             }
         }
+    }
+
+    /// Adds `piece` to the line being read (or to the length of the one
+    /// being skipped) and gives the line if `piece` ends it.
+    fn take(line: &mut Vec<u8>, skipping: &mut Option<usize>, max: usize, piece: &[u8], ends: bool) -> Option<Line> {
+        match *skipping {
+            Some(len) => *skipping = Some(len + piece.len()),
+            None if line.len() + piece.len() > max => {
+                *skipping = Some(line.len() + piece.len());
+                *line = Vec::new();
+            }
+            None => line.extend_from_slice(piece),
+        }
+        if !ends {
+            return None;
+        }
+        Some(match skipping.take() {
+            Some(len) => Line::TooLong { len },
+            None => Line::Complete(std::mem::take(line)),
+        })
     }
 }
 
@@ -418,6 +440,25 @@ mod tests {
     #[tokio::test]
     async fn an_over_long_last_line_is_reported_too() {
         assert_eq!(lines(&[b'y'; 50], 10).await, vec![Line::TooLong { len: 50 }]);
+    }
+
+    /// Lines already read in are given without a read; a line whose end
+    /// has not been read yet is left for `next_line`, and so is what follows
+    /// an over-long line.
+    #[tokio::test]
+    async fn buffered_lines_are_given_without_reading_and_keep_the_order() {
+        let mut input = b"a\nbc\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 30));
+        input.extend_from_slice(b"\nd\npartial");
+        let mut reader = LineReader::new(&input[..], 10);
+        assert_eq!(reader.buffered_line(), None, "nothing read yet");
+        assert_eq!(reader.next_line().await.unwrap(), Some(complete("a")));
+        assert_eq!(reader.buffered_line(), Some(complete("bc")));
+        assert_eq!(reader.buffered_line(), Some(Line::TooLong { len: 30 }));
+        assert_eq!(reader.buffered_line(), Some(complete("d")));
+        assert_eq!(reader.buffered_line(), None, "no newline after it");
+        assert_eq!(reader.next_line().await.unwrap(), Some(complete("partial")));
+        assert_eq!(reader.next_line().await.unwrap(), None);
     }
 
     #[tokio::test]

@@ -2,7 +2,7 @@
 //! text of partial messages (README, "How a turn runs the agent"). Pure: a
 //! [`Translator`] only remembers what earlier lines of the same turn said.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
 use crate::agent::line::{AgentLine, Block, StreamEvent};
 use crate::event::{Delta, Event, TurnResult};
@@ -29,7 +29,11 @@ pub struct Translator {
     /// The latest messages whose text event is out: their late deltas are
     /// dropped, so no client sees a delta of a message after its text
     /// (README, "API"). Bounded: hostile output could name endless messages.
+    /// In order, to forget the oldest, and in a set, so that the text of
+    /// each new message costs one look-up rather than a comparison with
+    /// every one remembered.
     finished: VecDeque<String>,
+    finished_set: HashSet<String>,
 }
 
 /// Finished messages remembered; late deltas only ever follow the last few.
@@ -39,11 +43,14 @@ const MESSAGE_ID_MAX: usize = 256;
 
 impl Translator {
     fn finish(&mut self, id: &str) {
-        if id.len() <= MESSAGE_ID_MAX && !self.finished.iter().any(|f| f == id) {
-            if self.finished.len() == FINISHED {
-                self.finished.pop_front();
+        if id.len() <= MESSAGE_ID_MAX && !self.finished_set.contains(id) {
+            if self.finished.len() == FINISHED
+                && let Some(oldest) = self.finished.pop_front()
+            {
+                self.finished_set.remove(&oldest);
             }
             self.finished.push_back(id.to_owned());
+            self.finished_set.insert(id.to_owned());
         }
     }
 
@@ -89,7 +96,7 @@ impl Translator {
             StreamEvent::TextDelta { index, text } => {
                 self.block = Some(index);
                 let message_id = api_message_id.or_else(|| self.message_id.clone())?;
-                if text.is_empty() || self.finished.iter().any(|f| *f == message_id) {
+                if text.is_empty() || self.finished_set.contains(&message_id) {
                     return None;
                 }
                 Some(Translated::Delta(Delta { message_id, index, text }))
@@ -164,6 +171,8 @@ mod tests {
             translator.line(line);
         }
         assert!(translator.finished.len() <= FINISHED, "{}", translator.finished.len());
+        assert_eq!(translator.finished_set.len(), translator.finished.len(), "the set follows the list");
+        assert!(translator.finished.iter().all(|id| translator.finished_set.contains(id)));
         assert!(translator.finished.iter().all(|id| id.len() <= MESSAGE_ID_MAX));
         assert!(translator.finished.iter().any(|id| id == "msg_9998"), "the latest is remembered");
     }
