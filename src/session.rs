@@ -211,6 +211,15 @@ impl Sessions {
         self.lock().get(&id).and_then(|h| h.session.upgrade()).is_some_and(|s| s.running.load(Ordering::SeqCst))
     }
 
+    /// The sessions whose turn runs on this server now.
+    pub fn running_now(&self) -> std::collections::HashSet<Uuid> {
+        let live = self.lock();
+        live.iter()
+            .filter(|(_, h)| h.session.upgrade().is_some_and(|s| s.running.load(Ordering::SeqCst)))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Logs the prompt and starts a detached turn on it.
     pub async fn start_turn(
         &self,

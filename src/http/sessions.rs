@@ -72,14 +72,16 @@ async fn open(
 
 /// What the API says of a session. "running" is whether a turn runs now,
 /// on this server (the store's flag can outlive a turn whose end a full
-/// disk swallowed).
-fn session_json(state: &AppState, row: &SessionRow) -> Value {
+/// disk swallowed). It must be read before the row: a turn logs its end
+/// and only then stops running, so "not running" read first means the row
+/// read after holds the whole turn (its `turn_end` counted).
+fn session_json(state: &AppState, row: &SessionRow, running: bool) -> Value {
     json!({
         "id": row.id.to_string(),
         "title": row.title,
         "created": rfc3339(row.created_ms),
         "last_activity": rfc3339(row.last_activity_ms),
-        "running": state.sessions.is_running(row.id),
+        "running": running,
         "event_count": row.event_count,
         // Tool calls waiting for the operator now (README "Approvals").
         "pending_approvals": state.sessions.approvals().waiting_in(row.id),
@@ -101,13 +103,17 @@ async fn list(State(state): State<AppState>, Query(query): Query<ListQuery>) -> 
         Some(id) => Some(store.session(parse_id(id)?).await?.ok_or_else(ApiError::session_not_found)?),
         None => None,
     };
+    let running = state.sessions.running_now();
     let rows = store.sessions(before.as_ref(), limit).await?;
-    Ok(Json(json!({ "sessions": rows.iter().map(|row| session_json(&state, row)).collect::<Vec<_>>() })))
+    let sessions: Vec<Value> = rows.iter().map(|row| session_json(&state, row, running.contains(&row.id))).collect();
+    Ok(Json(json!({ "sessions": sessions })))
 }
 
 async fn one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let row = state.sessions.store().session(parse_id(&id)?).await?.ok_or_else(ApiError::session_not_found)?;
-    Ok(Json(session_json(&state, &row)))
+    let id = parse_id(&id)?;
+    let running = state.sessions.is_running(id);
+    let row = state.sessions.store().session(id).await?.ok_or_else(ApiError::session_not_found)?;
+    Ok(Json(session_json(&state, &row, running)))
 }
 
 /// Attach (README "API", the attach stream): backlog, `caught-up`, live tail.

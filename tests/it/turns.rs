@@ -361,3 +361,43 @@ async fn a_turn_that_ends_normally_leaves_no_daemon_behind() {
     let pid = grandchild_pid(&events).unwrap();
     eventually("the daemon to die", || !alive(pid)).await;
 }
+
+/// A session polled while its turn ends is never seen stopped with its
+/// `turn_end` not yet counted: "running" is read before the row (a turn
+/// logs its end, then stops running). Reading it after the row let a poll
+/// that straddled the end see `running: false` one event short.
+#[tokio::test]
+async fn a_session_seen_not_running_has_its_whole_turn_counted() {
+    let server = Server::start();
+    let session = server.open_session().await;
+    for round in 0..40 {
+        let mut stream = server.attach(&session, None).await;
+        stream.until_caught_up().await;
+        server.start_turn(&session, "replay basic").await;
+        let (one, list) = (format!("/api/session/{session}"), "/api/sessions".to_owned());
+        // Poll both views back to back until each says the turn is over.
+        let mut seen = Vec::new();
+        for path in [&one, &list].into_iter().cycle() {
+            let body: Value = server.get(path).send().await.unwrap().json().await.unwrap();
+            let row = if path == &list {
+                body["sessions"].as_array().unwrap().iter().find(|s| s["id"] == session.as_str()).unwrap().clone()
+            } else {
+                body
+            };
+            if row["running"] == false {
+                seen.push((path.clone(), row["event_count"].as_u64().unwrap()));
+                if seen.len() == 2 {
+                    break;
+                }
+            }
+        }
+        let end = stream.until_turn_end().await;
+        let count = end.last().unwrap()["id"].as_u64().unwrap() + 1;
+        for (path, event_count) in seen {
+            assert_eq!(
+                event_count, count,
+                "round {round}: {path} said not running with {event_count} of {count} events"
+            );
+        }
+    }
+}
