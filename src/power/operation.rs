@@ -105,13 +105,14 @@ pub enum StartError {
 pub struct Operations {
     store: Arc<Store>,
     live: StdMutex<HashMap<Uuid, Arc<Hub>>>,
-    /// For the targets' HTTP checks.
-    checks: reqwest::Client,
+    /// For the targets' HTTP checks: made by the first operation that needs
+    /// it, as loading the TLS roots costs start-up time and memory.
+    checks: std::sync::OnceLock<reqwest::Client>,
 }
 
 impl Operations {
     pub fn new(store: Arc<Store>) -> Self {
-        Operations { store, live: StdMutex::default(), checks: http_client() }
+        Operations { store, live: StdMutex::default(), checks: std::sync::OnceLock::new() }
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -177,7 +178,7 @@ impl Operations {
             let target = &slot.target;
             tracing::info!(operation = %id, target = %target.name, %verb, "operation started");
             let outcome = tokio::select! {
-                outcome = procedure(target, verb, &mut run, &operations.checks) => outcome,
+                outcome = procedure(target, verb, &mut run, operations.checks.get_or_init(http_client)) => outcome,
                 () = cut_off.cancelled() => Err(CUT_OFF.to_owned()),
             };
             let finished = run.finish(target, verb, outcome).await;
