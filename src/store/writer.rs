@@ -559,20 +559,19 @@ mod tests {
         text: &str,
         fence: Option<&Fence>,
     ) -> (Command, oneshot::Receiver<Result<Stored, StoreError>>) {
+        append_event(session, Event::Text { text: text.into(), message_id: None, index: None }, fence)
+    }
+
+    /// The command a log's `submit` sends, for any event.
+    fn append_event(
+        session: Uuid,
+        event: Event,
+        fence: Option<&Fence>,
+    ) -> (Command, oneshot::Receiver<Result<Stored, StoreError>>) {
         let (reply, rx) = oneshot::channel();
-        let event = Event::Text { text: text.into(), message_id: None, index: None };
         let (encoded, effect) = (Encoded::new(&event), Effect::of(&event));
-        (
-            Command::Append {
-                session,
-                encoded,
-                effect,
-                sink: crate::store::tests::nobody(),
-                fence: fence.cloned(),
-                reply,
-            },
-            rx,
-        )
+        let sink = crate::store::tests::nobody();
+        (Command::Append { session, encoded, effect, sink, fence: fence.cloned(), reply }, rx)
     }
 
     /// A transaction whose commit fails (here a deferred foreign key that
@@ -643,21 +642,7 @@ mod tests {
         ))
         .unwrap();
         let mut writer = Writer::new(conn, dir.path().to_owned(), true, Durability::Full, Faults::default());
-        let with = |event: Event, fence: Option<&Fence>| {
-            let (reply, rx) = oneshot::channel();
-            let (encoded, effect) = (Encoded::new(&event), Effect::of(&event));
-            (
-                Command::Append {
-                    session,
-                    encoded,
-                    effect,
-                    sink: crate::store::tests::nobody(),
-                    fence: fence.cloned(),
-                    reply,
-                },
-                rx,
-            )
-        };
+        let with = |event: Event, fence: Option<&Fence>| append_event(session, event, fence);
         let fence = Fence::default();
         let (turn, mut turn_reply) = oneshot::channel();
         let (user, mut r0) = with(Event::User { text: " first ".into(), by: "alice".into() }, None);

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::backend_fakes::{Cert, Fake, TOKEN_ID, TOKEN_SECRET, closed_port, fakepve, one_system, one_vm, sushy};
-use crate::harness::{Frame, Server, refused_at_start};
+use crate::harness::{Server, refused_at_start};
 use crate::pve::free_port;
-use crate::targets::{attach, finished, operation, post_verb, start, texts};
+use crate::targets::{attach, finished, operation, post_verb, start, texts, until_step};
 
 const BMC_USER: &str = "breakglass";
 const BMC_PASSWORD: &str = "correct horse battery staple";
@@ -197,13 +197,7 @@ async fn pve_api_start_is_verified_by_a_check_the_test_opens_late() {
         serve(dir.path(), &[pve_target(dir.path(), "devvm", &fake.url, &cert.fingerprint, 101, TOKEN_SECRET, &check)]);
     let id = start(&server, "devvm", "start").await;
     let mut stream = attach(&server, &id, None).await;
-    loop {
-        let Some(Frame::Event { data, .. }) = stream.next().await else { continue };
-        assert_eq!(data["kind"], "step", "{data}");
-        if data["text"].as_str().unwrap().starts_with(&format!("waiting for tcp:127.0.0.1:{port}")) {
-            break;
-        }
-    }
+    until_step(&mut stream, &format!("waiting for tcp:127.0.0.1:{port}")).await;
     assert_eq!(pve_saw(&fake).iter().filter(|r| r.ends_with("/101/status/start")).count(), 1);
     let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let rest = stream.until_kind("done").await;

@@ -283,13 +283,7 @@ async fn recovery_waits_for_a_check_that_passes_after_a_delay() {
     let id = body["operation_id"].as_str().unwrap().to_owned();
     let mut stream = attach(&server, &id, None).await;
     // Steps until the server waits for the port; only then does anything listen there.
-    loop {
-        let Some(Frame::Event { data, .. }) = stream.next().await else { continue };
-        assert_eq!(data["kind"], "step", "{data}");
-        if data["text"].as_str().unwrap().starts_with(&format!("waiting for tcp:127.0.0.1:{port}")) {
-            break;
-        }
-    }
+    until_step(&mut stream, &format!("waiting for tcp:127.0.0.1:{port}")).await;
     let opened = Instant::now();
     let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let rest = stream.until_kind("done").await;
@@ -414,4 +408,16 @@ async fn a_restart_marks_a_running_operation_failed_interrupted() {
         (Some("done"), Some("failed"), Some("interrupted"))
     );
     assert!(server.log().contains("an operation was interrupted by the last stop"));
+}
+
+/// Reads an operation's stream until a step that starts with `prefix`;
+/// every event before it must be a step.
+pub async fn until_step(stream: &mut Attached, prefix: &str) {
+    loop {
+        let Some(Frame::Event { data, .. }) = stream.next().await else { continue };
+        assert_eq!(data["kind"], "step", "{data}");
+        if data["text"].as_str().unwrap().starts_with(prefix) {
+            return;
+        }
+    }
 }
