@@ -107,7 +107,7 @@ pub struct Operations {
     live: StdMutex<HashMap<Uuid, Arc<Hub>>>,
     /// For the targets' HTTP checks: made by the first operation that needs
     /// it, as loading the TLS roots costs start-up time and memory.
-    checks: std::sync::OnceLock<reqwest::Client>,
+    checks: std::sync::OnceLock<Option<reqwest::Client>>,
 }
 
 impl Operations {
@@ -178,7 +178,7 @@ impl Operations {
             let target = &slot.target;
             tracing::info!(operation = %id, target = %target.name, %verb, "operation started");
             let outcome = tokio::select! {
-                outcome = procedure(target, verb, &mut run, operations.checks.get_or_init(http_client)) => outcome,
+                outcome = procedure(target, verb, &mut run, operations.checks.get_or_init(http_client).as_ref()) => outcome,
                 () = cut_off.cancelled() => Err(CUT_OFF.to_owned()),
             };
             let finished = run.finish(target, verb, outcome).await;
@@ -280,7 +280,7 @@ async fn procedure(
     target: &Target,
     verb: Verb,
     run: &mut Run,
-    checks: &reqwest::Client,
+    checks: Option<&reqwest::Client>,
 ) -> Result<Option<Duration>, String> {
     let backend = &target.backend;
     match verb {
@@ -470,7 +470,12 @@ async fn wait_for(backend: &Backend, want: PowerState, within: Duration) -> Resu
 /// The target is back: running, then passing its check, within its
 /// `recover_timeout` of the action. Returns the time from the action to
 /// the first passing check (or to running, without a check).
-async fn recover(target: &Target, run: &mut Run, sent: Instant, checks: &reqwest::Client) -> Result<Duration, String> {
+async fn recover(
+    target: &Target,
+    run: &mut Run,
+    sent: Instant,
+    checks: Option<&reqwest::Client>,
+) -> Result<Duration, String> {
     let deadline = sent + target.recover_timeout;
     let limit = secs(target.recover_timeout);
     if !wait_for(&target.backend, PowerState::Running, deadline.saturating_duration_since(Instant::now())).await? {

@@ -40,7 +40,9 @@ impl Check {
     }
 
     /// One attempt: does the target answer now?
-    pub async fn passes(&self, client: &reqwest::Client) -> bool {
+    /// Whether the check passes now; an HTTP check without a client (none
+    /// could be made) never does.
+    pub async fn passes(&self, client: Option<&reqwest::Client>) -> bool {
         match self {
             Check::Tcp { host, port } => {
                 matches!(
@@ -48,10 +50,13 @@ impl Check {
                     Ok(Ok(_))
                 )
             }
-            Check::Http(url) => matches!(
-                tokio::time::timeout(ATTEMPT, client.get(url.clone()).send()).await,
-                Ok(Ok(response)) if response.status().is_success()
-            ),
+            Check::Http(url) => match client {
+                Some(client) => matches!(
+                    tokio::time::timeout(ATTEMPT, client.get(url.clone()).send()).await,
+                    Ok(Ok(response)) if response.status().is_success()
+                ),
+                None => false,
+            },
         }
     }
 }
@@ -68,14 +73,31 @@ impl fmt::Display for Check {
 }
 
 /// The client the HTTP checks use: no redirects followed (a 3xx is not
-/// "back"), no proxy from the environment, bounded in time.
-pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .timeout(ATTEMPT)
-        .build()
-        .unwrap_or_default()
+/// "back"), no proxy from the environment, bounded in time. A host with no
+/// CA certificates (a stripped-down recovery image) gets one that trusts
+/// no certificate: its `https` checks fail, its `http` checks still work.
+/// `None` only if even that cannot be made; never a panic.
+pub fn http_client() -> Option<reqwest::Client> {
+    let builder = || reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).no_proxy().timeout(ATTEMPT);
+    let err = match builder().build() {
+        Ok(client) => return Some(client),
+        Err(err) => err,
+    };
+    tracing::warn!(%err, "the system's CA certificates cannot be loaded: https recovery checks will fail");
+    let no_roots =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map(|b| b.with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth());
+    match no_roots
+        .map_err(|e| e.to_string())
+        .and_then(|c| builder().tls_backend_preconfigured(c).build().map_err(|e| e.to_string()))
+    {
+        Ok(client) => Some(client),
+        Err(err) => {
+            tracing::error!(%err, "no HTTP client for the recovery checks: http checks will fail");
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -99,8 +121,8 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let check = Check::Tcp { host: "127.0.0.1".into(), port };
-        assert!(check.passes(&http_client()).await);
+        assert!(check.passes(http_client().as_ref()).await);
         drop(listener);
-        assert!(!check.passes(&http_client()).await);
+        assert!(!check.passes(http_client().as_ref()).await);
     }
 }

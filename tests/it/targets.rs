@@ -421,3 +421,39 @@ pub async fn until_step(stream: &mut Attached, prefix: &str) {
         }
     }
 }
+
+/// A host with no CA certificates (a stripped-down recovery image) still
+/// runs operations: the recovery checks' HTTP client is made without the
+/// system's roots there, so a plain-http check works, where making it
+/// used to panic the operation's task and leave it "running" for ever.
+#[tokio::test]
+async fn an_http_check_works_on_a_host_without_ca_certificates() {
+    let host = Sshd::start(Pve::new());
+    host.pve.set("state", "stopped");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().route("/health", axum::routing::get(|| async { "ok" }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let dir = tempfile::tempdir().unwrap();
+    let check = format!("check = \"http://127.0.0.1:{port}/health\"\nrecover_timeout_seconds = 30");
+    let file = targets_file(dir.path(), &ssh_target("vm", &host, &check));
+    let server = Server::options()
+        .env("BREAKGLASS_TARGETS_FILE", file.display().to_string())
+        .env("SSH_AUTH_SOCK", host.auth_sock().display().to_string())
+        .env("SSL_CERT_FILE", dir.path().join("no-such-bundle.pem").display().to_string())
+        .env("SSL_CERT_DIR", dir.path().join("no-such-dir").display().to_string())
+        .start();
+    let (status, body) = post_verb(&server, "vm", "start", None).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["operation_id"].as_str().unwrap().to_owned();
+    let mut stream = attach(&server, &id, None).await;
+    let rest = tokio::time::timeout(std::time::Duration::from_secs(60), stream.until_kind("done"))
+        .await
+        .expect("the operation ends");
+    let done = rest.last().unwrap();
+    assert_eq!(done["state"], "succeeded", "{rest:?}");
+    assert!(
+        rest.iter().any(|e| e["text"].as_str().is_some_and(|t| t.starts_with("reachable again after "))),
+        "{rest:?}"
+    );
+}
