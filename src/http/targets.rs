@@ -252,7 +252,7 @@ async fn stream(
     let mut last = sse::parse_last_event_id(given);
     // An id this operation never issued (another life's): replay it all.
     if let Some(after) = last
-        && store.operation_steps(id, Some(after.saturating_sub(1)), 1).await?.first().is_none_or(|s| s.id != after)
+        && store.operation_steps(id, after.checked_sub(1), 1).await?.first().is_none_or(|s| s.id != after)
     {
         last = None;
     }

@@ -171,10 +171,22 @@ impl Https {
         Ok(Https { client, base: url.trim_end_matches('/').to_owned() })
     }
 
-    /// The URL of a path under the backend's base; `path` starts with `/`.
+    /// The URL of a path under the backend's base. Paths may come from the
+    /// backend's own answers, so one that is not an absolute path on the
+    /// same host (`//other`, `@other`, `.other`) is refused: the request,
+    /// and its credentials, go nowhere but the configured address.
     pub fn url(&self, path: &str) -> Result<Url, BackendError> {
+        let not_a_path = || BackendError::Protocol(format!("{path:?} is not a path on the backend"));
+        if !path.starts_with('/') || path.starts_with("//") || path.starts_with("/\\") {
+            return Err(not_a_path());
+        }
         let whole = format!("{}{path}", self.base);
-        Url::parse(&whole).map_err(|e| BackendError::Protocol(format!("{whole:?}: {e}")))
+        let url = Url::parse(&whole).map_err(|e| BackendError::Protocol(format!("{whole:?}: {e}")))?;
+        let base = Url::parse(&self.base).map_err(|e| BackendError::Protocol(format!("{:?}: {e}", self.base)))?;
+        if url.origin() != base.origin() {
+            return Err(not_a_path());
+        }
+        Ok(url)
     }
 
     /// A GET, sent once more if its connection was reset (README "Power
@@ -446,6 +458,22 @@ mod tests {
             let err = Https::new(refused, None, Timeouts::default()).unwrap_err();
             assert!(matches!(&err, BackendError::Tls(m) if m.contains("loopback")), "{refused}: {err:?}");
         }
+    }
+
+    /// Paths come from the backend's answers (Redfish's `@odata.id`): one
+    /// that would move the request to another host (`@evil`, `.evil`,
+    /// `//evil`) is refused, so credentials never go anywhere but the
+    /// configured address.
+    #[test]
+    fn a_path_from_the_backend_cannot_leave_the_configured_host() {
+        let https = Https::new("http://localhost:8000", None, Timeouts::default()).unwrap();
+        for hostile in ["@evil.example/x", ".evil.example/x", "//evil.example/x", "evil", ":9/x", "\\\\evil.example/x"]
+        {
+            let err = https.url(hostile).unwrap_err();
+            assert!(matches!(&err, BackendError::Protocol(m) if m.contains("not a path")), "{hostile}: {err:?}");
+        }
+        let url = https.url("/redfish/v1/Systems/1").unwrap();
+        assert_eq!(url.as_str(), "http://localhost:8000/redfish/v1/Systems/1");
     }
 
     #[test]

@@ -375,6 +375,10 @@ async fn the_operation_stream_replays_with_caught_up_and_resumes_after_last_even
     let mut resumed = attach(&server, &id, Some("1")).await;
     let after = resumed.until_caught_up().await;
     assert_eq!(after, live[2..], "only the steps after Last-Event-ID");
+    // The first step's id is an id like any other: a reconnect after it
+    // gets the rest, not the first step again.
+    let after_first = attach(&server, &id, Some("0")).await.until_caught_up().await;
+    assert_eq!(after_first, live[1..], "only the steps after Last-Event-ID 0");
     let beyond = attach(&server, &id, Some("999")).await.until_caught_up().await;
     assert_eq!(beyond, live, "an id the operation never issued means a full replay");
     let response = server.get("/api/operations/00000000-0000-0000-0000-000000000000/stream").send().await.unwrap();
