@@ -314,11 +314,12 @@ impl Fields<'_> {
                     && url.has_host()
                     && url.username().is_empty()
                     && url.password().is_none()
-                    && url.query().is_none() =>
+                    && url.query().is_none()
+                    && url.fragment().is_none() =>
             {
                 Ok(url)
             }
-            _ => Err(self.error("url", "must be an http(s) URL without credentials or query")),
+            _ => Err(self.error("url", "must be an http(s) URL without credentials, query or fragment")),
         }
     }
 
@@ -435,6 +436,25 @@ mod tests {
         load(&file, &defaults())
     }
 
+    /// Every path is appended to a target's URL: after a `#` it would be
+    /// a fragment, and every request would go to the base URL itself.
+    #[test]
+    fn a_url_with_a_fragment_is_refused() {
+        let err = load_text(
+            r#"
+            [[target]]
+            name = "hypervisor"
+            backend = "redfish"
+            url = "http://127.0.0.1:8000#x"
+            user = "breakglass"
+            password_file = "$DIR/secret"
+            "#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(r#"target "hypervisor": key "url""#) && err.contains("fragment"), "{err}");
+    }
+
     #[test]
     fn one_target_of_each_backend_loads_with_its_secrets() {
         let fp = ["AB"; 32].join(":");
@@ -473,7 +493,9 @@ mod tests {
         let Backend::PveApi(pve) = &targets[0].backend else { panic!() };
         assert_eq!(pve.settings.token_secret.expose(), "s3cret");
         assert_eq!(pve.settings.tls, Tls::Fingerprint([0xab; 32]));
-        assert!(!format!("{:?}", targets[0]).contains("s3cret"), "a secret never shows in Debug");
+        for target in &targets {
+            assert!(!format!("{target:?}").contains("s3cret"), "a secret never shows in Debug: {}", target.name);
+        }
         assert_eq!(targets[0].recover_timeout, Duration::from_secs(120));
         assert_eq!(targets[1].recover_timeout, DEFAULT_RECOVER_TIMEOUT);
         let Backend::Ssh(ssh) = &targets[2].backend else { panic!() };
