@@ -14,7 +14,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rusqlite::backup::Backup;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
@@ -125,7 +125,6 @@ pub fn backup(data_dir: &Path, file: &Path, force: bool) -> Result<Copied, Backu
 }
 
 fn backup_in_steps(data_dir: &Path, file: &Path, force: bool, pages: i32) -> Result<Copied, BackupError> {
-    let started = Instant::now();
     let source = data_dir.join("breakglass.db");
     if !source.is_file() {
         return Err(BackupError::NoDatabase { path: data_dir.to_owned() });
@@ -169,9 +168,7 @@ fn backup_in_steps(data_dir: &Path, file: &Path, force: bool, pages: i32) -> Res
     if made.is_err() {
         remove_with_journals(&temporary);
     }
-    let copied = made?;
-    tracing::info!(took = ?started.elapsed(), "backup made");
-    Ok(copied)
+    made
 }
 
 /// The online backup of `live` into the empty file `temporary`, in steps,
