@@ -1,4 +1,5 @@
-//! The command line: `breakglass [serve] [flags]`.
+//! The command line: `breakglass [serve] [flags]`, and the commands beside
+//! it (`audit verify`, `login`, `backup`, `restore`).
 //!
 //! Every flag is mirrored by an environment variable (README "Configuration"); the flag wins.
 //! `serve` is the default subcommand, so `breakglass --listen …` and
@@ -32,6 +33,12 @@ pub enum Command {
     /// Work with the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Copy the live database to FILE (safe while the server runs), check
+    /// the copy, and keep it only if it is sound.
+    Backup(BackupArgs),
+    /// Replace the data directory's database with a backup; refused while a
+    /// server runs there. The replaced database is kept beside it.
+    Restore(RestoreArgs),
     /// Print a one-time login link for the running server's web console
     /// (any auth mode), or sign every browser out.
     Login(LoginArgs),
@@ -52,6 +59,37 @@ pub struct LoginArgs {
     /// Sign every browser out and void links not yet opened, instead.
     #[arg(long, conflicts_with = "url")]
     pub revoke_all: bool,
+}
+
+/// Flags of `breakglass backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Where to write the backup (one file: the database with its audit
+    /// anchor; mode 0600).
+    pub file: PathBuf,
+
+    /// The server's data directory.
+    #[arg(long, env = "BREAKGLASS_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Replace FILE if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Flags of `breakglass restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// A file made by `breakglass backup`.
+    pub file: PathBuf,
+
+    /// The data directory to restore into; its server must be stopped.
+    #[arg(long, env = "BREAKGLASS_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Create the data directory if it does not exist.
+    #[arg(long)]
+    pub create: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,6 +118,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Serve(args)) => args,
         Some(Command::Audit(AuditCommand::Verify { data_dir })) => return verify_audit(&data_dir),
         Some(Command::Login(args)) => return login(&args),
+        Some(Command::Backup(args)) => return backup(&args),
+        Some(Command::Restore(args)) => return restore(&args),
         None => cli.serve,
     };
     let config = Config::from_args(args)?;
@@ -100,6 +140,30 @@ fn verify_audit(data_dir: &std::path::Path) -> anyhow::Result<()> {
         }
         AuditCheck::Broken { seq, why } => anyhow::bail!("audit trail broken at record {seq}: {why}"),
     }
+}
+
+/// `breakglass backup`: what was copied, on stdout.
+fn backup(args: &BackupArgs) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let copied = crate::store::backup(&args.data_dir, &args.file, args.force)?;
+    println!(
+        "backed up {} to {} in {:.2} s: {copied}",
+        args.data_dir.join("breakglass.db").display(),
+        args.file.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `breakglass restore`: what was restored and where the replaced database
+/// was kept, on stdout.
+fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
+    let restored = crate::store::restore(&args.data_dir, &args.file, args.create)?;
+    println!("restored {} into {}: {}", args.file.display(), args.data_dir.display(), restored.copied);
+    if let Some(kept) = restored.kept {
+        println!("the database it replaced is kept as {}", kept.display());
+    }
+    Ok(())
 }
 
 /// `breakglass login`: the link on stdout (alone, for scripts), the rest on

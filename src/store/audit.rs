@@ -69,7 +69,7 @@ fn replace_head(dir: &Path, head: &Head) -> std::io::Result<()> {
 }
 
 /// The anchor, `None` when there is no file.
-fn read_head(dir: &Path) -> Result<Option<Head>, String> {
+pub(super) fn read_head(dir: &Path) -> Result<Option<Head>, String> {
     match std::fs::read(head_path(dir)) {
         Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| e.to_string()),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -78,7 +78,7 @@ fn read_head(dir: &Path) -> Result<Option<Head>, String> {
 }
 
 /// The last record of the chain in the database.
-fn chain_head(conn: &Connection) -> rusqlite::Result<Head> {
+pub(super) fn chain_head(conn: &Connection) -> rusqlite::Result<Head> {
     Ok(conn
         .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| {
             Ok(Head { seq: r.get(0)?, hash: r.get(1)? })
@@ -175,12 +175,25 @@ pub fn verify_audit(dir: &Path) -> Result<AuditCheck, OpenError> {
     let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|source| OpenError::Open { path: path.clone(), source })?;
     let version = check_identity(&conn, &path)?;
+    verify_chain(&conn, &path, version, read_head(dir))
+}
+
+/// Checks the audit chain in `conn` (the database at `path`, at schema
+/// `version`) against `anchor`, the head anchor as read (`None`: there is
+/// none). A backup carries its own anchor, so it is checked the same way.
+pub(super) fn verify_chain(
+    conn: &Connection,
+    path: &Path,
+    version: i64,
+    anchor: Result<Option<Head>, String>,
+) -> Result<AuditCheck, OpenError> {
+    let path = path.to_owned();
     // A database from before anchoring has none yet (its server writes it
     // on its first start after the upgrade).
-    let anchor = match read_head(dir) {
+    let anchor = match anchor {
         Ok(anchor) => anchor,
         Err(err) => {
-            let last = chain_head(&conn).map_err(|source| OpenError::Corrupt { path: path.clone(), source })?;
+            let last = chain_head(conn).map_err(|source| OpenError::Corrupt { path: path.clone(), source })?;
             let why = format!("its head anchor ({HEAD_FILE}) is unreadable: {err}");
             return Ok(AuditCheck::Broken { seq: last.seq, why });
         }

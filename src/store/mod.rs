@@ -14,9 +14,11 @@
 //! - `writer`: the writer thread and its transactions;
 //! - `read`: the read pool and the queries clients wait on;
 //! - `audit`: the audit chain and its verification;
+//! - `backup`: copies of the live database, and restoring one;
 //! - `operations`: power operations and their steps.
 
 mod audit;
+mod backup;
 mod operations;
 mod read;
 mod schema;
@@ -36,6 +38,7 @@ use uuid::Uuid;
 use crate::event::{Encoded, Event, EventId, Stored};
 
 pub use audit::{HEAD_FILE, verify_audit};
+pub use backup::{BackupError, Copied, Restored, backup, restore};
 pub use operations::{Finish, OperationRow};
 pub use read::Asked;
 use read::Readers;
@@ -145,8 +148,11 @@ pub enum OpenError {
          aside and recovered.db into its place."
     )]
     Damaged { path: PathBuf, findings: String },
-    #[error("{path}: another breakglass is using this data directory; refusing to start a second one on it")]
-    InUse { path: PathBuf },
+    #[error(
+        "{path}: another breakglass is using this data directory{}; refusing to start a second one on it",
+        holder(*pid)
+    )]
+    InUse { path: PathBuf, pid: Option<u32> },
     #[error("{path}: cannot lock it: {source}")]
     Lock { path: PathBuf, source: std::io::Error },
     #[error("{path}: {source}")]
@@ -484,20 +490,38 @@ fn create(dir: &Path, path: &Path) -> Result<(), OpenError> {
 }
 
 /// An exclusive lock on `<dir>/breakglass.lock`, released when the process
-/// ends however it ends: two servers on one database would fight over ids.
+/// ends however it ends: two servers on one database would fight over ids,
+/// and `breakglass restore` takes it too, so that no server starts on a
+/// database being replaced. The holder writes its pid in the file, so that
+/// whoever is refused can say who holds it.
 fn lock_dir(dir: &Path) -> Result<std::fs::File, OpenError> {
     let path = dir.join("breakglass.lock");
-    let file = std::fs::OpenOptions::new()
+    let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
+        .read(true)
         .write(true)
         .open(&path)
         .map_err(|source| OpenError::Lock { path: path.clone(), source })?;
     match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::InUse { path: dir.to_owned() }),
+        Ok(()) => {
+            use std::io::Write;
+            // The pid is only a hint for the message above: failing to
+            // write it takes nothing from the lock.
+            let _ = file.set_len(0).and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()));
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let pid = std::fs::read_to_string(&path).ok().and_then(|text| text.trim().parse().ok());
+            Err(OpenError::InUse { path: dir.to_owned(), pid })
+        }
         Err(std::fs::TryLockError::Error(source)) => Err(OpenError::Lock { path, source }),
     }
+}
+
+/// " (pid N)" when the lock's holder is known.
+fn holder(pid: Option<u32>) -> String {
+    pid.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod harness;
 mod approvals;
 mod attach;
 mod auth;
+mod backup;
 mod connections;
 mod crash;
 mod drill;
