@@ -58,6 +58,20 @@ enum Link {
     Fatal(ClientError),
 }
 
+/// What a request the operator started has to say when it is answered.
+#[derive(Debug, Default)]
+struct Said {
+    text: String,
+    /// A prompt the server did not take.
+    unsent: Option<String>,
+}
+
+impl Said {
+    fn text(text: impl Into<String>) -> Said {
+        Said { text: text.into(), unsent: None }
+    }
+}
+
 /// A line the operator typed, read.
 #[derive(Debug, PartialEq, Eq)]
 enum Command {
@@ -194,11 +208,15 @@ pub async fn run(api: Api, session: Option<String>, new: bool) -> Result<(), Cli
 
     let mut attached = Attached::start(&api, session, idle, width());
     screen.say(banner(&attached.session, opened));
-    let mut requests: JoinSet<String> = JoinSet::new();
+    let mut requests: JoinSet<Said> = JoinSet::new();
     loop {
         tokio::select! {
+            // The operator's keys first: Enter moves the live line up.
+            biased;
             typed = input.recv() => {
                 let typed = typed.unwrap_or(Input::Eof);
+                screen.live_shown = false;
+                attached.transcript.commit_live();
                 match typed {
                     Input::Eof => break,
                     Input::Interrupt => interrupt(&api, &attached, &mut screen, &mut requests),
@@ -235,8 +253,12 @@ pub async fn run(api: Api, session: Option<String>, new: bool) -> Result<(), Cli
                 screen.apply(ops);
             }
             Some(said) = requests.join_next(), if !requests.is_empty() => {
-                if let Ok(said) = said && !said.is_empty() {
-                    screen.say(said);
+                let Ok(said) = said else { continue };
+                if let Some(prompt) = &said.unsent {
+                    attached.transcript.unsent_prompt(prompt);
+                }
+                if !said.text.is_empty() {
+                    screen.say(said.text);
                 }
             }
         }
@@ -304,26 +326,26 @@ fn edit(mut editor: DefaultEditor, lines: mpsc::UnboundedSender<Input>, columns:
 
 /// Ctrl-C: stop the running turn; at an idle prompt the editor has
 /// already cleared the line.
-fn interrupt(api: &Api, attached: &Attached, screen: &mut Screen, requests: &mut JoinSet<String>) {
+fn interrupt(api: &Api, attached: &Attached, screen: &mut Screen, requests: &mut JoinSet<Said>) {
     if attached.transcript.running() {
         stop(api, attached, screen, requests);
     }
 }
 
-fn stop(api: &Api, attached: &Attached, screen: &mut Screen, requests: &mut JoinSet<String>) {
+fn stop(api: &Api, attached: &Attached, screen: &mut Screen, requests: &mut JoinSet<Said>) {
     screen.say("asked the turn to stop…");
     let (api, session) = (api.clone(), attached.session.clone());
     requests.spawn(async move {
         match api.cancel(&session).await {
-            Ok(true) => String::new(),
-            Ok(false) => "no turn was running".to_owned(),
-            Err(err) => format!("! stop failed: {err}"),
+            Ok(true) => Said::default(),
+            Ok(false) => Said::text("no turn was running"),
+            Err(err) => Said::text(format!("! stop failed: {err}")),
         }
     });
 }
 
 /// Carries out a typed command (all but `/new` and `/quit`).
-fn act(api: &Api, attached: &mut Attached, command: Command, screen: &mut Screen, requests: &mut JoinSet<String>) {
+fn act(api: &Api, attached: &mut Attached, command: Command, screen: &mut Screen, requests: &mut JoinSet<Said>) {
     match command {
         Command::Empty | Command::New | Command::Quit => {}
         Command::Help => screen.say(HELP),
@@ -339,13 +361,14 @@ fn act(api: &Api, attached: &mut Attached, command: Command, screen: &mut Screen
             attached.transcript.sent_prompt(&prompt);
             let (api, session) = (api.clone(), attached.session.clone());
             requests.spawn(async move {
-                match api.prompt(&session, &prompt).await {
-                    Ok(_) => String::new(),
+                let text = match api.prompt(&session, &prompt).await {
+                    Ok(_) => return Said::default(),
                     Err(ClientError::Refused { status: 409, .. }) => {
                         "a turn is running: wait for it, or Ctrl-C to stop it".to_owned()
                     }
                     Err(err) => format!("! the prompt was not sent: {err}"),
-                }
+                };
+                Said { text, unsent: Some(prompt) }
             });
         }
         Command::Allow(id) | Command::Deny(id, _) if resolve(attached.transcript.pending(), id.as_deref()).is_err() => {
@@ -363,18 +386,18 @@ fn decide(
     id: Option<String>,
     allow: bool,
     message: Option<String>,
-    requests: &mut JoinSet<String>,
+    requests: &mut JoinSet<Said>,
 ) {
     let Ok(tool_use_id) = resolve(attached.transcript.pending(), id.as_deref()) else { return };
     let (api, session) = (api.clone(), attached.session.clone());
     requests.spawn(async move {
         match api.decide(&session, &tool_use_id, allow, message.as_deref()).await {
             // The decision shows when its event arrives on the stream.
-            Ok(_) => String::new(),
+            Ok(_) => Said::default(),
             Err(ClientError::Refused { status: 409, .. }) => {
-                format!("[{}] was already decided", sanitize(&tool_use_id))
+                Said::text(format!("[{}] was already decided", sanitize(&tool_use_id)))
             }
-            Err(err) => format!("! the decision was not taken: {err}"),
+            Err(err) => Said::text(format!("! the decision was not taken: {err}")),
         }
     });
 }

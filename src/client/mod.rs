@@ -161,12 +161,12 @@ pub fn sessions(args: SessionsArgs) -> Result<(), ClientError> {
         eprintln!("no sessions yet");
         return Ok(());
     }
-    println!("{:<36}  {:<7}  {:<7}  {:<20}  TITLE", "ID", "RUNNING", "WAITING", "LAST ACTIVITY");
+    println!("{:<36}  {:<7}  {:<7}  {:<24}  TITLE", "ID", "RUNNING", "WAITING", "LAST ACTIVITY");
     for session in &sessions {
         let text = |key: &str| sanitize(session[key].as_str().unwrap_or("")).replace('\n', " ");
         let title: String = text("title").chars().take(60).collect();
         println!(
-            "{:<36}  {:<7}  {:<7}  {:<20}  {}",
+            "{:<36}  {:<7}  {:<7}  {:<24}  {}",
             text("id"),
             if session["running"].as_bool() == Some(true) { "yes" } else { "no" },
             session["pending_approvals"].as_u64().unwrap_or(0),

@@ -102,6 +102,23 @@ impl Transcript {
         self.own_prompts.push(text.to_owned());
     }
 
+    /// A sent prompt the server refused: its `user` event will not come.
+    pub fn unsent_prompt(&mut self, text: &str) {
+        if let Some(at) = self.own_prompts.iter().position(|p| p == text) {
+            self.own_prompts.remove(at);
+        }
+    }
+
+    /// The operator's typing moved the live line up the screen, where it
+    /// can no longer be replaced: what it shows is printed for good, and
+    /// the text goes on on a live line of its own.
+    pub fn commit_live(&mut self) {
+        if let Some(growing) = self.live.take().and_then(|id| self.growing.get_mut(&id)) {
+            let shown = std::mem::take(&mut growing.partial);
+            growing.committed.push_str(&shown);
+        }
+    }
+
     /// Folds one event: `id` for a logged event, `None` for a notice the
     /// log could not keep. `now_ms` is the local clock, for an approval's
     /// countdown.
@@ -438,6 +455,16 @@ mod tests {
         let mut t = Transcript::new(20);
         let ops = t.delta(&json!({"message_id": "m", "index": 0, "text": "a".repeat(45)}));
         assert_eq!(printed(&ops), ["a".repeat(20), "a".repeat(20), format!("[live] {}", "a".repeat(5))]);
+    }
+
+    #[test]
+    fn a_live_line_left_behind_by_typing_is_not_printed_again() {
+        let mut t = Transcript::new(80);
+        t.delta(&json!({"message_id": "m", "index": 0, "text": "alpha beta"}));
+        t.commit_live();
+        assert_eq!(printed(&t.delta(&json!({"message_id": "m", "index": 0, "text": " gamma"}))), ["[live]  gamma"]);
+        let text = json!({"kind": "text", "id": 1, "text": "alpha beta gamma delta", "message_id": "m"});
+        assert_eq!(printed(&t.event(&text, Some(1), 0)), [" gamma delta"]);
     }
 
     #[test]
