@@ -1,5 +1,6 @@
 //! The command line: `breakglass [serve] [flags]`, and the commands beside
-//! it (`audit verify`, `login`, `backup`, `restore`).
+//! it (`audit verify`, `login`, `backup`, `restore`, and the terminal client's
+//! `attach`, `sessions`, `verb`).
 //!
 //! Every flag is mirrored by an environment variable (README "Configuration"); the flag wins.
 //! `serve` is the default subcommand, so `breakglass --listen …` and
@@ -42,6 +43,14 @@ pub enum Command {
     /// Print a one-time login link for the running server's web console
     /// (any auth mode), or sign every browser out.
     Login(LoginArgs),
+    /// Attach this terminal to a session: its transcript live, prompts from
+    /// a line editor (README "The terminal client").
+    Attach(crate::client::AttachArgs),
+    /// List the sessions, newest first.
+    Sessions(crate::client::SessionsArgs),
+    /// Run a power verb and follow it to its end; the exit status says how
+    /// it ended (0 succeeded, 1 failed, 2 refused, 3 server unreachable).
+    Verb(crate::client::VerbArgs),
 }
 
 /// Flags of `breakglass login`.
@@ -120,6 +129,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Login(args)) => return login(&args),
         Some(Command::Backup(args)) => return backup(&args),
         Some(Command::Restore(args)) => return restore(&args),
+        Some(Command::Attach(args)) => return Ok(crate::client::attach(args)?),
+        Some(Command::Sessions(args)) => return Ok(crate::client::sessions(args)?),
+        Some(Command::Verb(args)) => return Ok(crate::client::verb(args)?),
         None => cli.serve,
     };
     let config = Config::from_args(args)?;

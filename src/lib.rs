@@ -15,7 +15,8 @@
 //! [`turn`] runs one turn of the agent, [`agent::process`] owns the child
 //! process group, [`capture`] reads child output with a cap,
 //! [`power`] is the only place `ssh` is started, [`config`]
-//! validates the command line, [`cli`] dispatches subcommands, [`export`]
+//! validates the command line, [`cli`] dispatches subcommands, [`client`] is the terminal client
+//! (speaking only the public API), [`export`]
 //! renders a transcript for people, [`notify`] tells the operator's phone
 //! (webhook, Web Push) without ever holding up a turn, [`files`] writes the
 //! data directory's private files, [`connections`] accepts and bounds
@@ -27,6 +28,7 @@ pub mod agent;
 pub mod approval;
 pub mod capture;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod connections;
 pub mod event;

@@ -11,7 +11,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("breakglass: {err:#}");
-            ExitCode::FAILURE
+            // The terminal client's commands say how they failed (README "The terminal client").
+            err.downcast_ref::<breakglass::client::ClientError>()
+                .map_or(ExitCode::FAILURE, |err| ExitCode::from(err.exit_code()))
         }
     }
 }

@@ -32,6 +32,7 @@ mod redfish;
 mod separation;
 mod storage;
 mod targets;
+mod terminal;
 mod translate;
 mod turns;
 mod web;

@@ -21,12 +21,12 @@ pub(crate) fn targets_file(dir: &std::path::Path, text: &str) -> PathBuf {
 }
 
 /// An `ssh` target on the test's sshd, with `extra` keys.
-fn ssh_target(name: &str, host: &Sshd, extra: &str) -> String {
+pub(crate) fn ssh_target(name: &str, host: &Sshd, extra: &str) -> String {
     format!("[[target]]\nname = \"{name}\"\nbackend = \"ssh\"\nhost = \"127.0.0.1\"\nport = {}\n{extra}\n", host.port)
 }
 
 /// The server with `file` as its targets, reaching `host`'s ssh-agent.
-fn serve(host: &Sshd, file: &std::path::Path) -> Server {
+pub(crate) fn serve(host: &Sshd, file: &std::path::Path) -> Server {
     Server::options()
         .env("BREAKGLASS_TARGETS_FILE", file.display().to_string())
         .env("SSH_AUTH_SOCK", host.auth_sock().display().to_string())

@@ -1,0 +1,517 @@
+//! The terminal client (README "The terminal client"), driven as a person
+//! would: `breakglass attach` runs in a real terminal (`tmux`, on a socket
+//! of each test's own), keys are typed with `send-keys` and the screen is
+//! read with `capture-pane`, against the real server with the fake agent.
+//! `sessions` and `verb` are run as a script would, for their output and
+//! exit status.
+
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::harness::{DEADLINE, Server, TOKEN, kinds, server_binary};
+use crate::pve::{Pve, Sshd, free_port};
+use crate::targets::{serve, ssh_target, targets_file};
+
+/// `breakglass attach` in a detached tmux session, 120×40; the tmux server
+/// (and so the client) is killed on drop.
+struct Terminal {
+    socket: String,
+}
+
+impl Terminal {
+    /// Starts `breakglass attach <args>` against `base`.
+    fn attach(base: &str, args: &[&str]) -> Terminal {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let socket = format!("breakglass-it-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let terminal = Terminal { socket };
+        let mut command = vec![
+            "-f".to_owned(),
+            "/dev/null".to_owned(),
+            "new-session".to_owned(),
+            "-d".to_owned(),
+            "-x".to_owned(),
+            "120".to_owned(),
+            "-y".to_owned(),
+            "40".to_owned(),
+            "-e".to_owned(),
+            format!("API_BEARER_TOKEN={TOKEN}"),
+            "-e".to_owned(),
+            format!("BREAKGLASS_URL={base}"),
+            server_binary().display().to_string(),
+            "attach".to_owned(),
+        ];
+        command.extend(args.iter().map(|a| a.to_string()));
+        // The pane stays when the client exits, so its exit status can be read.
+        command.extend([";", "set-option", "remain-on-exit", "on"].map(str::to_owned));
+        let started = terminal.tmux(&command);
+        assert!(
+            started.status.success(),
+            "tmux (scripts/test installs it): {}",
+            String::from_utf8_lossy(&started.stderr)
+        );
+        terminal
+    }
+
+    fn tmux(&self, args: &[String]) -> Output {
+        Command::new("tmux").arg("-L").arg(&self.socket).args(args).output().expect("run tmux")
+    }
+
+    fn tmux_str(&self, args: &[&str]) -> String {
+        let output = self.tmux(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Types `text` and Enter.
+    fn type_line(&self, text: &str) {
+        self.tmux_str(&["send-keys", "-l", text]);
+        self.tmux_str(&["send-keys", "Enter"]);
+    }
+
+    /// Presses keys by tmux's names (`C-c`, `C-d`).
+    fn keys(&self, keys: &str) {
+        self.tmux_str(&["send-keys", keys]);
+    }
+
+    /// The whole screen with its scrollback, wrapped lines joined.
+    fn screen(&self) -> String {
+        self.tmux_str(&["capture-pane", "-p", "-J", "-S", "-"])
+    }
+
+    /// Polls the screen until `check` holds; the screen then.
+    fn until(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let screen = self.screen();
+            if check(&screen) {
+                return screen;
+            }
+            assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}; the screen:\n{screen}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    fn until_shows(&self, text: &str) -> String {
+        self.until(&format!("{text:?} on the screen"), |screen| screen.contains(text))
+    }
+
+    /// The client's exit status once it has exited.
+    fn exit_status(&self) -> Option<i32> {
+        let dead = self.tmux_str(&["display-message", "-p", "#{pane_dead} #{pane_dead_status}"]);
+        let (dead, status) = dead.trim().split_once(' ')?;
+        if dead != "1" {
+            return None;
+        }
+        status.parse().ok()
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = self.tmux(&["kill-server".to_owned()]);
+    }
+}
+
+fn count(screen: &str, text: &str) -> usize {
+    screen.matches(text).count()
+}
+
+/// Lines of the screen, without the padding on their right.
+fn lines(screen: &str) -> Vec<&str> {
+    screen.lines().map(str::trim_end).collect()
+}
+
+async fn session_json(server: &Server, session: &str) -> Value {
+    server.get(&format!("/api/session/{session}")).send().await.unwrap().json().await.unwrap()
+}
+
+/// Waits until the session's turn has ended (its `turn_end` follows the result).
+async fn turn_ended(server: &Server, session: &str) {
+    let start = Instant::now();
+    while session_json(server, session).await["running"] != false {
+        assert!(start.elapsed() < DEADLINE, "the turn did not end");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn attach_takes_the_newest_session_and_a_typed_prompt_streams_live_then_shows_each_line_once() {
+    let server = Server::start();
+    let older = server.open_session().await;
+    let newest = server.open_session().await;
+    let terminal = Terminal::attach(&server.base, &[]);
+    let screen = terminal.until_shows("breakglass> ");
+    assert!(screen.contains(&format!("attached to session {newest}:")), "{screen}");
+    assert!(!screen.contains(&older));
+
+    terminal.type_line("stream 0.25 alpha beta gamma delta epsilon");
+    // Live: part of the text is on the screen before the rest is written.
+    terminal.until("a live line", |s| lines(s).iter().any(|l| l.starts_with("alpha beta") && !l.ends_with("epsilon")));
+    let screen = terminal.until("the whole text", |s| lines(s).contains(&"alpha beta gamma delta epsilon"));
+    assert_eq!(count(&screen, "alpha"), 2, "the typed line and the text, once: {screen}");
+    turn_ended(&server, &newest).await;
+
+    terminal.type_line("replay partial");
+    let screen = terminal.until_shows("✓ done · 2.1 s · 2 turns · $0.0021");
+    let shown = lines(&screen);
+    let call = shown.iter().position(|l| *l == "  ▸ Bash: ssh devvm uptime").expect("the tool call");
+    assert_eq!(shown[call + 1], "    ⎿ up 3 days, load average: 0.10", "its output folded under it");
+    assert_eq!(count(&screen, "Checking devvm's load."), 1, "deltas and their text, once: {screen}");
+    assert_eq!(count(&screen, "devvm is fine."), 1, "{screen}");
+    assert!(!screen.contains("(late)"), "a delta after its text is stale: {screen}");
+    let events: Vec<Value> = server.attach(&newest, None).await.until_caught_up().await;
+    assert_eq!(kinds(&events).iter().filter(|k| **k == "user").count(), 2, "both prompts went to the newest session");
+}
+
+#[tokio::test]
+async fn a_line_typed_while_text_streams_leaves_the_text_whole_and_once() {
+    let server = Server::start();
+    let session = server.open_session().await;
+    let terminal = Terminal::attach(&server.base, &[]);
+    terminal.until_shows("breakglass> ");
+    server.start_turn(&session, "stream 0.3 alpha beta gamma delta epsilon").await;
+    terminal.until("a live line", |s| lines(s).iter().any(|l| l.starts_with("alpha beta") && !l.ends_with("epsilon")));
+    terminal.type_line("/frob");
+    let screen = terminal.until_shows("! agent ended without a result");
+    let shown: String =
+        lines(&screen).iter().filter(|l| !l.starts_with("bearer> ")).map(|l| format!("{l}\n")).collect();
+    for word in ["alpha", "beta", "gamma", "delta", "epsilon"] {
+        assert_eq!(count(&shown, word), 1, "{word:?} once, besides the prompt: {screen}");
+    }
+    assert!(screen.contains("breakglass> /frob"), "the typed line was not written over: {screen}");
+    assert!(screen.contains("unknown command /frob"), "{screen}");
+}
+
+#[tokio::test]
+async fn attach_session_replays_that_session_and_attach_new_opens_one() {
+    let server = Server::start();
+    let first = server.open_session().await;
+    server.run_turn(&first, "hello").await;
+    let _later = server.open_session().await;
+
+    let terminal = Terminal::attach(&server.base, &["--session", &first]);
+    let screen = terminal.until_shows("✓ done · 8.1 s · 2 turns · $0.0213");
+    assert!(screen.contains(&format!("attached to session {first}:")), "{screen}");
+    assert!(screen.contains("bearer> hello"), "another client's prompt is shown with who sent it: {screen}");
+    assert_eq!(count(&screen, "Load and memory are normal; devvm is healthy."), 1, "{screen}");
+    drop(terminal);
+
+    let terminal = Terminal::attach(&server.base, &["--new"]);
+    let screen = terminal.until_shows("opened and attached to session ");
+    let page: Value = server.get("/api/sessions").send().await.unwrap().json().await.unwrap();
+    let sessions = page["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 3, "--new opened a session");
+    let opened = sessions[0]["id"].as_str().unwrap();
+    assert!(screen.contains(&format!("opened and attached to session {opened}:")), "{screen}");
+}
+
+#[tokio::test]
+async fn ctrl_c_during_a_long_turn_stops_it_and_at_an_idle_prompt_clears_the_line() {
+    let server = Server::start();
+    let session = server.open_session().await;
+    let terminal = Terminal::attach(&server.base, &[]);
+    terminal.until_shows("breakglass> ");
+
+    terminal.tmux_str(&["send-keys", "-l", "a draft"]);
+    terminal.until_shows("breakglass> a draft");
+    terminal.keys("C-c");
+    terminal.until("a clear prompt", |s| lines(s).last_line_is("breakglass>"));
+    assert!(!server.log().contains("/cancel"), "nothing was running: no cancel was sent");
+
+    terminal.type_line("sleep 60");
+    crate::harness::eventually("the turn to run", || server.agent_runs().iter().any(|r| r["prompt"] == "sleep 60"))
+        .await;
+    terminal.keys("C-c");
+    let screen = terminal.until_shows("■ Stopped by the operator");
+    assert!(screen.contains("asked the turn to stop…"), "{screen}");
+    assert_eq!(session_json(&server, &session).await["running"], false);
+    let log = server.log();
+    assert!(log.lines().any(|l| l.contains("cancelled=true") && l.contains("cancel")), "{log}");
+    let events = server.attach(&session, None).await.until_caught_up().await;
+    assert_eq!(kinds(&events)[kinds(&events).len() - 2..], ["cancelled", "turn_end"]);
+}
+
+trait LastLine {
+    fn last_line_is(&self, line: &str) -> bool;
+}
+
+impl LastLine for Vec<&str> {
+    fn last_line_is(&self, line: &str) -> bool {
+        self.iter().rev().find(|l| !l.is_empty()).is_some_and(|l| *l == line)
+    }
+}
+
+#[tokio::test]
+async fn an_approval_allowed_in_the_terminal_runs_the_tool_and_one_denied_blocks_it() {
+    let server = Server::start();
+    let session = server.open_session().await;
+    let terminal = Terminal::attach(&server.base, &[]);
+    terminal.until_shows("breakglass> ");
+
+    server.start_turn(&session, "hook Bash ssh pve reset\nresult").await;
+    let screen = terminal.until_shows("answer: /allow or /deny [reason]");
+    assert!(screen.contains("? Bash waits for you [toolu_"), "{screen}");
+    assert!(screen.contains("hard reset of the VM: unsaved guest state is lost"), "{screen}");
+    terminal.type_line("/allow");
+    let screen = terminal.until_shows("⎿ ran: ssh pve reset");
+    assert!(screen.contains("✓ allowed by bearer [toolu_"), "{screen}");
+    terminal.until_shows("✓ done · 1.2 s · 1 turn · $0.0012");
+    turn_ended(&server, &session).await;
+
+    server.start_turn(&session, "hook Bash ssh devvm systemctl restart nginx\nresult").await;
+    terminal.until("the second card", |s| count(s, "answer: /allow or /deny [reason]") == 2);
+    terminal.type_line("/deny not during the backup");
+    let screen =
+        terminal.until_shows("⎿ error: PreToolUse:Bash hook error: denied by the operator: not during the backup");
+    assert!(screen.contains("✗ denied by bearer [toolu_"), "{screen}");
+    assert!(!screen.contains("ran: ssh devvm systemctl restart nginx"), "the denied call did not run: {screen}");
+
+    let events = server.attach(&session, None).await.until_caught_up().await;
+    let decisions: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|e| e["kind"] == "approval_decision")
+        .map(|e| (e["decision"].as_str().unwrap(), e["message"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(decisions, [("allow", ""), ("deny", "not during the backup")]);
+}
+
+/// A TCP relay between the client and the server that a test can cut:
+/// every open connection closed, and new ones refused, until restored.
+struct Relay {
+    base: String,
+    refusing: Arc<AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(to: &str) -> Relay {
+        let to = to.trim_start_matches("http://").to_owned();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let refusing = Arc::new(AtomicBool::new(false));
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = {
+            let refusing = refusing.clone();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                    let mut connections = tokio::task::JoinSet::new();
+                    let accept = async {
+                        loop {
+                            let Ok((mut client, _)) = listener.accept().await else { continue };
+                            if refusing.load(Ordering::SeqCst) {
+                                continue; // dropped: closed at once
+                            }
+                            let to = to.clone();
+                            let mut cuts = cuts.clone();
+                            cuts.mark_unchanged();
+                            connections.spawn(async move {
+                                let Ok(mut server) = tokio::net::TcpStream::connect(&to).await else { return };
+                                tokio::select! {
+                                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                                    _ = cuts.changed() => {}
+                                }
+                            });
+                        }
+                    };
+                    tokio::select! {
+                        () = accept => {}
+                        _ = stopped => {}
+                    }
+                });
+            })
+        };
+        Relay { base, refusing, cut, stop: Some(stop), thread: Some(thread) }
+    }
+
+    fn cut(&self) {
+        self.refusing.store(true, Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    fn restore(&self) {
+        self.refusing.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_cut_link_is_resumed_from_the_last_event_and_every_line_shows_once() {
+    let server = Server::start();
+    let session = server.open_session().await;
+    let relay = Relay::start(&server.base);
+    let terminal = Terminal::attach(&relay.base, &[]);
+    terminal.until_shows("breakglass> ");
+    server.start_turn(&session, "say before the cut one\nsay before the cut two\nresult").await;
+    terminal.until_shows("✓ done · 1.2 s · 1 turn · $0.0012");
+    turn_ended(&server, &session).await;
+
+    relay.cut();
+    terminal.until_shows("link down (");
+    // The turn runs while the terminal cannot see it.
+    server.run_turn(&session, "say after the cut one\nsay after the cut two\nresult").await;
+    relay.restore();
+    let screen = terminal.until("the missed turn", |s| s.contains("reattached") && s.contains("after the cut two"));
+    for line in ["before the cut one", "before the cut two", "after the cut one", "after the cut two"] {
+        assert_eq!(lines(&screen).iter().filter(|l| **l == line).count(), 1, "{line:?} once: {screen}");
+    }
+    assert_eq!(count(&screen, "link down ("), 1, "said once, however many tries: {screen}");
+    assert_eq!(count(&screen, "reattached"), 1, "{screen}");
+    assert_eq!(count(&screen, "✓ done · 1.2 s · 1 turn · $0.0012"), 2, "{screen}");
+    let shown = lines(&screen);
+    let down = shown.iter().position(|l| l.starts_with("link down (")).unwrap();
+    let back = shown.iter().position(|l| *l == "reattached").unwrap();
+    let missed = shown.iter().position(|l| *l == "after the cut one").unwrap();
+    assert!(down < back && back < missed, "down, back, then what was missed: {screen}");
+}
+
+#[tokio::test]
+async fn ctrl_d_on_an_empty_line_leaves_with_status_zero() {
+    let server = Server::start();
+    server.open_session().await;
+    let terminal = Terminal::attach(&server.base, &[]);
+    terminal.until_shows("breakglass> ");
+    terminal.keys("C-d");
+    let start = Instant::now();
+    while terminal.exit_status().is_none() {
+        assert!(start.elapsed() < DEADLINE, "the client did not exit; the screen:\n{}", terminal.screen());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(terminal.exit_status(), Some(0));
+}
+
+#[tokio::test]
+async fn escape_sequences_in_agent_text_are_printed_inert() {
+    let server = Server::start();
+    let session = server.open_session().await;
+    let terminal = Terminal::attach(&server.base, &[]);
+    terminal.until_shows("breakglass> ");
+    let title_before = terminal.tmux_str(&["display-message", "-p", "#{pane_title}"]);
+    server.start_turn(&session, "say \x1b]2;pwned\x07\x1b[2J\x1b[31mred\x1b[0m rm \u{202e}gpj.exe\nresult").await;
+    let screen = terminal.until_shows("✓ done");
+    assert!(
+        screen.contains("⟨U+001B⟩]2;pwned⟨U+0007⟩⟨U+001B⟩[2J⟨U+001B⟩[31mred⟨U+001B⟩[0m rm ⟨U+202E⟩gpj.exe"),
+        "{screen}"
+    );
+    assert!(screen.contains("attached to session"), "the screen was not cleared: {screen}");
+    let title_after = terminal.tmux_str(&["display-message", "-p", "#{pane_title}"]);
+    assert_eq!(title_after, title_before, "the window title was not changed");
+}
+
+/// Runs the client binary with the test's token against `base`.
+fn client(base: &str, args: &[&str]) -> Output {
+    client_with(base, TOKEN, args)
+}
+
+fn client_with(base: &str, token: &str, args: &[&str]) -> Output {
+    Command::new(server_binary())
+        .args(args)
+        .env_clear()
+        .env("BREAKGLASS_URL", base)
+        .env("API_BEARER_TOKEN", token)
+        .output()
+        .expect("run breakglass")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test]
+async fn sessions_prints_a_table_newest_first_or_the_apis_json() {
+    let server = Server::start();
+    let older = server.open_session().await;
+    server.run_turn(&older, "hello").await;
+    let newest = server.open_session().await;
+
+    let table = client(&server.base, &["sessions"]);
+    assert_eq!(table.status.code(), Some(0), "{}", text(&table.stderr));
+    let stdout = text(&table.stdout);
+    let rows: Vec<&str> = stdout.lines().collect();
+    assert!(rows[0].starts_with("ID") && rows[0].ends_with("TITLE"), "{stdout}");
+    assert!(rows[1].starts_with(&newest) && rows[1].ends_with("(no prompt yet)"), "{stdout}");
+    assert!(rows[2].starts_with(&older) && rows[2].ends_with("  hello"), "the first prompt is the title: {stdout}");
+    assert_eq!(rows.len(), 3);
+
+    let json = client(&server.base, &["sessions", "--json"]);
+    assert_eq!(json.status.code(), Some(0));
+    let printed: Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    let api: Value = server.get("/api/sessions?limit=20").send().await.unwrap().json().await.unwrap();
+    assert_eq!(printed, api);
+
+    let refused = client_with(&server.base, "wrong-token", &["sessions"]);
+    assert_eq!(refused.status.code(), Some(3), "refused credentials");
+    assert!(text(&refused.stderr).contains("refused our credentials (401)"), "{}", text(&refused.stderr));
+    let nobody = client(&format!("http://127.0.0.1:{}", free_port()), &["sessions"]);
+    assert_eq!(nobody.status.code(), Some(3), "no server");
+    assert!(text(&nobody.stderr).contains("cannot reach http://127.0.0.1:"), "{}", text(&nobody.stderr));
+}
+
+#[tokio::test]
+async fn verb_follows_the_operation_to_its_end_and_its_exit_status_says_how_it_ended() {
+    let host = Sshd::start(Pve::new());
+    let unreachable = free_port(); // nothing listens there: the recovery check never passes
+    let dir = tempfile::tempdir().unwrap();
+    let file = targets_file(
+        dir.path(),
+        &format!(
+            "{}{}",
+            ssh_target("vm", &host, ""),
+            ssh_target("gone", &host, &format!("check = \"tcp:127.0.0.1:{unreachable}\"\nrecover_timeout_seconds = 2"))
+        ),
+    );
+    let server = serve(&host, &file);
+
+    let status = client(&server.base, &["verb", "--target", "vm", "status"]);
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status.stderr));
+    assert_eq!(text(&status.stdout), "power: running\n");
+    assert!(text(&status.stderr).starts_with("status on vm: operation "), "{}", text(&status.stderr));
+
+    let failed = client(&server.base, &["verb", "--target", "gone", "reset"]);
+    assert_eq!(failed.status.code(), Some(1), "a verb that failed: {}", text(&failed.stderr));
+    assert!(text(&failed.stdout).ends_with("not reachable within the limit (2 s)\n"), "{}", text(&failed.stdout));
+    assert!(
+        text(&failed.stderr).contains("breakglass: reset on gone: not reachable within the limit (2 s)"),
+        "{}",
+        text(&failed.stderr)
+    );
+
+    let stop = client(&server.base, &["verb", "--target", "vm", "stop"]);
+    assert_eq!(stop.status.code(), Some(0), "{}", text(&stop.stderr));
+    let steps = text(&stop.stdout);
+    let steps: Vec<&str> = steps.lines().collect();
+    assert!(steps[0].starts_with("stop sent") && steps[2].starts_with("stopped after "), "{steps:?}");
+
+    for (args, said) in [
+        (&["verb", "--target", "nope", "status"][..], "refused (404): no target named \"nope\""),
+        (&["verb", "--target", "vm", "frobnicate"][..], "refused (400): "),
+        (&["verb", "frobnicate"][..], "refused (400): "),
+    ] {
+        let refused = client(&server.base, args);
+        assert_eq!(refused.status.code(), Some(2), "{args:?}: {}", text(&refused.stderr));
+        assert!(text(&refused.stderr).contains(said), "{args:?}: {}", text(&refused.stderr));
+    }
+
+    // Without --target: the default target (the first), through /api/pve.
+    let default = client(&server.base, &["verb", "status"]);
+    assert_eq!(default.status.code(), Some(0), "{}", text(&default.stderr));
+    assert!(!default.stdout.is_empty(), "the host's output");
+}
