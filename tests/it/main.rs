@@ -22,6 +22,7 @@ mod layering;
 mod lifecycle;
 mod limits;
 mod live;
+mod metrics;
 mod model_api;
 mod notify;
 mod pve;
