@@ -1,6 +1,6 @@
-//! `GET /metrics` (README "Metrics") through the real binary: the
-//! exposition parsed and checked family by family, and each counter moved
-//! by the thing it counts.
+//! `GET /metrics` (README "Metrics") and the JSON log format (README
+//! "Logs"), through the real binary: the exposition parsed and checked
+//! family by family, and each counter moved by the thing it counts.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -283,4 +283,38 @@ async fn verbs_count_by_target_verb_and_outcome_as_operations_and_through_api_pv
     reaches(&server, verbs, &[("target", "vm"), ("verb", "status"), ("outcome", "succeeded")], 2.0).await;
     assert_eq!(value(&server, verbs, &[("target", "vm"), ("verb", "reset"), ("outcome", "failed")]).await, 1.0);
     assert_eq!(value(&server, verbs, &[("target", "vm"), ("verb", "reset"), ("outcome", "succeeded")]).await, 0.0);
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_a_line_and_the_request_line_carries_method_and_path() {
+    let server = Server::options().env("BREAKGLASS_LOG_FORMAT", "json").start();
+    assert_eq!(server.client.get(server.url("/health")).send().await.unwrap().status(), 200);
+    let request = |line: &Value| line["span"]["path"] == "/health";
+    crate::harness::eventually("the request's log line", || {
+        server.log().lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).any(|l| request(&l))
+    })
+    .await;
+    let log = server.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("{err}: not JSON: {line}")))
+        .collect();
+    for line in &lines {
+        assert!(["TRACE", "DEBUG", "INFO", "WARN", "ERROR"].contains(&line["level"].as_str().unwrap()), "{line}");
+        assert!(line["fields"]["message"].is_string(), "{line}");
+        assert!(line["timestamp"].is_string() && line["target"].is_string(), "{line}");
+    }
+    let finished = lines.iter().find(|l| request(l)).unwrap();
+    assert_eq!(finished["span"]["method"], "GET");
+    assert_eq!(finished["fields"]["message"], "finished processing request");
+    assert_eq!(finished["fields"]["status"], 200);
+    assert!(lines.iter().any(|l| l["fields"]["message"].as_str().is_some_and(|m| m.starts_with("listening on"))));
+}
+
+#[test]
+fn a_log_format_other_than_text_or_json_is_refused_at_start_naming_the_variable() {
+    let said = crate::harness::refused_at_start(&["serve"], &[("BREAKGLASS_LOG_FORMAT", "xml")]);
+    assert!(said.contains("BREAKGLASS_LOG_FORMAT") && said.contains("xml"), "{said}");
+    let said = crate::harness::refused_at_start(&["serve", "--log-format", "yaml"], &[]);
+    assert!(said.contains("BREAKGLASS_LOG_FORMAT") && said.contains("yaml"), "{said}");
 }
