@@ -14,13 +14,14 @@ use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::AppState;
 use crate::approval::Approvals;
-use crate::notify::{ChannelName, Notifier};
+use crate::notify::{ChannelName, Counts, Notifier};
 
 /// OpenMetrics' content type (OpenMetrics 1.0, "Text format").
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -158,21 +159,21 @@ impl prometheus_client::collector::Collector for Readings {
             "Push subscriptions removed because their push service said they are gone.",
             stats.pruned.load(Ordering::Relaxed),
         )?;
+        let sent: fn(&Counts) -> &AtomicU64 = |counts| &counts.sent;
+        let failed: fn(&Counts) -> &AtomicU64 = |counts| &counts.failed;
         let by_channel = [
             (
                 "breakglass_notifications_sent",
                 "Notifications delivered, by channel (a push note counts once per subscription).",
+                sent,
             ),
-            ("breakglass_notifications_failed", "Notifications that could not be delivered, by channel."),
+            ("breakglass_notifications_failed", "Notifications that could not be delivered, by channel.", failed),
         ];
-        for (name, help) in by_channel {
-            let mut family =
-                encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+        for (name, help, which) in by_channel {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             for channel in ChannelName::ALL {
-                let counts = stats.of(channel);
-                let value = if name.ends_with("sent") { &counts.sent } else { &counts.failed };
-                let labels = [("channel", channel.as_str())];
-                ConstCounter::new(value.load(Ordering::Relaxed)).encode(family.encode_family(&labels)?)?;
+                let value = which(stats.of(channel)).load(Ordering::Relaxed);
+                ConstCounter::new(value).encode(family.encode_family(&[("channel", channel.as_str())])?)?;
             }
         }
         let mut gauge = |name: &str, help: &str, value: i64| {
