@@ -111,6 +111,26 @@ pub enum AuditCommand {
     },
 }
 
+impl Cli {
+    /// How `serve` logs (`BREAKGLASS_LOG_FORMAT`), known before logging
+    /// starts; the other commands log as text.
+    pub fn log_format(&self) -> anyhow::Result<crate::logging::Format> {
+        match &self.command {
+            Some(Command::Serve(args)) => args.log_format.parse(),
+            None => self.serve.log_format.parse(),
+            Some(
+                Command::Audit(_)
+                | Command::Login(_)
+                | Command::Backup(_)
+                | Command::Restore(_)
+                | Command::Attach(_)
+                | Command::Sessions(_)
+                | Command::Verb(_),
+            ) => Ok(crate::logging::Format::Text),
+        }
+    }
+}
+
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     // Any local user (the agent's among them) can read a process's argv.
     if std::env::args_os().any(|a| a.to_string_lossy().starts_with("--api-bearer-token")) {

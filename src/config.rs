@@ -313,6 +313,11 @@ pub struct ServeArgs {
     #[arg(long, env = "BREAKGLASS_PUBLIC_URL")]
     pub public_url: Option<String>,
 
+    /// Log lines as text, or as one JSON object each for log shippers
+    /// (text or json; README "Logs").
+    #[arg(long, env = "BREAKGLASS_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+
     /// Contact (mailto: or https:) that Web Push messages carry for the push services
     /// [default: the public URL when it is https].
     #[arg(long, env = "BREAKGLASS_PUSH_CONTACT")]

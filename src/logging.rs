@@ -4,6 +4,9 @@
 //! its own. When stderr stalls (a full disk behind a journal, a pipe nobody
 //! reads), lines are dropped and counted rather than stalling the async
 //! threads that wrote them; the count is on `GET /metrics`.
+//!
+//! Lines are text for people, or one JSON object each for log shippers
+//! (`BREAKGLASS_LOG_FORMAT`); both go through the same queue.
 
 use std::sync::OnceLock;
 
@@ -38,8 +41,31 @@ impl Drop for Guard {
     }
 }
 
-/// Logs go to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init() -> Guard {
+/// How log lines are written (`BREAKGLASS_LOG_FORMAT`, README "Logs").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// One line of text per event, for people (and journald).
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields`
+    /// (the message among them), and the spans it was logged in.
+    Json,
+}
+
+impl std::str::FromStr for Format {
+    type Err = anyhow::Error;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "text" => Ok(Format::Text),
+            "json" => Ok(Format::Json),
+            other => anyhow::bail!("BREAKGLASS_LOG_FORMAT: {other:?} is neither text nor json"),
+        }
+    }
+}
+
+/// Logs go to stderr in `format`, filtered by `RUST_LOG` (default `info`).
+pub fn init(format: Format) -> Guard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -49,7 +75,11 @@ pub fn init() -> Guard {
         .thread_name("breakglass-log")
         .finish(std::io::stderr());
     let _ = DROPPED.set(writer.error_counter());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi).init();
+    let lines = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    match format {
+        Format::Text => lines.with_ansi(ansi).init(),
+        Format::Json => lines.json().init(),
+    }
     Guard(Some(guard))
 }
 

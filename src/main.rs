@@ -6,7 +6,13 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = breakglass::cli::Cli::parse();
-    let _logging = breakglass::logging::init();
+    let _logging = match cli.log_format() {
+        Ok(format) => breakglass::logging::init(format),
+        Err(err) => {
+            eprintln!("breakglass: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     match breakglass::cli::dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -160,6 +160,7 @@ pub async fn run(
         streams_end: CancellationToken::new(),
         config: config.clone(),
         notifier,
+        streams: Default::default(),
     };
     let limits =
         Limits { max: connection_cap(), header_timeout: config.header_timeout, write_timeout: config.write_timeout };

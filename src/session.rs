@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use thiserror::Error;
 use tokio::sync::{Mutex, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
@@ -32,6 +34,35 @@ const DRAIN_TURNS: Duration = Duration::from_secs(15);
 /// How long cancel waits for the turn's end to be logged before answering
 /// (the agent is killed well within it: its kill grace).
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
+
+/// Upper bounds of the turn duration histogram, in seconds: a quick
+/// question to the default turn timeout (`BREAKGLASS_TURN_TIMEOUT_SECONDS`,
+/// 30 minutes).
+const TURN_SECONDS: [f64; 12] = [1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1200.0, 1800.0];
+
+/// What turns count for `GET /metrics` (README "Metrics"). Each is bumped
+/// once per turn, never per event.
+#[derive(Debug, Clone)]
+pub struct TurnCounters {
+    /// Turns started (their prompt logged and the turn spawned).
+    pub started: Counter,
+    /// Turns ended, by how ([`Ending::label`], a closed set).
+    pub ended: Family<[(&'static str, &'static str); 1], Counter>,
+    /// From the prompt to the turn's end in the log, in seconds.
+    pub duration: Histogram,
+}
+
+impl Default for TurnCounters {
+    /// Every way a turn can end is counted from zero, so that a scraper
+    /// sees each series before its first turn ends that way.
+    fn default() -> Self {
+        let ended = Family::default();
+        for how in Ending::LABELS {
+            drop(ended.get_or_create(&[("how", how)]));
+        }
+        TurnCounters { started: Counter::default(), ended, duration: Histogram::new(TURN_SECONDS) }
+    }
+}
 
 #[derive(Debug)]
 pub struct Session {
@@ -109,6 +140,7 @@ pub struct Sessions {
     accepting: tokio::sync::RwLock<bool>,
     /// Told when a turn ends (README "Notifications").
     notifier: Arc<Notifier>,
+    counters: TurnCounters,
 }
 
 impl Sessions {
@@ -127,7 +159,13 @@ impl Sessions {
             shutdown: CancellationToken::new(),
             accepting: tokio::sync::RwLock::new(true),
             notifier,
+            counters: TurnCounters::default(),
         }
+    }
+
+    /// What turns count (README "Metrics").
+    pub fn turn_counters(&self) -> &TurnCounters {
+        &self.counters
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -261,6 +299,9 @@ impl Sessions {
         let approvals = self.runner.approvals.clone();
         let session = session.clone();
         let notifier = self.notifier.clone();
+        let counters = self.counters.clone();
+        let started = std::time::Instant::now();
+        counters.started.inc();
         self.tracker.spawn(async move {
             // A bug in a turn must not wedge its session: the end is logged
             // and the slot freed whatever happened.
@@ -295,6 +336,8 @@ impl Sessions {
             }
             *slot = None;
             session.running.store(false, Ordering::SeqCst);
+            counters.ended.get_or_create(&[("how", ending.label())]).inc();
+            counters.duration.observe(started.elapsed().as_secs_f64());
             let _ = done_tx.send(Some(matches!(ending, Ending::Cancelled)));
             // Queued, never awaited: a slow receiver cannot hold up the turn.
             notifier.send(turn_note(session.id, &ending, result.as_ref()));

@@ -28,6 +28,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -51,6 +54,48 @@ pub const CAUGHT_UP: &str = "event: caught-up\ndata: {}\n\n";
 /// `EventSource` never see comments, and need some sign that a silent link
 /// is alive.
 pub const KEEPALIVE: &str = ": keepalive\nevent: keepalive\ndata: {}\n\n";
+
+/// What attach streams count for `GET /metrics` (README "Metrics").
+#[derive(Debug, Clone)]
+pub struct StreamCounters {
+    /// Streams open now, by `stream`: `session` or `operation`.
+    pub attached: Family<[(&'static str, &'static str); 1], Gauge>,
+    /// Bytes of a session's events sent from the log rather than live: the
+    /// replay on attach and resume, and the catch-up of a lagging stream.
+    pub replay_bytes: Counter,
+}
+
+impl Default for StreamCounters {
+    /// Both kinds of stream start at zero, so that a scraper sees them
+    /// before the first client attaches.
+    fn default() -> Self {
+        let attached = Family::default();
+        for stream in ["session", "operation"] {
+            drop(attached.get_or_create(&[("stream", stream)]));
+        }
+        StreamCounters { attached, replay_bytes: Counter::default() }
+    }
+}
+
+/// One open stream, counted in [`StreamCounters::attached`] until it is
+/// dropped (its client went away, or the stream ended).
+#[derive(Debug)]
+pub struct Attachment(Gauge);
+
+impl Attachment {
+    /// `stream` names the kind: `session` or `operation`.
+    pub fn new(counters: &StreamCounters, stream: &'static str) -> Self {
+        let gauge = counters.attached.get_or_create_owned(&[("stream", stream)]);
+        gauge.inc();
+        Attachment(gauge)
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
 
 /// The `Last-Event-ID` request header: a non-negative integer, or absent.
 /// Anything else means a full replay, never an error.
@@ -110,7 +155,8 @@ pub fn attach(
     last_event_id: Option<EventId>,
     keepalive: Duration,
     shutdown: CancellationToken,
-) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    counters: &StreamCounters,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + use<> {
     // The stream's own token, cancelled with the server's: it is looked at
     // for every chunk, and the server's is one lock shared by every stream.
     let shutdown = shutdown.child_token();
@@ -125,6 +171,8 @@ pub fn attach(
         cancelled: Box::pin(shutdown.clone().cancelled_owned()),
         shutdown,
         prefetch: None,
+        replay_bytes: counters.replay_bytes.clone(),
+        _attached: Attachment::new(counters, "session"),
     };
     futures_util::stream::unfold(state, |mut state| async move {
         let chunk = state.next_chunk().await?;
@@ -175,6 +223,10 @@ struct Attach {
     /// that reading and sending overlap: at most two pages per stream.
     /// Aborted if the stream ends first.
     prefetch: Option<Prefetch>,
+    /// Counts the pages sent from the log.
+    replay_bytes: Counter,
+    /// Counts this stream as attached while it lives.
+    _attached: Attachment,
 }
 
 /// A page of the log being read ahead.
@@ -300,6 +352,7 @@ impl Attach {
         }
         let at_end = !page.gap && self.next_expected() >= count;
         let mut frames = page.frames;
+        self.replay_bytes.inc_by(frames.len() as u64);
         // Rows missing: what came before them was sent, and this read
         // (which starts at the hole) says where the replay stopped.
         if frames.is_empty() && page.gap {
@@ -520,7 +573,13 @@ mod tests {
     async fn a_lagging_subscriber_reads_the_log_to_its_end() {
         let (_dir, log) = crate::log::tests::temp_log().await;
         let log = Arc::new(log);
-        let mut frames = Frames::new(attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new()));
+        let mut frames = Frames::new(attach(
+            log.clone(),
+            None,
+            Duration::from_secs(60),
+            CancellationToken::new(),
+            &StreamCounters::default(),
+        ));
         assert_eq!(frames.next().await.unwrap(), CAUGHT_UP);
         append_many(&log, 70_000).await; // far beyond the hub's ring, nobody reading
         let (ids, caught_up) = ids_of(&mut frames).await;
@@ -551,7 +610,13 @@ mod tests {
             for _ in 0..round * 10 {
                 tokio::task::yield_now().await;
             }
-            let stream = attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new());
+            let stream = attach(
+                log.clone(),
+                None,
+                Duration::from_secs(60),
+                CancellationToken::new(),
+                &StreamCounters::default(),
+            );
             let (ids, caught_up) = ids_until_turn_end(stream).await;
             writer.await.unwrap();
             assert_eq!(caught_up, 1, "round {round}");
@@ -570,7 +635,13 @@ mod tests {
         let delta = |text: &str| crate::event::Delta { message_id: "msg_1".into(), index: 0, text: text.into() };
         // Subscribed (the stream exists) but not yet polled: the delta waits
         // in its subscription while the text is appended.
-        let mut stream = Frames::new(attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new()));
+        let mut stream = Frames::new(attach(
+            log.clone(),
+            None,
+            Duration::from_secs(60),
+            CancellationToken::new(),
+            &StreamCounters::default(),
+        ));
         log.delta(&delta("stale "));
         log.append(Event::Text { text: "stale text".into(), message_id: Some("msg_1".into()), index: Some(0) })
             .await
@@ -601,7 +672,13 @@ mod tests {
     async fn a_subscriber_lagging_behind_deltas_misses_no_event() {
         let (_dir, log) = crate::log::tests::temp_log().await;
         let log = Arc::new(log);
-        let mut frames = Frames::new(attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new()));
+        let mut frames = Frames::new(attach(
+            log.clone(),
+            None,
+            Duration::from_secs(60),
+            CancellationToken::new(),
+            &StreamCounters::default(),
+        ));
         assert_eq!(frames.next().await.unwrap(), CAUGHT_UP);
         let delta = crate::event::Delta { message_id: "msg_1".into(), index: 0, text: "x".into() };
         for i in 0..50 {
@@ -631,7 +708,13 @@ mod tests {
         let (_dir, log) = crate::log::tests::temp_log().await;
         let log = Arc::new(log);
         append_many(&log, 4_999).await;
-        let mut frames = Frames::new(attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new()));
+        let mut frames = Frames::new(attach(
+            log.clone(),
+            None,
+            Duration::from_secs(60),
+            CancellationToken::new(),
+            &StreamCounters::default(),
+        ));
         let (mut ids, mut chunks) = (Vec::new(), 0);
         loop {
             let chunk = frames.chunk().await;
@@ -652,7 +735,13 @@ mod tests {
         let (_dir, log) = crate::log::tests::temp_log().await;
         let log = Arc::new(log);
         append_many(&log, 99).await;
-        let mut frames = Frames::new(attach(log.clone(), Some(89), Duration::from_secs(60), CancellationToken::new()));
+        let mut frames = Frames::new(attach(
+            log.clone(),
+            Some(89),
+            Duration::from_secs(60),
+            CancellationToken::new(),
+            &StreamCounters::default(),
+        ));
         let chunk = frames.chunk().await;
         assert_eq!(ids_in(&chunk), (90..100).collect::<Vec<_>>());
         assert!(chunk.ends_with(CAUGHT_UP.as_bytes()), "{chunk:?}");
@@ -666,8 +755,13 @@ mod tests {
         let log = Arc::new(log);
         append_many(&log, 9).await;
         for beyond in [10, 5_000] {
-            let mut frames =
-                Frames::new(attach(log.clone(), Some(beyond), Duration::from_secs(60), CancellationToken::new()));
+            let mut frames = Frames::new(attach(
+                log.clone(),
+                Some(beyond),
+                Duration::from_secs(60),
+                CancellationToken::new(),
+                &StreamCounters::default(),
+            ));
             let mut ids = Vec::new();
             while let Some(frame) = frames.next().await.filter(|frame| frame != CAUGHT_UP) {
                 ids.extend(ids_in(frame.as_bytes()));
@@ -682,7 +776,13 @@ mod tests {
     async fn live_events_waiting_for_a_client_go_out_in_one_chunk() {
         let (_dir, log) = crate::log::tests::temp_log().await;
         let log = Arc::new(log);
-        let mut frames = Frames::new(attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new()));
+        let mut frames = Frames::new(attach(
+            log.clone(),
+            None,
+            Duration::from_secs(60),
+            CancellationToken::new(),
+            &StreamCounters::default(),
+        ));
         assert_eq!(&frames.chunk().await[..], CAUGHT_UP.as_bytes());
         append_many(&log, 49).await;
         let chunk = frames.chunk().await;
@@ -696,7 +796,15 @@ mod tests {
         let (_dir, log) = crate::log::tests::temp_log().await;
         let log = Arc::new(log);
         let mut clients: Vec<_> = (0..3)
-            .map(|_| Frames::new(attach(log.clone(), None, Duration::from_secs(60), CancellationToken::new())))
+            .map(|_| {
+                Frames::new(attach(
+                    log.clone(),
+                    None,
+                    Duration::from_secs(60),
+                    CancellationToken::new(),
+                    &StreamCounters::default(),
+                ))
+            })
             .collect();
         for client in &mut clients {
             assert_eq!(&client.chunk().await[..], CAUGHT_UP.as_bytes());
@@ -717,7 +825,8 @@ mod tests {
         let (_dir, log) = crate::log::tests::temp_log().await;
         let log = Arc::new(log);
         let keepalive = Duration::from_millis(800);
-        let mut frames = Frames::new(attach(log.clone(), None, keepalive, CancellationToken::new()));
+        let mut frames =
+            Frames::new(attach(log.clone(), None, keepalive, CancellationToken::new(), &StreamCounters::default()));
         assert_eq!(frames.next().await.unwrap(), CAUGHT_UP);
         let started = tokio::time::Instant::now();
         for i in 0..20 {

@@ -172,6 +172,19 @@ impl Ending {
         }
     }
 
+    /// Every [`Ending::label`], so that each can be counted from zero.
+    pub const LABELS: [&'static str; 9] = [
+        "completed",
+        "no-result",
+        "failed",
+        "timed-out",
+        "cancelled",
+        "shutdown",
+        "cannot-start",
+        "log-failed",
+        "internal",
+    ];
+
     pub fn label(&self) -> &'static str {
         match self {
             Ending::Completed => "completed",
@@ -584,4 +597,29 @@ async fn prepare_workspace(workspace: &Path, user: Option<&AgentUser>) -> std::i
     tokio::fs::set_permissions(workspace, std::os::unix::fs::PermissionsExt::from_mode(0o700)).await?;
     let (workspace, user) = (workspace.to_owned(), user.clone());
     tokio::task::spawn_blocking(move || user.give_tree(&workspace)).await.map_err(std::io::Error::other)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/metrics` counts turn endings from zero by this list: a way to end
+    /// missing from it would show up only after it first happened.
+    #[test]
+    fn every_ending_label_is_in_the_list_counted_from_zero() {
+        let status = std::os::unix::process::ExitStatusExt::from_raw(256);
+        let endings = [
+            Ending::Completed,
+            Ending::NoResult,
+            Ending::Failed { status, stderr: String::new() },
+            Ending::TimedOut(Duration::from_secs(1)),
+            Ending::Cancelled,
+            Ending::Shutdown,
+            Ending::CannotStart("no such file".into()),
+            Ending::LogFailed(LogError::Closed),
+            Ending::Internal,
+        ];
+        let labels: Vec<&str> = endings.iter().map(Ending::label).collect();
+        assert_eq!(labels, Ending::LABELS);
+    }
 }

@@ -17,6 +17,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
@@ -108,6 +110,20 @@ impl DecidedBy {
             DecidedBy::Restart => "restart",
         }
     }
+
+    /// Every [`DecidedBy::kind`].
+    pub const KINDS: [&'static str; 4] = ["operator", "timeout", "turn-ended", "restart"];
+
+    /// Who decided, without the operator's name (a label on `/metrics`,
+    /// where names would make a series per person).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DecidedBy::Operator { .. } => "operator",
+            DecidedBy::Timeout => "timeout",
+            DecidedBy::TurnEnded => "turn-ended",
+            DecidedBy::Restart => "restart",
+        }
+    }
 }
 
 /// Why an operator's decision was not taken.
@@ -134,6 +150,8 @@ pub struct Approvals {
     tool_logged_changed: tokio::sync::watch::Sender<u64>,
     /// Tells the operator a call waits (README "Notifications").
     notifier: Arc<Notifier>,
+    /// Decisions logged, by decision and by who decided (README "Metrics").
+    decided: Family<[(&'static str, &'static str); 2], Counter>,
 }
 
 /// Tool call ids remembered per running turn.
@@ -183,6 +201,16 @@ impl Approvals {
             audit_failures,
             tool_logged_changed: tokio::sync::watch::Sender::new(0),
             notifier,
+            decided: {
+                // Counted from zero, so that every series is there from the start.
+                let decided = Family::default();
+                for decision in [Decision::Allow, Decision::Deny] {
+                    for by in DecidedBy::KINDS {
+                        drop(decided.get_or_create(&[("decision", decision.as_str()), ("by", by)]));
+                    }
+                }
+                decided
+            },
         }
     }
 
@@ -209,6 +237,16 @@ impl Approvals {
     pub fn turn_of(&self, secret: &str) -> Option<(TurnKey, Uuid)> {
         let key = TurnKey(digest(secret));
         self.lock().turns.get(&key.0).map(|session| (key, *session))
+    }
+
+    /// Tool calls waiting for the operator now, in every session.
+    pub fn waiting(&self) -> usize {
+        self.lock().waiting.len()
+    }
+
+    /// Decisions logged so far, by `decision` and `by` ([`DecidedBy::kind`]).
+    pub fn decided(&self) -> &Family<[(&'static str, &'static str); 2], Counter> {
+        &self.decided
     }
 
     /// Tool calls of this session waiting now.
@@ -406,6 +444,7 @@ impl Approvals {
         })
         .await?;
         tracing::info!(%session, tool_use_id = %call.tool_use_id, decision = decision.as_str(), by = by.label(), "tool call decided");
+        self.decided.get_or_create(&[("decision", decision.as_str()), ("by", by.kind())]).inc();
         audit(log.store(), &self.audit_failures, session, call, by, decision).await;
         Ok(())
     }

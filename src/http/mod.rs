@@ -10,13 +10,14 @@ mod body;
 pub mod error;
 mod extract;
 pub mod login;
+mod metrics;
 mod power;
 mod push;
 mod sessions;
 mod targets;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use axum::extract::DefaultBodyLimit;
 use axum::extract::{ConnectInfo, State};
@@ -55,6 +56,8 @@ pub struct AppState {
     pub logins: Arc<login::Logins>,
     /// Notifications to the operator (README "Notifications"): `send` queues and returns.
     pub notifier: Arc<crate::notify::Notifier>,
+    /// Attach streams open and bytes replayed (README "Metrics").
+    pub streams: crate::sse::StreamCounters,
 }
 
 impl AppState {
@@ -88,7 +91,7 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), auth::require));
     Router::new()
         .route("/health", get(health))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics::scrape).with_state(Arc::new(metrics::registry(&state))))
         // The agent's hook authenticates with its turn's secret, not as a caller of `/api`.
         .route(crate::approval::HOOK_PATH, axum::routing::post(approvals::pre_tool_use))
         // HEAD is not GET here: it must not spend the link (see `login_head`).
@@ -125,66 +128,6 @@ async fn log_request(request: Request<axum::body::Body>, next: middleware::Next)
 
 async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok", "service": "breakglass" }))
-}
-
-/// Prometheus text format (no auth: counters only, nothing about sessions).
-async fn metrics(State(state): State<AppState>) -> Response {
-    let body = format!(
-        "# HELP breakglass_audit_failures_total Audit records that could not be written.\n\
-         # TYPE breakglass_audit_failures_total counter\n\
-         breakglass_audit_failures_total {}\n\
-         # HELP breakglass_log_lines_dropped_total Log lines dropped because stderr could not keep up.\n\
-         # TYPE breakglass_log_lines_dropped_total counter\n\
-         breakglass_log_lines_dropped_total {}\n\
-         # HELP breakglass_storage_writer_failures_total Times the storage writer died (the server then stops).\n\
-         # TYPE breakglass_storage_writer_failures_total counter\n\
-         breakglass_storage_writer_failures_total {}\n{}",
-        state.audit_failures.load(Ordering::Relaxed),
-        crate::logging::dropped_lines(),
-        state.sessions.store().writer_failures(),
-        notification_metrics(&state.notifier),
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
-}
-
-/// The notification counters (README "Notifications").
-fn notification_metrics(notifier: &crate::notify::Notifier) -> String {
-    use crate::notify::ChannelName;
-    let stats = notifier.stats();
-    let mut text = String::new();
-    let counters = [
-        ("sent", "Notifications delivered, by channel (a push note counts once per subscription)."),
-        ("failed", "Notifications that could not be delivered, by channel."),
-    ];
-    for (what, help) in counters {
-        text.push_str(&format!(
-            "# HELP breakglass_notifications_{what}_total {help}\n# TYPE breakglass_notifications_{what}_total counter\n"
-        ));
-        for channel in ChannelName::ALL {
-            let counts = stats.of(channel);
-            let value = if what == "sent" { &counts.sent } else { &counts.failed };
-            text.push_str(&format!(
-                "breakglass_notifications_{what}_total{{channel=\"{}\"}} {}\n",
-                channel.as_str(),
-                value.load(Ordering::Relaxed)
-            ));
-        }
-    }
-    let subscriptions = notifier.push().map_or(0, |push| push.subscription_count());
-    text.push_str(&format!(
-        "# HELP breakglass_notifications_dropped_total Notifications dropped because the queue was full.\n\
-         # TYPE breakglass_notifications_dropped_total counter\n\
-         breakglass_notifications_dropped_total {}\n\
-         # HELP breakglass_push_subscriptions_pruned_total Push subscriptions removed because their push service said they are gone.\n\
-         # TYPE breakglass_push_subscriptions_pruned_total counter\n\
-         breakglass_push_subscriptions_pruned_total {}\n\
-         # HELP breakglass_push_subscriptions Push subscriptions kept now.\n\
-         # TYPE breakglass_push_subscriptions gauge\n\
-         breakglass_push_subscriptions {subscriptions}\n",
-        stats.dropped.load(Ordering::Relaxed),
-        stats.pruned.load(Ordering::Relaxed),
-    ));
-    text
 }
 
 /// Who the server sees, and what the console needs to know of it.

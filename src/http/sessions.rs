@@ -131,7 +131,8 @@ async fn attach(
     // An id this log never issued (a log from another life) means a full
     // replay: the stream finds out with its first read of the log.
     let last = sse::parse_last_event_id(given);
-    let stream = sse::attach(session.log.clone(), last, state.config.sse_keepalive, state.streams_end.clone());
+    let stream =
+        sse::attach(session.log.clone(), last, state.config.sse_keepalive, state.streams_end.clone(), &state.streams);
     Ok((
         [
             (header::CONTENT_TYPE, "text/event-stream"),

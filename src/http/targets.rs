@@ -265,6 +265,7 @@ async fn stream(
         caught_up: false,
         keepalive: state.config.sse_keepalive,
         shutdown: state.streams_end.clone(),
+        _attached: sse::Attachment::new(&state.streams, "operation"),
     };
     Ok((
         [
@@ -290,6 +291,8 @@ struct Attached {
     caught_up: bool,
     keepalive: Duration,
     shutdown: CancellationToken,
+    /// Counts this stream as attached while it lives (README "Metrics").
+    _attached: sse::Attachment,
 }
 
 fn frames(attached: Attached) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {

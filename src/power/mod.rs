@@ -29,6 +29,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde_json::{Value, json};
 use thiserror::Error;
 use tokio::sync::{Mutex, OnceCell};
@@ -502,6 +505,25 @@ pub enum PowerError {
     Backend(BackendError),
 }
 
+/// The labels of a finished verb's count on `GET /metrics` (README
+/// "Metrics"): targets are the targets file's, verbs and outcomes closed sets.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct VerbLabels {
+    pub target: String,
+    pub verb: &'static str,
+    /// [`OpState::as_str`] of a finished verb: `succeeded` or `failed`.
+    pub outcome: &'static str,
+}
+
+/// Verbs that ran to an end, whichever path asked for them.
+pub type VerbCounts = Family<VerbLabels, Counter>;
+
+/// Counts one verb that ran to its end.
+fn count_verb(counts: &VerbCounts, target: &str, verb: Verb, outcome: OpState) {
+    let labels = VerbLabels { target: target.to_owned(), verb: verb.as_str(), outcome: outcome.as_str() };
+    counts.get_or_create(&labels).inc();
+}
+
 /// A target and what its verbs share.
 #[derive(Debug)]
 pub struct Slot {
@@ -525,6 +547,8 @@ pub struct Power {
     /// Fired at shutdown: the start-up questions to BMCs stop waiting.
     probing: CancellationToken,
     operations: Arc<Operations>,
+    /// Verbs run, operations and `/api/pve/…` alike (README "Metrics").
+    verbs: VerbCounts,
 }
 
 impl Power {
@@ -535,14 +559,21 @@ impl Power {
             .map(|target| Arc::new(Slot { target, mutating: Arc::new(Mutex::new(())) }))
             .collect();
         let by_name = slots.iter().enumerate().map(|(i, s)| (s.target.name.clone(), i)).collect();
+        let verbs = VerbCounts::default();
         Power {
             slots,
             by_name,
             tracker: TaskTracker::new(),
             cut_off: CancellationToken::new(),
             probing: CancellationToken::new(),
-            operations: Arc::new(Operations::new(store)),
+            operations: Arc::new(Operations::new(store, verbs.clone())),
+            verbs,
         }
+    }
+
+    /// Verbs run to their end, by target, verb and outcome.
+    pub fn verb_counts(&self) -> &VerbCounts {
+        &self.verbs
     }
 
     pub fn targets(&self) -> impl Iterator<Item = &Target> {
@@ -611,7 +642,13 @@ impl Power {
             drop(guard);
             outcome
         });
-        task.await.unwrap_or_else(|err| Err(PowerError::Lost(err.to_string())))
+        let outcome = task.await.unwrap_or_else(|err| Err(PowerError::Lost(err.to_string())));
+        let state = match &outcome {
+            Ok(ran) if ran.exit_code == Some(0) => OpState::Succeeded,
+            Ok(_) | Err(_) => OpState::Failed,
+        };
+        count_verb(&self.verbs, &slot.target.name, verb, state);
+        outcome
     }
 
     /// Asks each Redfish target's BMC, in the background, which reset types

@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use super::recovery::{POLL, http_client};
 use super::ssh::SshTarget;
-use super::{Action, Backend, BackendError, PowerState, Slot, Target, Verb};
+use super::{Action, Backend, BackendError, PowerState, Slot, Target, Verb, VerbCounts, count_verb};
 use crate::event::{EventId, Stored};
 use crate::hub::{Hub, Subscription};
 use crate::store::{Finish, OperationRow, Store, StoreError, now_ms};
@@ -108,11 +108,13 @@ pub struct Operations {
     /// For the targets' HTTP checks: made by the first operation that needs
     /// it, as loading the TLS roots costs start-up time and memory.
     checks: std::sync::OnceLock<Option<reqwest::Client>>,
+    /// Where a finished operation is counted (README "Metrics").
+    verbs: VerbCounts,
 }
 
 impl Operations {
-    pub fn new(store: Arc<Store>) -> Self {
-        Operations { store, live: StdMutex::default(), checks: std::sync::OnceLock::new() }
+    pub fn new(store: Arc<Store>, verbs: VerbCounts) -> Self {
+        Operations { store, live: StdMutex::default(), checks: std::sync::OnceLock::new(), verbs }
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -184,6 +186,7 @@ impl Operations {
             let finished = run.finish(target, verb, outcome).await;
             operations.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             drop(guard);
+            count_verb(&operations.verbs, &target.name, verb, finished.state);
             tracing::info!(operation = %id, target = %target.name, %verb, outcome = %finished.summary(), "operation finished");
             on_done(finished).await;
         });

@@ -27,8 +27,10 @@ mod writer;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use rusqlite::{Connection, ErrorCode};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
@@ -106,6 +108,52 @@ pub enum StoreError {
     Fenced,
     #[error("storage is not answering (a stalled or frozen disk); the write is still queued")]
     Stalled,
+}
+
+impl StoreError {
+    /// The kind of failure, in one word (a label on `/metrics`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Full(_) => "full",
+            StoreError::NoSession => "no-session",
+            StoreError::Sqlite(_) => "failed",
+            StoreError::Corrupt(_) => "damaged",
+            StoreError::Closed => "closed",
+            StoreError::Fenced => "fenced",
+            StoreError::Stalled => "stalled",
+        }
+    }
+}
+
+/// What the store counts for `GET /metrics` (README "Metrics"). Each is a
+/// shared atomic: the writer adds a batch's events in one step.
+#[derive(Debug, Clone)]
+pub struct Counters {
+    /// Events committed to sessions' logs.
+    pub events_appended: Counter,
+    /// Writes the storage could not make (a full disk, a damaged file, an
+    /// I/O error), by [`StoreError::kind`].
+    pub write_failures: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Times the writer thread died (once at most: the server then stops).
+    pub writer_died: Counter,
+}
+
+impl Default for Counters {
+    /// The failures a write meets are counted from zero, so that a scraper
+    /// sees each series (an alert on a full disk) before the first one.
+    fn default() -> Self {
+        let write_failures = Family::default();
+        for kind in ["full", "damaged", "failed"] {
+            drop(write_failures.get_or_create(&[("error", kind)]));
+        }
+        Counters { events_appended: Counter::default(), write_failures, writer_died: Counter::default() }
+    }
+}
+
+impl Counters {
+    fn write_failed(&self, err: &StoreError) {
+        self.write_failures.get_or_create(&[("error", err.kind())]).inc();
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -291,8 +339,7 @@ pub struct Store {
     /// Fires when the writer thread dies (a panic): storage is closed for
     /// good, and the server must stop so that its supervisor restarts it.
     writer_failed: CancellationToken,
-    /// How many times that happened (once at most; counted on `/metrics`).
-    writer_failures: Arc<AtomicU64>,
+    counters: Counters,
 }
 
 /// Faults to inject, for tests: read from the environment by debug builds
@@ -358,12 +405,12 @@ impl Store {
         }
         let (tx, rx) = mpsc::channel(QUEUE);
         let writer_failed = CancellationToken::new();
-        let writer_failures = Arc::new(AtomicU64::new(0));
-        let writer = Writer::new(conn, dir.to_owned(), anchoring, durability, faults);
+        let counters = Counters::default();
+        let writer = Writer::new(conn, dir.to_owned(), anchoring, durability, faults, counters.clone());
         std::thread::Builder::new()
             .name("breakglass-store".into())
             .spawn({
-                let (failed, failures) = (writer_failed.clone(), writer_failures.clone());
+                let (failed, died) = (writer_failed.clone(), counters.writer_died.clone());
                 move || {
                     // The writer returns only once every sender is gone (the
                     // store was dropped); anything else is a panic, which
@@ -375,7 +422,7 @@ impl Store {
                             .or_else(|| panic.downcast_ref::<String>().cloned())
                             .unwrap_or_default();
                         tracing::error!(panic = what, "the storage writer died: storage is closed, the server stops");
-                        failures.fetch_add(1, Ordering::SeqCst);
+                        died.inc();
                         failed.cancel();
                     }
                 }
@@ -384,14 +431,7 @@ impl Store {
                 path: path.clone(),
                 source: rusqlite::Error::InvalidPath(e.to_string().into()),
             })?;
-        Ok(Store {
-            _lock: lock,
-            readers: Arc::new(Readers::new(path.clone())),
-            path,
-            tx,
-            writer_failed,
-            writer_failures,
-        })
+        Ok(Store { _lock: lock, readers: Arc::new(Readers::new(path.clone())), path, tx, writer_failed, counters })
     }
 
     /// Fires when the writer thread has died: every write from then on is
@@ -400,9 +440,14 @@ impl Store {
         self.writer_failed.clone()
     }
 
-    /// Times the writer thread died (for `/metrics`).
+    /// Times the writer thread died.
     pub fn writer_failures(&self) -> u64 {
-        self.writer_failures.load(Ordering::SeqCst)
+        self.counters.writer_died.get()
+    }
+
+    /// What the store counts (README "Metrics").
+    pub fn counters(&self) -> &Counters {
+        &self.counters
     }
 
     pub fn path(&self) -> &Path {

@@ -13,8 +13,8 @@ use uuid::Uuid;
 use super::audit::{GENESIS, Head, chain_hash, write_head};
 use super::operations::{self, Finish, OperationRow};
 use super::{
-    AuditEntry, AuditRecord, AuthMethod, Durability, Faults, Fence, Publish, SessionRow, StoreError, TITLE_CHARS,
-    now_ms, to_sql,
+    AuditEntry, AuditRecord, AuthMethod, Counters, Durability, Faults, Fence, Publish, SessionRow, StoreError,
+    TITLE_CHARS, now_ms, to_sql,
 };
 use crate::event::{Encoded, Event, Stamp, Stored};
 
@@ -148,6 +148,8 @@ pub(super) struct Writer {
     received: u64,
     /// The `at` of the events being stamped.
     stamp: Stamp,
+    /// Events committed and writes failed, for `/metrics`.
+    counters: Counters,
 }
 
 /// Changes made by the open transaction, applied to the writer's state only
@@ -216,8 +218,16 @@ impl Command {
 }
 
 impl Writer {
-    pub(super) fn new(conn: Connection, dir: PathBuf, anchoring: bool, durability: Durability, faults: Faults) -> Self {
+    pub(super) fn new(
+        conn: Connection,
+        dir: PathBuf,
+        anchoring: bool,
+        durability: Durability,
+        faults: Faults,
+        counters: Counters,
+    ) -> Self {
         Writer {
+            counters,
             conn,
             next_ids: HashMap::new(),
             audit_tail: None,
@@ -270,6 +280,7 @@ impl Writer {
             Ok((outcomes, staged)) => self.committed(batch, outcomes, staged),
             Err(err) if batch.len() == 1 => {
                 tracing::error!(%err, "a storage transaction failed; its write is refused");
+                self.counters.write_failed(&err);
                 batch.into_iter().for_each(|command| command.fail(err.clone()));
             }
             Err(err) => {
@@ -381,6 +392,16 @@ impl Writer {
             }
             self.audit_tail = Some((seq, hash));
         }
+        let mut appended = 0;
+        for outcome in &outcomes {
+            match outcome {
+                Ok(Done::Event(_)) => appended += 1,
+                Err(err) => self.counters.write_failed(err),
+                Ok(_) => {}
+            }
+        }
+        // One atomic step per batch, not one per event.
+        self.counters.events_appended.inc_by(appended);
         for (command, outcome) in batch.into_iter().zip(outcomes) {
             command.answer(outcome);
         }
@@ -596,7 +617,8 @@ mod tests {
              BEGIN INSERT INTO orphan VALUES ('none'); END;"
         ))
         .unwrap();
-        let mut writer = Writer::new(conn, dir.path().to_owned(), true, Durability::Full, Faults::default());
+        let mut writer =
+            Writer::new(conn, dir.path().to_owned(), true, Durability::Full, Faults::default(), Counters::default());
         let fence = Fence::default();
         let (batch, replies): (Vec<_>, Vec<_>) = [
             append(good, "a", None),
@@ -641,7 +663,8 @@ mod tests {
              BEGIN SELECT RAISE(ABORT, 'boom refused'); END;"
         ))
         .unwrap();
-        let mut writer = Writer::new(conn, dir.path().to_owned(), true, Durability::Full, Faults::default());
+        let mut writer =
+            Writer::new(conn, dir.path().to_owned(), true, Durability::Full, Faults::default(), Counters::default());
         let with = |event: Event, fence: Option<&Fence>| append_event(session, event, fence);
         let fence = Fence::default();
         let (turn, mut turn_reply) = oneshot::channel();
@@ -719,7 +742,8 @@ mod tests {
             }
             other.execute_batch("COMMIT").unwrap();
         });
-        let mut writer = Writer::new(conn, dir.path().to_owned(), true, Durability::Full, Faults::default());
+        let mut writer =
+            Writer::new(conn, dir.path().to_owned(), true, Durability::Full, Faults::default(), Counters::default());
         let (command, mut reply) = append(session, "a", None);
         writer.apply(vec![command]);
         committer.join().unwrap();

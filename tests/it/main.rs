@@ -23,6 +23,7 @@ mod layering;
 mod lifecycle;
 mod limits;
 mod live;
+mod metrics;
 mod model_api;
 mod notify;
 mod pve;

@@ -292,6 +292,11 @@ async fn a_full_disk_ends_the_turn_visibly_and_writing_resumes() {
     assert_eq!(refused.status(), 503);
     let detail: Value = refused.json().await.unwrap();
     assert!(detail["detail"].as_str().unwrap().contains("full"), "{detail}");
+    // Counted (README "Metrics"): the writes the full disk refused, and the
+    // turn that ended on them.
+    let full = crate::metrics::value(&server, "breakglass_storage_write_failures_total", &[("error", "full")]).await;
+    assert!(full >= 1.0, "{full}");
+    crate::metrics::reaches(&server, "breakglass_turns_ended_total", &[("how", "log-failed")], 1.0).await;
     let verb = server.post("/api/pve/reset").send().await.unwrap();
     assert_eq!(verb.status(), 503, "a mutating verb is not run unrecorded");
     assert!(!tripwire.exists(), "ssh was never started");
