@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use rusqlite::backup::Backup;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::audit::{Head, chain_head, head_path, read_head, verify_chain};
@@ -36,7 +37,8 @@ const PAGES_PER_STEP: i32 = 1024;
 const PAUSE: Duration = Duration::from_millis(5);
 
 /// Why a backup could not be made, or a file cannot be restored. Nothing is
-/// left at the backup's path, and nothing in the data directory changed.
+/// left at the backup's path, and nothing in the data directory changed
+/// (but for [`BackupError::Stuck`]).
 #[derive(Debug, Error)]
 pub enum BackupError {
     #[error("{path} already exists; give --force to replace it")]
@@ -69,6 +71,15 @@ pub enum BackupError {
     Copy { path: PathBuf, source: rusqlite::Error },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    /// A step of the swap failed, and what it had changed was put back.
+    #[error("{source}; the restore was undone: the data directory is as it was")]
+    Undone { source: Box<BackupError> },
+    /// A step of the swap failed, and putting things back failed too.
+    #[error(
+        "{source}; undoing the restore failed too ({undo}): the next server start (or restore) \
+         in this data directory finishes the restore or undoes it, as its journal ({JOURNAL}) says"
+    )]
+    Stuck { source: Box<BackupError>, undo: Box<BackupError> },
 }
 
 /// What a backup file holds, as checked.
@@ -308,6 +319,12 @@ fn place(temporary: &Path, file: &Path, force: bool) -> Result<(), BackupError> 
 /// there and no server starts on a database half replaced. The database it
 /// replaces is kept beside it, renamed, with its WAL: nothing is deleted.
 pub fn restore(data_dir: &Path, file: &Path, create: bool) -> Result<Restored, BackupError> {
+    restore_with(data_dir, file, create, &mut |_| Ok(()))
+}
+
+/// [`restore`], calling `step` before each change the swap makes to the
+/// data directory, so that tests can fail or crash it there.
+fn restore_with(data_dir: &Path, file: &Path, create: bool, step: Step<'_>) -> Result<Restored, BackupError> {
     if !data_dir.is_dir() {
         if !create {
             return Err(BackupError::NoDataDir { path: data_dir.to_owned() });
@@ -319,55 +336,273 @@ pub fn restore(data_dir: &Path, file: &Path, create: bool) -> Result<Restored, B
         OpenError::InUse { path, pid } => BackupError::InUse { path, pid },
         other => BackupError::Live(other),
     })?;
-    // The lock is ours: no other restore either, so a fixed name will do.
-    let temporary = data_dir.join("breakglass.db.restoring");
-    remove_with_journals(&temporary);
-    let prepared = prepare(file, &temporary);
+    // A restore that crashed here is finished first, as a server would.
+    finish_interrupted(data_dir)?;
+    let swap = Swap::new(data_dir, now_ms());
+    let prepared = prepare(file, &swap.temporary);
     let (copied, head) = match prepared {
         Ok(prepared) => prepared,
         Err(err) => {
-            remove_with_journals(&temporary);
+            remove_with_journals(&swap.temporary);
             return Err(err);
         }
     };
-
-    let live = data_dir.join("breakglass.db");
-    let stamp = stamp(now_ms());
-    let aside = data_dir.join(format!("breakglass.db.before-restore-{stamp}"));
-    let with = |path: &Path, suffix: &str| PathBuf::from(format!("{}{suffix}", path.display()));
-    if [&aside, &with(&aside, "-wal"), &with(&aside, "-shm")].iter().any(|p| p.exists()) {
-        remove_with_journals(&temporary);
+    let kept = swap.aside(&swap.live, "");
+    let taken = ["", "-wal", "-shm"].iter().map(|suffix| swap.aside(&swap.live, suffix));
+    if taken.chain([swap.aside(&swap.anchor, "")]).any(|p| fs::symlink_metadata(p).is_ok()) {
+        remove_with_journals(&swap.temporary);
         let source = io::Error::new(io::ErrorKind::AlreadyExists, "a database was kept under this name already");
-        return Err(io_error(&aside, source));
+        return Err(io_error(&kept, source));
     }
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |e| io_error(&path, e)
+    let old_anchor = match fs::read_to_string(&swap.anchor) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => {
+            remove_with_journals(&swap.temporary);
+            return Err(io_error(&swap.anchor, e));
+        }
     };
-    // The genesis anchor is accepted by any chain, the old database's and
-    // the restored one's alike: a crash anywhere below leaves a trail that
-    // verifies (weakly anchored until the last step).
-    let anchor = head_path(data_dir);
-    if anchor.exists() {
-        fs::copy(&anchor, format!("{}.before-restore-{stamp}", anchor.display())).map_err(io(&anchor))?;
+    let mut journal = Journal { direction: Direction::Back, stamp: swap.stamp.clone(), head, old_anchor };
+    if let Err(err) = step("journal").and_then(|()| swap.write_journal(&journal)) {
+        // The journal may be in place with only its directory unsynced.
+        let _ = fs::remove_file(&swap.journal);
+        remove_with_journals(&swap.temporary);
+        return Err(undone(io_error(&swap.journal, err)));
     }
-    write_anchor(data_dir, &Head { seq: 0, hash: super::audit::GENESIS.into() })?;
-    let mut kept = None;
-    // The WAL beside the old database may hold its last commits: it moves
-    // with it, under the name SQLite looks for, so the kept file is whole.
-    for suffix in ["", "-wal", "-shm"] {
-        let from = with(&live, suffix);
-        match fs::rename(&from, with(&aside, suffix)) {
-            Ok(()) if suffix.is_empty() => kept = Some(aside.clone()),
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error(&from, e)),
+    let had_database = swap.live.exists();
+    let swapped = swap.link_aside(step).and_then(|()| {
+        journal.direction = Direction::Forward;
+        step("commit").and_then(|()| swap.write_journal(&journal)).map_err(|e| io_error(&swap.journal, e))?;
+        swap.forward(&journal, step)
+    });
+    match swapped {
+        Ok(()) => Ok(Restored { copied, kept: had_database.then_some(kept) }),
+        Err(err) => {
+            journal.direction = Direction::Back;
+            // Once the journal says back, a crash while undoing is undone
+            // by the next to take the lock; were it left saying forward,
+            // the swap would be finished over an old database half put
+            // back.
+            let undo =
+                swap.write_journal(&journal).map_err(|e| io_error(&swap.journal, e)).and_then(|()| swap.back(&journal));
+            match undo {
+                Ok(()) => Err(undone(err)),
+                Err(undo) => Err(BackupError::Stuck { source: Box::new(err), undo: Box::new(undo) }),
+            }
         }
     }
-    fs::rename(&temporary, &live).map_err(io(&live))?;
-    write_anchor(data_dir, &head)?;
-    fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(io(data_dir))?;
-    Ok(Restored { copied, kept })
+}
+
+/// A hook called with the name of each change the swap is about to make;
+/// an error stops the swap there, as the change failing would.
+type Step<'a> = &'a mut dyn FnMut(&'static str) -> io::Result<()>;
+
+fn undone(err: BackupError) -> BackupError {
+    BackupError::Undone { source: Box::new(err) }
+}
+
+/// The journal of a swap in progress, beside the database: written before
+/// the first change to the data directory, removed after the last. Its
+/// direction says which way a crash is finished by whoever takes the lock
+/// next (see [`finish_interrupted`]): back until the replaced database is
+/// linked aside whole and the copy is ready, forward from then on, and
+/// back again once an error is being undone.
+pub(super) const JOURNAL: &str = "breakglass.db.restore-journal";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Journal {
+    direction: Direction,
+    /// The kept names' suffix: `breakglass.db.before-restore-<stamp>`.
+    stamp: String,
+    /// The copy's anchor, for `audit.head` when it goes in.
+    head: Head,
+    /// `audit.head` as it was (none: there was none), for when it comes back.
+    old_anchor: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Direction {
+    Forward,
+    Back,
+}
+
+/// The names a swap works with in one data directory.
+struct Swap {
+    dir: PathBuf,
+    live: PathBuf,
+    /// The checked copy; the lock is ours, no other restore runs, so a
+    /// fixed name will do.
+    temporary: PathBuf,
+    anchor: PathBuf,
+    journal: PathBuf,
+    stamp: String,
+}
+
+impl Swap {
+    fn new(dir: &Path, now_ms: i64) -> Swap {
+        Swap::with_stamp(dir, stamp(now_ms))
+    }
+
+    fn with_stamp(dir: &Path, stamp: String) -> Swap {
+        Swap {
+            dir: dir.to_owned(),
+            live: dir.join("breakglass.db"),
+            temporary: dir.join("breakglass.db.restoring"),
+            anchor: head_path(dir),
+            journal: dir.join(JOURNAL),
+            stamp,
+        }
+    }
+
+    /// `path` (the database or the anchor) under its kept name.
+    fn aside(&self, path: &Path, suffix: &str) -> PathBuf {
+        PathBuf::from(format!("{}.before-restore-{}{suffix}", path.display(), self.stamp))
+    }
+
+    fn write_journal(&self, journal: &Journal) -> io::Result<()> {
+        let text = serde_json::to_string(journal).map_err(io::Error::other)?;
+        write_atomically(&self.journal, text.as_bytes(), 0o600)?;
+        self.sync()
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// Gives the database, its WAL and its `-shm` their kept names too
+    /// (hard links: the live names stay, whole, until the copy takes them).
+    fn link_aside(&self, step: Step<'_>) -> Result<(), BackupError> {
+        for suffix in ["-wal", "-shm", ""] {
+            let (from, to) = (with(&self.live, suffix), self.aside(&self.live, suffix));
+            step("link aside").map_err(|e| io_error(&to, e))?;
+            match fs::hard_link(&from, &to) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(&to, e)),
+            }
+        }
+        step("sync").and_then(|()| self.sync()).map_err(|e| io_error(&self.dir, e))
+    }
+
+    /// Puts the copy in and its anchor, keeping the old anchor aside. Each
+    /// step can be taken again after a crash: the journal is removed last.
+    fn forward(&self, journal: &Journal, step: Step<'_>) -> Result<(), BackupError> {
+        if let Some(old) = &journal.old_anchor {
+            let kept = self.aside(&self.anchor, "");
+            step("keep anchor")
+                .and_then(|()| write_atomically(&kept, old.as_bytes(), 0o600))
+                .map_err(|e| io_error(&kept, e))?;
+        }
+        step("anchor").map_err(|e| io_error(&self.anchor, e)).and_then(|()| write_anchor(&self.dir, &journal.head))?;
+        // The old WAL must not meet the copy: SQLite would replay its pages
+        // into it. It goes only where its kept link holds it.
+        for suffix in ["-shm", "-wal"] {
+            let (live, kept) = (with(&self.live, suffix), self.aside(&self.live, suffix));
+            if !live.exists() {
+                continue;
+            }
+            if !kept.exists() {
+                let source = io::Error::other("not kept aside, so not removed; the copy is not put in beside it");
+                return Err(io_error(&live, source));
+            }
+            step("remove").and_then(|()| fs::remove_file(&live)).map_err(|e| io_error(&live, e))?;
+        }
+        if self.temporary.exists() {
+            // One rename replaces the old database with the copy.
+            step("rename")
+                .and_then(|()| fs::rename(&self.temporary, &self.live))
+                .map_err(|e| io_error(&self.live, e))?;
+        }
+        step("sync").and_then(|()| self.sync()).map_err(|e| io_error(&self.dir, e))?;
+        step("remove journal").and_then(|()| self.remove_journal()).map_err(|e| io_error(&self.journal, e))
+    }
+
+    /// Puts the replaced database, its WAL and its anchor back, and removes
+    /// the copy and everything kept: the data directory is as it was. Each
+    /// step can be taken again after a crash.
+    fn back(&self, journal: &Journal) -> Result<(), BackupError> {
+        for suffix in ["", "-wal", "-shm"] {
+            let (live, kept) = (with(&self.live, suffix), self.aside(&self.live, suffix));
+            if fs::symlink_metadata(&kept).is_err() {
+                continue;
+            }
+            fs::rename(&kept, &live).map_err(|e| io_error(&live, e))?;
+            // Still two links of one file (nothing had replaced the live
+            // one): rename leaves both.
+            remove_if_there(&kept)?;
+        }
+        match &journal.old_anchor {
+            Some(old) => {
+                write_atomically(&self.anchor, old.as_bytes(), 0o600).map_err(|e| io_error(&self.anchor, e))?
+            }
+            None => remove_if_there(&self.anchor)?,
+        }
+        remove_if_there(&self.aside(&self.anchor, ""))?;
+        for suffix in ["", "-journal", "-wal", "-shm"] {
+            remove_if_there(&with(&self.temporary, suffix))?;
+        }
+        self.sync().map_err(|e| io_error(&self.dir, e))?;
+        self.remove_journal().map_err(|e| io_error(&self.journal, e))
+    }
+
+    fn remove_journal(&self) -> io::Result<()> {
+        fs::remove_file(&self.journal)?;
+        self.sync()
+    }
+}
+
+fn with(path: &Path, suffix: &str) -> PathBuf {
+    PathBuf::from(format!("{}{suffix}", path.display()))
+}
+
+fn remove_if_there(path: &Path) -> Result<(), BackupError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error(path, e)),
+    }
+}
+
+/// What [`finish_interrupted`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// There was no restore to finish.
+    Nothing,
+    /// An interrupted restore was finished: the copy is in place.
+    Restored,
+    /// An interrupted restore was undone: the old database is back.
+    Undone,
+}
+
+/// Finishes a restore that a crash interrupted in `data_dir`, in the
+/// direction its journal says, and removes a copy no restore is using.
+/// Only for the holder of the data directory's lock (a server starting, a
+/// restore): no one may open the database before this.
+pub(super) fn finish_interrupted(data_dir: &Path) -> Result<Finished, BackupError> {
+    let swap = Swap::with_stamp(data_dir, String::new());
+    let text = match fs::read_to_string(&swap.journal) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // A restore that crashed before its journal changed nothing
+            // but the copy.
+            remove_with_journals(&swap.temporary);
+            return Ok(Finished::Nothing);
+        }
+        Err(e) => return Err(io_error(&swap.journal, e)),
+    };
+    let journal: Journal = serde_json::from_str(&text).map_err(|e| io_error(&swap.journal, io::Error::other(e)))?;
+    let swap = Swap::with_stamp(data_dir, journal.stamp.clone());
+    let finished = match journal.direction {
+        Direction::Forward => swap.forward(&journal, &mut |_| Ok(())).map(|()| Finished::Restored)?,
+        Direction::Back => swap.back(&journal).map(|()| Finished::Undone)?,
+    };
+    match finished {
+        Finished::Restored => tracing::warn!(dir = %data_dir.display(), "finished a restore a crash had interrupted"),
+        Finished::Undone => tracing::warn!(dir = %data_dir.display(), "undid a restore a crash had interrupted"),
+        Finished::Nothing => {}
+    }
+    Ok(finished)
 }
 
 /// Copies the backup into `temporary` (mode 0600, the data directory's
@@ -535,5 +770,146 @@ mod tests {
             .query_row("SELECT count(*) FROM sqlite_schema WHERE name = ?1", [ANCHOR_TABLE], |r| r.get(0))
             .unwrap();
         assert_eq!(tables, 0, "the anchor leaves the database for audit.head");
+    }
+
+    /// What a data directory holds as `verify_audit` and `audit.head` see
+    /// it, and how many sessions its database has.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Seen {
+        records: u64,
+        head: Head,
+        sessions: i64,
+    }
+
+    fn seen(data: &Path) -> Seen {
+        let records = match crate::store::verify_audit(data).unwrap() {
+            AuditCheck::Intact { records } => records,
+            broken => panic!("the trail does not verify: {broken:?}"),
+        };
+        let sessions = Connection::open_with_flags(data.join("breakglass.db"), OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap()
+            .query_row("SELECT count(*) FROM sessions", [], |r| r.get(0))
+            .unwrap();
+        Seen { records, head: read_head(data).unwrap().unwrap(), sessions }
+    }
+
+    /// A data directory as a server killed -9 leaves it (its last commits,
+    /// audit records among them, only in the WAL, and `audit.head` naming
+    /// the last record), a backup taken earlier, and what each holds.
+    struct Crashed {
+        data: tempfile::TempDir,
+        file: PathBuf,
+        old: Seen,
+        new: Seen,
+        _scratch: tempfile::TempDir,
+    }
+
+    async fn crashed_data_and_an_older_backup() -> Crashed {
+        let scratch = tempfile::tempdir().unwrap();
+        let store = Store::open(scratch.path(), Durability::Normal).unwrap();
+        for i in 0..2 {
+            store.audit(crate::store::audit::tests::sample_record(i)).await.unwrap();
+        }
+        let file = scratch.path().join("copy.db");
+        backup(scratch.path(), &file, false).unwrap();
+        for i in 2..5 {
+            store.audit(crate::store::audit::tests::sample_record(i)).await.unwrap();
+        }
+        store.create_session(uuid::Uuid::new_v4()).await.unwrap();
+        let data = tempfile::tempdir().unwrap();
+        for name in ["breakglass.db", "breakglass.db-wal", "audit.head"] {
+            fs::copy(scratch.path().join(name), data.path().join(name)).unwrap();
+        }
+        drop(store);
+        assert!(fs::metadata(data.path().join("breakglass.db-wal")).unwrap().len() > 0, "the WAL holds commits");
+        let old = seen(data.path());
+        assert_eq!((old.records, old.sessions), (5, 1));
+        assert!(data.path().join("breakglass.db-wal").exists(), "reading leaves the WAL");
+        let head = Connection::open_with_flags(&file, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap()
+            .query_row(&format!("SELECT audit_seq, audit_hash FROM {ANCHOR_TABLE}"), [], |r| {
+                Ok(Head { seq: r.get(0)?, hash: r.get(1)? })
+            })
+            .unwrap();
+        let new = Seen { records: 2, head, sessions: 0 };
+        Crashed { data, file, old, new, _scratch: scratch }
+    }
+
+    /// The names in a directory, sorted.
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> =
+            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+
+    /// Regression: once the anchor was reset, a failed step of the swap
+    /// returned at once, leaving `audit.head` at genesis (the old trail no
+    /// longer anchored), the temporary behind, and after the database was
+    /// moved away, no database at all. An error at any step now puts back
+    /// the database with its WAL, its anchor and nothing else, and says so.
+    #[tokio::test]
+    async fn a_restore_that_fails_at_any_step_leaves_the_old_database_its_wal_and_its_anchor() {
+        let mut steps = 0;
+        for fail_at in 1.. {
+            let crashed = crashed_data_and_an_older_backup().await;
+            let data = crashed.data.path();
+            let mut before = listing(data);
+            before.push("breakglass.lock".into());
+            before.sort();
+            let mut step = 0;
+            let result = restore_with(data, &crashed.file, false, &mut |name| {
+                step += 1;
+                if step == fail_at { Err(io::Error::other(format!("injected failure at {name}"))) } else { Ok(()) }
+            });
+            let Err(err) = result else {
+                assert_eq!(seen(data), crashed.new, "a restore that did not fail took effect");
+                steps = fail_at - 1;
+                break;
+            };
+            let said = err.to_string();
+            assert!(said.contains("injected failure"), "step {fail_at}: {said}");
+            assert!(said.contains("undone"), "step {fail_at}: the error says the restore was undone: {said}");
+            assert_eq!(listing(data), before, "step {fail_at}: {said}");
+            assert_eq!(seen(data), crashed.old, "step {fail_at}: {said}");
+        }
+        assert!(steps >= 5, "every step was failed once: {steps}");
+    }
+
+    /// A crash at any step of the swap leaves, once the next server has
+    /// opened the data directory, the old database with its WAL's commits
+    /// and its anchor, or the restored one with its own: never no database
+    /// (which the server would have replaced by an empty one), never a
+    /// trail anchored to the other database, never the temporary.
+    #[tokio::test]
+    async fn a_restore_that_crashes_at_any_step_leaves_the_old_database_or_the_new_one() {
+        let (mut old, mut new) = (0, 0);
+        for crash_at in 1.. {
+            let crashed = crashed_data_and_an_older_backup().await;
+            let data = crashed.data.path();
+            let file = crashed.file.clone();
+            let restored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut step = 0;
+                restore_with(data, &file, false, &mut |name| {
+                    step += 1;
+                    assert_ne!(step, crash_at, "the process dies at {name}");
+                    Ok(())
+                })
+            }));
+            if restored.is_ok() {
+                break;
+            }
+            drop(Store::open(data, Durability::Normal).unwrap());
+            let now = seen(data);
+            if now == crashed.old {
+                old += 1;
+            } else {
+                assert_eq!(now, crashed.new, "crash at step {crash_at}");
+                new += 1;
+            }
+            let names = listing(data);
+            assert!(!names.iter().any(|n| n.contains("restoring")), "crash at step {crash_at}: {names:?}");
+        }
+        assert!(old > 0 && new > 0, "the crashes fell before and after the swap: {old} old, {new} new");
     }
 }

@@ -373,6 +373,13 @@ impl Store {
 
     pub(crate) fn open_with(dir: &Path, durability: Durability, faults: Faults) -> Result<Store, OpenError> {
         let lock = lock_dir(dir)?;
+        // A restore a crash interrupted is finished before the database is
+        // opened, or the server would meet it half replaced (README "Data,
+        // durability and backups").
+        backup::finish_interrupted(dir).map_err(|err| OpenError::Io {
+            path: dir.join(backup::JOURNAL),
+            source: std::io::Error::other(err.to_string()),
+        })?;
         let path = dir.join("breakglass.db");
         let created = match std::fs::metadata(&path) {
             Ok(meta) if meta.len() == 0 => return Err(OpenError::Empty { path }),
