@@ -238,8 +238,10 @@ pub async fn run(api: Api, session: Option<String>, new: bool) -> Result<(), Cli
                 }
             }
             _ = interrupts.recv() => interrupt(&api, &attached, &mut screen, &mut requests),
-            link = attached.links.recv() => {
-                let Some(link) = link else { continue };
+            // Once the stream task has ended (after a fatal refusal) the
+            // channel is closed: the pattern disables this branch rather
+            // than have every turn of the loop find it ready.
+            Some(link) = attached.links.recv() => {
                 attached.transcript.set_width(width());
                 let ops = match link {
                     Link::Event(id, event) => attached.transcript.event(&event, Some(id), crate::util::now_ms()),

@@ -283,6 +283,12 @@ async fn an_approval_allowed_in_the_terminal_runs_the_tool_and_one_denied_blocks
 struct Relay {
     base: String,
     refusing: Arc<AtomicBool>,
+    /// New connections are accepted and then held: never answered, never closed.
+    holding: Arc<AtomicBool>,
+    /// Connections held so far.
+    held: Arc<AtomicU64>,
+    /// Where connections are relayed to (`host:port`).
+    to: Arc<std::sync::Mutex<String>>,
     cut: tokio::sync::watch::Sender<u64>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -290,15 +296,17 @@ struct Relay {
 
 impl Relay {
     fn start(to: &str) -> Relay {
-        let to = to.trim_start_matches("http://").to_owned();
+        let to = Arc::new(std::sync::Mutex::new(to.trim_start_matches("http://").to_owned()));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let refusing = Arc::new(AtomicBool::new(false));
+        let holding = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(AtomicU64::new(0));
         let (cut, cuts) = tokio::sync::watch::channel(0u64);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = {
-            let refusing = refusing.clone();
+            let (refusing, holding, held, to) = (refusing.clone(), holding.clone(), held.clone(), to.clone());
             std::thread::spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
                 runtime.block_on(async move {
@@ -310,7 +318,15 @@ impl Relay {
                             if refusing.load(Ordering::SeqCst) {
                                 continue; // dropped: closed at once
                             }
-                            let to = to.clone();
+                            if holding.load(Ordering::SeqCst) {
+                                held.fetch_add(1, Ordering::SeqCst);
+                                connections.spawn(async move {
+                                    let _client = client;
+                                    std::future::pending::<()>().await;
+                                });
+                                continue;
+                            }
+                            let to = to.lock().unwrap().clone();
                             let mut cuts = cuts.clone();
                             cuts.mark_unchanged();
                             connections.spawn(async move {
@@ -329,7 +345,19 @@ impl Relay {
                 });
             })
         };
-        Relay { base, refusing, cut, stop: Some(stop), thread: Some(thread) }
+        Relay { base, refusing, holding, held, to, cut, stop: Some(stop), thread: Some(thread) }
+    }
+
+    /// From now on, relays to `to` (an `http://` base).
+    fn redirect(&self, to: &str) {
+        *self.to.lock().unwrap() = to.trim_start_matches("http://").to_owned();
+    }
+
+    /// Cuts every open connection and answers none of the new ones: they
+    /// are accepted and held, as a server that hangs would.
+    fn hang(&self) {
+        self.holding.store(true, Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
     }
 
     fn cut(&self) {
@@ -339,6 +367,7 @@ impl Relay {
 
     fn restore(&self) {
         self.refusing.store(false, Ordering::SeqCst);
+        self.holding.store(false, Ordering::SeqCst);
     }
 }
 
@@ -514,4 +543,66 @@ async fn verb_follows_the_operation_to_its_end_and_its_exit_status_says_how_it_e
     let default = client(&server.base, &["verb", "status"]);
     assert_eq!(default.status.code(), Some(0), "{}", text(&default.stderr));
     assert!(!default.stdout.is_empty(), "the host's output");
+}
+
+/// A terminal attached through a relay to a server whose token then
+/// changes: the stream is refused (401) and the client cannot attach again.
+/// The servers and relay are returned so they outlive the terminal.
+async fn attach_then_refused() -> (Server, Server, Relay, Terminal) {
+    let mut first = Server::start();
+    first.open_session().await;
+    let relay = Relay::start(&first.base);
+    let terminal = Terminal::attach(&relay.base, &[]);
+    terminal.until_shows("breakglass> ");
+    relay.cut();
+    terminal.until_shows("link down (");
+    first.kill9();
+    let rotated = Server::options().no_token().env("API_BEARER_TOKEN", "a-rotated-token-0123456789").start();
+    relay.redirect(&rotated.base);
+    relay.restore();
+    terminal.until_shows("! cannot attach again: the server refused our credentials (401)");
+    (first, rotated, relay, terminal)
+}
+
+impl Terminal {
+    /// The client's pid (tmux runs it directly, without a shell).
+    fn pid(&self) -> u32 {
+        self.tmux_str(&["display-message", "-p", "#{pane_pid}"]).trim().parse().expect("pane_pid")
+    }
+
+    /// Waits for the client to exit: its status.
+    fn exited(&self) -> i32 {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.exit_status() {
+                return status;
+            }
+            assert!(start.elapsed() < DEADLINE, "the client did not exit; the screen:\n{}", self.screen());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// CPU time (user + system) a process has used, from /proc.
+fn cpu_time(pid: u32) -> std::time::Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat.rsplit_once(") ").expect("stat format").1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    std::time::Duration::from_millis(ticks * 10)
+}
+
+#[tokio::test]
+async fn attach_idles_after_the_server_refuses_it_for_good() {
+    let (_first, _rotated, _relay, terminal) = attach_then_refused().await;
+    let pid = terminal.pid();
+    assert!(std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap().starts_with("breakglass"));
+    // A window of a second, polled: a client spinning on a closed channel
+    // burns all of it; one waiting for the operator next to nothing.
+    let before = cpu_time(pid);
+    let start = Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(1) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let used = cpu_time(pid) - before;
+    assert!(used < std::time::Duration::from_millis(200), "{used:?} of CPU in a second of waiting");
 }
