@@ -448,7 +448,7 @@ async fn follow(api: Api, session: String, idle: Duration, links: mpsc::Unbounde
     let mut down = false;
     let mut backoff = Backoff::new();
     loop {
-        let why = match api.stream(&path, last).await {
+        let why = match api.stream(&path, last, idle).await {
             Ok(response) => {
                 if std::mem::take(&mut down) {
                     let _ = links.send(Link::Up);

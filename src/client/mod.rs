@@ -202,7 +202,7 @@ async fn operation(api: &Api, target: &str, verb: &str) -> Result<(), ClientErro
     let mut done: Option<Value> = None;
     let mut backoff = sse::Backoff::new();
     while done.is_none() {
-        let opened = api.stream(&path, last).await;
+        let opened = api.stream(&path, last, sse::IDLE_DEFAULT).await;
         let cut = match opened {
             Ok(response) => {
                 backoff.reset();
@@ -246,7 +246,7 @@ async fn operation(api: &Api, target: &str, verb: &str) -> Result<(), ClientErro
 /// has finished): over ssh the host's output and exit code, on an API
 /// backend its operation.
 async fn default_verb(api: &Api, verb: &str) -> Result<(), ClientError> {
-    let (status, body) = api.default_verb(verb).await?;
+    let (status, body) = api.default_verb(verb, api::VERB_WAIT).await?;
     if !matches!(status.as_u16(), 200 | 502) {
         return Err(ClientError::from_answer(status, &body));
     }

@@ -606,3 +606,21 @@ async fn attach_idles_after_the_server_refuses_it_for_good() {
     let used = cpu_time(pid) - before;
     assert!(used < std::time::Duration::from_millis(200), "{used:?} of CPU in a second of waiting");
 }
+
+#[tokio::test]
+async fn attach_gives_up_on_a_server_that_accepts_but_never_answers_and_reattaches() {
+    let server = Server::options().env("BREAKGLASS_SSE_KEEPALIVE_SECONDS", "1").start();
+    let session = server.open_session().await;
+    let relay = Relay::start(&server.base);
+    let terminal = Terminal::attach(&relay.base, &[]);
+    terminal.until_shows("breakglass> ");
+    relay.hang();
+    terminal.until_shows("link down (");
+    crate::harness::wait_until("a reconnect to be held unanswered", || relay.held.load(Ordering::SeqCst) > 0);
+    server.run_turn(&session, "say while it hung\nresult").await;
+    relay.restore();
+    // The held request is dropped after the idle limit (2 × 1 s + 5 s) and
+    // the next one goes through.
+    let screen = terminal.until("the reattach", |s| s.contains("reattached") && s.contains("while it hung"));
+    assert_eq!(count(&screen, "link down ("), 1, "{screen}");
+}
