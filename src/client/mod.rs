@@ -65,7 +65,10 @@ impl ClientError {
         let code = status.as_u16();
         match code {
             401 | 403 => ClientError::Auth { status: code, detail },
-            502 => ClientError::Failed(detail),
+            // A 502 says "the verb ran and failed" only from POST
+            // /api/pve/{verb} with breakglass's own answer (see
+            // `default_verb`); anywhere else it is a proxy in front whose
+            // server is down (a pod being recreated): worth trying again.
             400..=499 | 503 => ClientError::Refused { status: code, detail },
             _ => ClientError::Server { status: code, detail },
         }
@@ -247,7 +250,12 @@ async fn operation(api: &Api, target: &str, verb: &str) -> Result<(), ClientErro
 /// backend its operation.
 async fn default_verb(api: &Api, verb: &str) -> Result<(), ClientError> {
     let (status, body) = api.default_verb(verb, api::VERB_WAIT).await?;
-    if !matches!(status.as_u16(), 200 | 502) {
+    // The server's 502 carries the host's answer or the operation with its
+    // `detail` (README "API"); a proxy's 502 carries neither.
+    let ran = status.as_u16() == 200
+        || (status.as_u16() == 502
+            && (body.get("exit_code").is_some() || body.get("stdout").is_some() || body["detail"].is_string()));
+    if !ran {
         return Err(ClientError::from_answer(status, &body));
     }
     if let Some(steps) = body["steps"].as_array() {

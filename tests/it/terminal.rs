@@ -287,6 +287,9 @@ struct Relay {
     holding: Arc<AtomicBool>,
     /// Connections held so far.
     held: Arc<AtomicU64>,
+    /// Every request is answered 502 with an HTML page, as a reverse proxy
+    /// (ingress-nginx) answers while the server behind it is down.
+    bad_gateway: Arc<AtomicBool>,
     /// Where connections are relayed to (`host:port`).
     to: Arc<std::sync::Mutex<String>>,
     cut: tokio::sync::watch::Sender<u64>,
@@ -303,10 +306,12 @@ impl Relay {
         let refusing = Arc::new(AtomicBool::new(false));
         let holding = Arc::new(AtomicBool::new(false));
         let held = Arc::new(AtomicU64::new(0));
+        let bad_gateway = Arc::new(AtomicBool::new(false));
         let (cut, cuts) = tokio::sync::watch::channel(0u64);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = {
             let (refusing, holding, held, to) = (refusing.clone(), holding.clone(), held.clone(), to.clone());
+            let bad_gateway = bad_gateway.clone();
             std::thread::spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
                 runtime.block_on(async move {
@@ -323,6 +328,21 @@ impl Relay {
                                 connections.spawn(async move {
                                     let _client = client;
                                     std::future::pending::<()>().await;
+                                });
+                                continue;
+                            }
+                            if bad_gateway.load(Ordering::SeqCst) {
+                                connections.spawn(async move {
+                                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                                    let mut request = [0u8; 4096];
+                                    let _ = client.read(&mut request).await;
+                                    let page = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+                                    let answer = format!(
+                                        "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                                        page.len()
+                                    );
+                                    let _ = client.write_all(answer.as_bytes()).await;
+                                    let _ = client.shutdown().await;
                                 });
                                 continue;
                             }
@@ -345,7 +365,7 @@ impl Relay {
                 });
             })
         };
-        Relay { base, refusing, holding, held, to, cut, stop: Some(stop), thread: Some(thread) }
+        Relay { base, refusing, holding, held, bad_gateway, to, cut, stop: Some(stop), thread: Some(thread) }
     }
 
     /// From now on, relays to `to` (an `http://` base).
@@ -365,9 +385,16 @@ impl Relay {
         self.cut.send_modify(|n| *n += 1);
     }
 
+    /// Cuts every open connection and answers every new request 502.
+    fn bad_gateway(&self) {
+        self.bad_gateway.store(true, Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
     fn restore(&self) {
         self.refusing.store(false, Ordering::SeqCst);
         self.holding.store(false, Ordering::SeqCst);
+        self.bad_gateway.store(false, Ordering::SeqCst);
     }
 }
 
@@ -623,4 +650,27 @@ async fn attach_gives_up_on_a_server_that_accepts_but_never_answers_and_reattach
     // the next one goes through.
     let screen = terminal.until("the reattach", |s| s.contains("reattached") && s.contains("while it hung"));
     assert_eq!(count(&screen, "link down ("), 1, "{screen}");
+}
+
+#[tokio::test]
+async fn a_proxys_502_is_a_server_down_and_attach_reconnects_through_it() {
+    let server = Server::start();
+    let session = server.open_session().await;
+    let relay = Relay::start(&server.base);
+    let terminal = Terminal::attach(&relay.base, &[]);
+    terminal.until_shows("breakglass> ");
+    relay.bad_gateway();
+    terminal.until_shows("link down (");
+
+    for args in [&["sessions"][..], &["verb", "status"][..], &["verb", "--target", "vm", "status"][..]] {
+        let out = client(&relay.base, args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: the server is down, no verb ran: {stderr}");
+        assert!(stderr.contains("the server failed (502): Bad Gateway"), "{args:?}: {stderr}");
+    }
+
+    server.run_turn(&session, "say behind the proxy\nresult").await;
+    relay.restore();
+    let screen = terminal.until("the reattach", |s| s.contains("reattached") && s.contains("behind the proxy"));
+    assert!(!screen.contains("cannot attach again"), "{screen}");
 }
