@@ -28,6 +28,11 @@ use super::sse::{self, Backoff, Parsed};
 
 const PROMPT: &str = "breakglass> ";
 
+/// How long leaving waits for the requests still in flight (the last
+/// prompt or decision typed before Ctrl-D, or piped in before the end of
+/// input) to be answered.
+const DRAIN: Duration = Duration::from_secs(5);
+
 const HELP: &str = "Type a prompt and Enter to send it to the agent.\n\
   Ctrl-C        stop the running turn (at an idle prompt: clear the line)\n\
   /allow [ID]   allow the tool call waiting for you (y does too)\n\
@@ -266,6 +271,21 @@ pub async fn run(api: Api, session: Option<String>, new: bool) -> Result<(), Cli
         }
     }
     attached.stop().await;
+    // What the operator typed last is sent, not cancelled by leaving; what
+    // fails is said.
+    let drained = tokio::time::timeout(DRAIN, async {
+        while let Some(said) = requests.join_next().await {
+            if let Ok(said) = said
+                && !said.text.is_empty()
+            {
+                screen.say(said.text);
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        screen.say(format!("! left with {} request(s) unanswered after {} s", requests.len(), DRAIN.as_secs()));
+    }
     requests.shutdown().await;
     // The editor has returned its last line (EOF or /quit) and ends by itself.
     drop(input);

@@ -674,3 +674,32 @@ async fn a_proxys_502_is_a_server_down_and_attach_reconnects_through_it() {
     let screen = terminal.until("the reattach", |s| s.contains("reattached") && s.contains("behind the proxy"));
     assert!(!screen.contains("cannot attach again"), "{screen}");
 }
+
+/// Runs `breakglass attach <args>` with `input` on its stdin (no terminal).
+fn attach_piped(base: &str, args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(server_binary())
+        .arg("attach")
+        .args(args)
+        .env_clear()
+        .env("BREAKGLASS_URL", base)
+        .env("API_BEARER_TOKEN", TOKEN)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run breakglass attach");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().expect("wait for attach")
+}
+
+#[tokio::test]
+async fn a_prompt_piped_into_attach_reaches_the_server_before_it_leaves() {
+    let server = Server::start();
+    let session = server.open_session().await;
+    let out = attach_piped(&server.base, &[], "say piped in\n");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let events = server.attach(&session, None).await.until_caught_up().await;
+    let users: Vec<&str> = events.iter().filter(|e| e["kind"] == "user").filter_map(|e| e["text"].as_str()).collect();
+    assert_eq!(users, ["say piped in"], "the prompt was sent, not cancelled by the end of input");
+}
