@@ -214,6 +214,10 @@ pub async fn run(api: Api, session: Option<String>, new: bool) -> Result<(), Cli
     let mut attached = Attached::start(&api, session, idle, width());
     screen.say(banner(&attached.session, opened));
     let mut requests: JoinSet<Said> = JoinSet::new();
+    // Why the server will not let this session be followed any more: the
+    // exit status says so when the operator leaves (README "The terminal
+    // client", exit 3 for a refused token).
+    let mut fatal: Option<ClientError> = None;
     loop {
         tokio::select! {
             // The operator's keys first: Enter moves the live line up.
@@ -231,6 +235,7 @@ pub async fn run(api: Api, session: Option<String>, new: bool) -> Result<(), Cli
                             Command::Quit => break,
                             Command::New => match api.open_session().await {
                                 Ok(id) => {
+                                    fatal = None;
                                     attached.stop().await;
                                     attached = Attached::start(&api, id, idle, width());
                                     screen.say(banner(&attached.session, true));
@@ -255,7 +260,11 @@ pub async fn run(api: Api, session: Option<String>, new: bool) -> Result<(), Cli
                     Link::Skipped => vec![Op::Print("  · (an event too large to show)".into())],
                     Link::Down(why) => vec![Op::Print(format!("link down ({why}), reconnecting…"))],
                     Link::Up => vec![Op::Print("reattached".into())],
-                    Link::Fatal(err) => vec![Op::Print(format!("! cannot attach again: {err} (Ctrl-D to leave)"))],
+                    Link::Fatal(err) => {
+                        let said = format!("! cannot attach again: {err} (Ctrl-D to leave)");
+                        fatal = Some(err);
+                        vec![Op::Print(said)]
+                    }
                 };
                 screen.apply(ops);
             }
@@ -290,7 +299,7 @@ pub async fn run(api: Api, session: Option<String>, new: bool) -> Result<(), Cli
     // The editor has returned its last line (EOF or /quit) and ends by itself.
     drop(input);
     let _ = editor_thread.join();
-    Ok(())
+    fatal.map_or(Ok(()), Err)
 }
 
 /// The session to attach to: the one named, a new one, or the newest (a

@@ -604,7 +604,13 @@ impl Terminal {
             if let Some(status) = self.exit_status() {
                 return status;
             }
-            assert!(start.elapsed() < DEADLINE, "the client did not exit; the screen:\n{}", self.screen());
+            assert!(
+                start.elapsed() < DEADLINE,
+                "the client did not exit (tmux: dead, status, signal: {}); the screen:\n{}",
+                self.tmux_str(&["display-message", "-p", "#{pane_dead} #{pane_dead_status} #{pane_dead_signal}"])
+                    .trim(),
+                self.screen()
+            );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
@@ -702,4 +708,11 @@ async fn a_prompt_piped_into_attach_reaches_the_server_before_it_leaves() {
     let events = server.attach(&session, None).await.until_caught_up().await;
     let users: Vec<&str> = events.iter().filter(|e| e["kind"] == "user").filter_map(|e| e["text"].as_str()).collect();
     assert_eq!(users, ["say piped in"], "the prompt was sent, not cancelled by the end of input");
+}
+
+#[tokio::test]
+async fn attach_leaves_with_status_three_after_the_server_refused_its_token_mid_session() {
+    let (_first, _rotated, _relay, terminal) = attach_then_refused().await;
+    terminal.keys("C-d");
+    assert_eq!(terminal.exited(), 3, "the token was refused: {}", terminal.screen());
 }
