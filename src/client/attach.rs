@@ -225,7 +225,11 @@ pub async fn run(api: Api, session: Option<String>, new: bool) -> Result<(), Cli
             typed = input.recv() => {
                 let typed = typed.unwrap_or(Input::Eof);
                 screen.live_shown = false;
-                attached.transcript.commit_live();
+                // Only a live line that was shown is moved up by typing; in
+                // a pipe none is, and its text must still come with the block.
+                if screen.printer.is_some() {
+                    attached.transcript.commit_live();
+                }
                 match typed {
                     Input::Eof => break,
                     Input::Interrupt => interrupt(&api, &attached, &mut screen, &mut requests),

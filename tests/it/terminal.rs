@@ -716,3 +716,47 @@ async fn attach_leaves_with_status_three_after_the_server_refused_its_token_mid_
     terminal.keys("C-d");
     assert_eq!(terminal.exited(), 3, "the token was refused: {}", terminal.screen());
 }
+
+#[tokio::test]
+async fn attach_into_a_pipe_keeps_text_that_streamed_while_a_line_was_typed() {
+    use std::io::{BufRead, Write};
+    let server = Server::start();
+    let session = server.open_session().await;
+    let mut child = Command::new(server_binary())
+        .arg("attach")
+        .env_clear()
+        .env("BREAKGLASS_URL", &server.base)
+        .env("API_BEARER_TOKEN", TOKEN)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run breakglass attach");
+    let printed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let (stdout, printed) = (child.stdout.take().unwrap(), printed.clone());
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                printed.lock().unwrap().push(line);
+            }
+        })
+    };
+    let shows = |text: &str| printed.lock().unwrap().iter().any(|l| l.contains(text));
+    crate::harness::eventually("the banner", || shows("attached to session")).await;
+
+    let mut watch = server.attach(&session, None).await;
+    watch.until_caught_up().await;
+    server.start_turn(&session, "stream 0.3 alpha beta gamma delta epsilon").await;
+    while !matches!(watch.next().await, Some(crate::harness::Frame::Delta(_))) {}
+    // A line typed while the text grows (no live line is shown in a pipe).
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"/frob\n").unwrap();
+    watch.until_turn_end().await;
+    crate::harness::eventually("the turn's end", || shows("! agent ended without a result")).await;
+    drop(stdin);
+    assert_eq!(crate::harness::wait_child(&mut child, DEADLINE).and_then(|s| s.code()), Some(0));
+    reader.join().unwrap();
+    let printed = printed.lock().unwrap();
+    assert!(printed.iter().any(|l| l.contains("unknown command /frob")), "{printed:#?}");
+    assert!(printed.iter().any(|l| l == "alpha beta gamma delta epsilon"), "the text, whole: {printed:#?}");
+}
