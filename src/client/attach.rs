@@ -184,11 +184,7 @@ impl Screen {
 
 pub async fn run(api: Api, session: Option<String>, new: bool) -> Result<(), ClientError> {
     // Asked first, so that a wrong address or token fails before the editor starts.
-    let whoami = api.whoami().await?;
-    let idle = whoami["keepalive_seconds"]
-        .as_u64()
-        .filter(|s| (1..=3600).contains(s))
-        .map_or(sse::IDLE_DEFAULT, |s| Duration::from_secs(2 * s + 5));
+    let idle = sse::idle_for(&api.whoami().await?);
     let (session, opened) = choose(&api, session, new).await?;
 
     let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();

@@ -198,6 +198,8 @@ pub fn verb(args: VerbArgs) -> Result<(), ClientError> {
 /// A verb on a named target: its operation, followed to `done` over its
 /// stream (resumed after a cut with `Last-Event-ID`, README "Operations").
 async fn operation(api: &Api, target: &str, verb: &str) -> Result<(), ClientError> {
+    // Asked first: the stream's silence limit follows the server's keepalive.
+    let idle = sse::idle_for(&api.whoami().await?);
     let id = api.start_verb(target, verb).await?;
     eprintln!("{verb} on {}: operation {id}", sanitize(target));
     let path = format!("/api/operations/{}/stream", api::segment(&id));
@@ -205,11 +207,11 @@ async fn operation(api: &Api, target: &str, verb: &str) -> Result<(), ClientErro
     let mut done: Option<Value> = None;
     let mut backoff = sse::Backoff::new();
     while done.is_none() {
-        let opened = api.stream(&path, last, sse::IDLE_DEFAULT).await;
+        let opened = api.stream(&path, last, idle).await;
         let cut = match opened {
             Ok(response) => {
                 backoff.reset();
-                sse::read(response, sse::IDLE_DEFAULT, |frame| {
+                sse::read(response, idle, |frame| {
                     let Some((id, step)) = sse::event(&frame) else { return true };
                     last = Some(id);
                     match step["kind"].as_str() {

@@ -760,3 +760,17 @@ async fn attach_into_a_pipe_keeps_text_that_streamed_while_a_line_was_typed() {
     assert!(printed.iter().any(|l| l.contains("unknown command /frob")), "{printed:#?}");
     assert!(printed.iter().any(|l| l == "alpha beta gamma delta epsilon"), "the text, whole: {printed:#?}");
 }
+
+#[tokio::test]
+async fn verb_with_a_target_asks_the_servers_keepalive_before_following_the_operation() {
+    let host = Sshd::start(Pve::new());
+    let dir = tempfile::tempdir().unwrap();
+    let file = targets_file(dir.path(), &ssh_target("vm", &host, ""));
+    let server = serve(&host, &file);
+    let status = client(&server.base, &["verb", "--target", "vm", "status"]);
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status.stderr));
+    let log = server.log();
+    let asked = log.find("path=/api/whoami").expect("GET /api/whoami: its stream's silence limit comes from there");
+    let started = log.find("path=/api/targets/vm/verbs/status").expect("the verb");
+    assert!(asked < started, "{log}");
+}
