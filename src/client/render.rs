@@ -446,19 +446,30 @@ fn indent(text: &str, lead: &str) -> String {
 
 /// Text that cannot drive the terminal: every control character but the
 /// newline (escape, carriage return, backspace, the C1 controls including
-/// CSI), and every format character that hides or reorders text, is shown
-/// as `⟨U+XXXX⟩` instead; a tab becomes spaces.
+/// CSI), and every character that hides or reorders text (the set the web
+/// console escapes, `HIDDEN` in web/approval.js), is shown as `⟨U+XXXX⟩`
+/// instead; a tab becomes spaces.
 pub fn sanitize(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
             '\n' => out.push('\n'),
             '\t' => out.push_str("    "),
-            c if c.is_control() || is_format(c) => out.push_str(&format!("⟨U+{:04X}⟩", c as u32)),
+            c if c.is_control() || is_format(c) || is_blank(c) => out.push_str(&format!("⟨U+{:04X}⟩", c as u32)),
             c => out.push(c),
         }
     }
     out
+}
+
+/// Characters that draw nothing and are not format characters: private
+/// use (category Co, which a font may draw as anything or nothing), the
+/// variation selectors, the Hangul fillers and the combining grapheme joiner.
+fn is_blank(c: char) -> bool {
+    matches!(c as u32,
+        0xE000..=0xF8FF | 0xF0000..=0xFFFFD | 0x100000..=0x10FFFD
+        | 0xFE00..=0xFE0F | 0xE0100..=0xE01EF
+        | 0x115F | 0x1160 | 0x3164 | 0xFFA0 | 0x034F)
 }
 
 /// Unicode's format characters (category Cf) and the line and paragraph
@@ -492,6 +503,29 @@ mod tests {
         assert_eq!(sanitize("x\ry\u{9b}31m"), "x⟨U+000D⟩y⟨U+009B⟩31m");
         assert_eq!(sanitize("rm \u{202e}fdp.exe\u{200b}"), "rm ⟨U+202E⟩fdp.exe⟨U+200B⟩");
         assert_eq!(sanitize("line\nnext\tcol"), "line\nnext    col");
+    }
+
+    #[test]
+    fn the_invisible_characters_the_web_console_escapes_are_escaped_here_too() {
+        // Private use, variation selectors, Hangul fillers, the grapheme joiner.
+        for c in [
+            '\u{E000}',
+            '\u{F8FF}',
+            '\u{F0000}',
+            '\u{10FFFD}',
+            '\u{FE00}',
+            '\u{FE0F}',
+            '\u{E0100}',
+            '\u{E01EF}',
+            '\u{115F}',
+            '\u{1160}',
+            '\u{3164}',
+            '\u{FFA0}',
+            '\u{034F}',
+        ] {
+            assert_eq!(sanitize(&format!("a{c}b")), format!("a⟨U+{:04X}⟩b", c as u32));
+        }
+        assert_eq!(sanitize("café ☃ 日本"), "café ☃ 日本", "visible text stays as it is");
     }
 
     #[test]
