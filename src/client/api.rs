@@ -15,6 +15,10 @@ use super::ClientError;
 const MAX_ANSWER: usize = 8 * 1024 * 1024;
 /// A request other than a stream or a verb waited for gets this long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a verb on the default target is waited for: the server's
+/// default verb timeout (`BREAKGLASS_PVE_VERB_TIMEOUT_SECONDS`, README
+/// "Configuration") and a margin for ssh and the answer.
+pub const VERB_WAIT: Duration = Duration::from_secs(660 + 30);
 
 /// A client of one server.
 #[derive(Clone)]
@@ -64,6 +68,16 @@ impl Api {
     async fn send(&self, request: RequestBuilder) -> Result<(StatusCode, Value), ClientError> {
         let response = request.send().await.map_err(|err| self.unreachable(&err))?;
         let status = response.status();
+        let body = self.json_body(response).await?;
+        if status.is_success() && body.is_null() {
+            return Err(ClientError::Protocol(format!("{}: the answer ({status}) is not JSON", self.base)));
+        }
+        Ok((status, body))
+    }
+
+    /// The answer's body as JSON (`Null` when empty or not JSON), read no
+    /// further than [`MAX_ANSWER`].
+    async fn json_body(&self, response: reqwest::Response) -> Result<Value, ClientError> {
         let mut body = Vec::new();
         let mut chunks = response.bytes_stream();
         while let Some(chunk) = chunks.next().await {
@@ -73,11 +87,13 @@ impl Api {
             }
             body.extend_from_slice(&chunk);
         }
-        let body = if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).unwrap_or(Value::Null) };
-        if status.is_success() && body.is_null() {
-            return Err(ClientError::Protocol(format!("{}: the answer ({status}) is not JSON", self.base)));
-        }
-        Ok((status, body))
+        Ok(if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).unwrap_or(Value::Null) })
+    }
+
+    /// A server that accepted the connection but has not answered within
+    /// `limit`: as unreachable as one that refused it.
+    fn silent(&self, limit: Duration) -> ClientError {
+        ClientError::Unreachable(format!("{}: no answer within {} s", self.base, limit.as_secs_f32()))
     }
 
     pub fn unreachable(&self, err: &reqwest::Error) -> ClientError {
@@ -152,23 +168,36 @@ impl Api {
     }
 
     /// Runs a verb on the default target, answered when it has finished
-    /// (as long as the verb takes): status and body.
-    pub async fn default_verb(&self, verb: &str) -> Result<(StatusCode, Value), ClientError> {
-        self.send(self.request(Method::POST, &format!("/api/pve/{}", segment(verb)))).await
+    /// (as long as the verb takes, waited for up to `limit`): status and body.
+    pub async fn default_verb(&self, verb: &str, limit: Duration) -> Result<(StatusCode, Value), ClientError> {
+        let request = self.request(Method::POST, &format!("/api/pve/{}", segment(verb)));
+        tokio::time::timeout(limit, self.send(request)).await.map_err(|_| self.silent(limit))?
     }
 
-    /// Opens an SSE stream at `path`, after `last_event_id`.
-    pub async fn stream(&self, path: &str, last_event_id: Option<u64>) -> Result<reqwest::Response, ClientError> {
+    /// Opens an SSE stream at `path`, after `last_event_id`. The answer's
+    /// headers (or a refusal's body) must come within `idle`, the silence
+    /// after which an open stream counts as dead: a server that accepts and
+    /// never answers (a hung pod, a proxy holding the request) is a link
+    /// down like any other, not a wait without end.
+    pub async fn stream(
+        &self,
+        path: &str,
+        last_event_id: Option<u64>,
+        idle: Duration,
+    ) -> Result<reqwest::Response, ClientError> {
         let mut request = self.request(Method::GET, path).header("accept", "text/event-stream");
         if let Some(last) = last_event_id {
             request = request.header("last-event-id", last.to_string());
         }
-        let response = request.send().await.map_err(|err| self.unreachable(&err))?;
+        let response = tokio::time::timeout(idle, request.send())
+            .await
+            .map_err(|_| self.silent(idle))?
+            .map_err(|err| self.unreachable(&err))?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);
         }
-        let body = response.bytes().await.ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null);
+        let body = tokio::time::timeout(idle, self.json_body(response)).await.map_err(|_| self.silent(idle))??;
         Err(ClientError::from_answer(status, &body))
     }
 }
@@ -195,6 +224,40 @@ pub fn segment(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A loopback port that accepts connections, reads nothing and answers
+    /// `answer` (maybe nothing), holding each connection open.
+    async fn holding(answer: &'static [u8]) -> String {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let _ = socket.write_all(answer).await;
+                held.push(socket);
+            }
+        });
+        base
+    }
+
+    #[tokio::test]
+    async fn a_verb_on_the_default_target_is_not_waited_for_beyond_its_limit() {
+        let api = Api::new(&holding(b"").await, None).unwrap();
+        let started = std::time::Instant::now();
+        let err = api.default_verb("status", Duration::from_millis(300)).await.unwrap_err();
+        assert!(matches!(err, ClientError::Unreachable(ref why) if why.ends_with("no answer within 0.3 s")), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_whose_body_never_comes_is_a_link_down_within_the_idle_limit() {
+        let api = Api::new(&holding(b"HTTP/1.1 404 Not Found\r\ncontent-length: 100\r\n\r\n{").await, None).unwrap();
+        let started = std::time::Instant::now();
+        let err = api.stream("/api/session/x/stream", None, Duration::from_millis(300)).await.unwrap_err();
+        assert!(matches!(err, ClientError::Unreachable(_)), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 
     #[test]
     fn a_path_segment_cannot_climb_or_add_a_query() {

@@ -28,6 +28,11 @@ use super::sse::{self, Backoff, Parsed};
 
 const PROMPT: &str = "breakglass> ";
 
+/// How long leaving waits for the requests still in flight (the last
+/// prompt or decision typed before Ctrl-D, or piped in before the end of
+/// input) to be answered.
+const DRAIN: Duration = Duration::from_secs(5);
+
 const HELP: &str = "Type a prompt and Enter to send it to the agent.\n\
   Ctrl-C        stop the running turn (at an idle prompt: clear the line)\n\
   /allow [ID]   allow the tool call waiting for you (y does too)\n\
@@ -179,11 +184,7 @@ impl Screen {
 
 pub async fn run(api: Api, session: Option<String>, new: bool) -> Result<(), ClientError> {
     // Asked first, so that a wrong address or token fails before the editor starts.
-    let whoami = api.whoami().await?;
-    let idle = whoami["keepalive_seconds"]
-        .as_u64()
-        .filter(|s| (1..=3600).contains(s))
-        .map_or(sse::IDLE_DEFAULT, |s| Duration::from_secs(2 * s + 5));
+    let idle = sse::idle_for(&api.whoami().await?);
     let (session, opened) = choose(&api, session, new).await?;
 
     let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
@@ -209,6 +210,10 @@ pub async fn run(api: Api, session: Option<String>, new: bool) -> Result<(), Cli
     let mut attached = Attached::start(&api, session, idle, width());
     screen.say(banner(&attached.session, opened));
     let mut requests: JoinSet<Said> = JoinSet::new();
+    // Why the server will not let this session be followed any more: the
+    // exit status says so when the operator leaves (README "The terminal
+    // client", exit 3 for a refused token).
+    let mut fatal: Option<ClientError> = None;
     loop {
         tokio::select! {
             // The operator's keys first: Enter moves the live line up.
@@ -216,7 +221,11 @@ pub async fn run(api: Api, session: Option<String>, new: bool) -> Result<(), Cli
             typed = input.recv() => {
                 let typed = typed.unwrap_or(Input::Eof);
                 screen.live_shown = false;
-                attached.transcript.commit_live();
+                // Only a live line that was shown is moved up by typing; in
+                // a pipe none is, and its text must still come with the block.
+                if screen.printer.is_some() {
+                    attached.transcript.commit_live();
+                }
                 match typed {
                     Input::Eof => break,
                     Input::Interrupt => interrupt(&api, &attached, &mut screen, &mut requests),
@@ -226,6 +235,7 @@ pub async fn run(api: Api, session: Option<String>, new: bool) -> Result<(), Cli
                             Command::Quit => break,
                             Command::New => match api.open_session().await {
                                 Ok(id) => {
+                                    fatal = None;
                                     attached.stop().await;
                                     attached = Attached::start(&api, id, idle, width());
                                     screen.say(banner(&attached.session, true));
@@ -238,8 +248,10 @@ pub async fn run(api: Api, session: Option<String>, new: bool) -> Result<(), Cli
                 }
             }
             _ = interrupts.recv() => interrupt(&api, &attached, &mut screen, &mut requests),
-            link = attached.links.recv() => {
-                let Some(link) = link else { continue };
+            // Once the stream task has ended (after a fatal refusal) the
+            // channel is closed: the pattern disables this branch rather
+            // than have every turn of the loop find it ready.
+            Some(link) = attached.links.recv() => {
                 attached.transcript.set_width(width());
                 let ops = match link {
                     Link::Event(id, event) => attached.transcript.event(&event, Some(id), crate::util::now_ms()),
@@ -248,7 +260,11 @@ pub async fn run(api: Api, session: Option<String>, new: bool) -> Result<(), Cli
                     Link::Skipped => vec![Op::Print("  · (an event too large to show)".into())],
                     Link::Down(why) => vec![Op::Print(format!("link down ({why}), reconnecting…"))],
                     Link::Up => vec![Op::Print("reattached".into())],
-                    Link::Fatal(err) => vec![Op::Print(format!("! cannot attach again: {err} (Ctrl-D to leave)"))],
+                    Link::Fatal(err) => {
+                        let said = format!("! cannot attach again: {err} (Ctrl-D to leave)");
+                        fatal = Some(err);
+                        vec![Op::Print(said)]
+                    }
                 };
                 screen.apply(ops);
             }
@@ -264,11 +280,26 @@ pub async fn run(api: Api, session: Option<String>, new: bool) -> Result<(), Cli
         }
     }
     attached.stop().await;
+    // What the operator typed last is sent, not cancelled by leaving; what
+    // fails is said.
+    let drained = tokio::time::timeout(DRAIN, async {
+        while let Some(said) = requests.join_next().await {
+            if let Ok(said) = said
+                && !said.text.is_empty()
+            {
+                screen.say(said.text);
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        screen.say(format!("! left with {} request(s) unanswered after {} s", requests.len(), DRAIN.as_secs()));
+    }
     requests.shutdown().await;
     // The editor has returned its last line (EOF or /quit) and ends by itself.
     drop(input);
     let _ = editor_thread.join();
-    Ok(())
+    fatal.map_or(Ok(()), Err)
 }
 
 /// The session to attach to: the one named, a new one, or the newest (a
@@ -446,7 +477,7 @@ async fn follow(api: Api, session: String, idle: Duration, links: mpsc::Unbounde
     let mut down = false;
     let mut backoff = Backoff::new();
     loop {
-        let why = match api.stream(&path, last).await {
+        let why = match api.stream(&path, last, idle).await {
             Ok(response) => {
                 if std::mem::take(&mut down) {
                     let _ = links.send(Link::Up);

@@ -26,21 +26,24 @@ use render::sanitize;
 /// Why a command failed, and so its exit status (README "The terminal
 /// client"): 1 the verb ran and failed, 2 refused or misused, 3 the server
 /// could not be reached, refused our credentials, or answered nonsense.
+///
+/// Shown sanitized: its words come from the server, a proxy, or a TLS or
+/// DNS error chain, none of which may drive the terminal.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("{0}")]
+    #[error("{}", sanitize(.0))]
     Usage(String),
-    #[error("cannot reach {0}")]
+    #[error("cannot reach {}", sanitize(.0))]
     Unreachable(String),
-    #[error("the server refused our credentials ({status}): {detail} (set API_BEARER_TOKEN)")]
+    #[error("the server refused our credentials ({status}): {} (set API_BEARER_TOKEN)", sanitize(.detail))]
     Auth { status: u16, detail: String },
-    #[error("refused ({status}): {detail}")]
+    #[error("refused ({status}): {}", sanitize(.detail))]
     Refused { status: u16, detail: String },
-    #[error("the server failed ({status}): {detail}")]
+    #[error("the server failed ({status}): {}", sanitize(.detail))]
     Server { status: u16, detail: String },
-    #[error("{0}")]
+    #[error("{}", sanitize(.0))]
     Failed(String),
-    #[error("unexpected answer: {0}")]
+    #[error("unexpected answer: {}", sanitize(.0))]
     Protocol(String),
 }
 
@@ -65,7 +68,10 @@ impl ClientError {
         let code = status.as_u16();
         match code {
             401 | 403 => ClientError::Auth { status: code, detail },
-            502 => ClientError::Failed(detail),
+            // A 502 says "the verb ran and failed" only from POST
+            // /api/pve/{verb} with breakglass's own answer (see
+            // `default_verb`); anywhere else it is a proxy in front whose
+            // server is down (a pod being recreated): worth trying again.
             400..=499 | 503 => ClientError::Refused { status: code, detail },
             _ => ClientError::Server { status: code, detail },
         }
@@ -195,18 +201,20 @@ pub fn verb(args: VerbArgs) -> Result<(), ClientError> {
 /// A verb on a named target: its operation, followed to `done` over its
 /// stream (resumed after a cut with `Last-Event-ID`, README "Operations").
 async fn operation(api: &Api, target: &str, verb: &str) -> Result<(), ClientError> {
+    // Asked first: the stream's silence limit follows the server's keepalive.
+    let idle = sse::idle_for(&api.whoami().await?);
     let id = api.start_verb(target, verb).await?;
-    eprintln!("{verb} on {}: operation {id}", sanitize(target));
+    eprintln!("{verb} on {}: operation {}", sanitize(target), sanitize(&id));
     let path = format!("/api/operations/{}/stream", api::segment(&id));
     let mut last: Option<u64> = None;
     let mut done: Option<Value> = None;
     let mut backoff = sse::Backoff::new();
     while done.is_none() {
-        let opened = api.stream(&path, last).await;
+        let opened = api.stream(&path, last, idle).await;
         let cut = match opened {
             Ok(response) => {
                 backoff.reset();
-                sse::read(response, sse::IDLE_DEFAULT, |frame| {
+                sse::read(response, idle, |frame| {
                     let Some((id, step)) = sse::event(&frame) else { return true };
                     last = Some(id);
                     match step["kind"].as_str() {
@@ -246,8 +254,13 @@ async fn operation(api: &Api, target: &str, verb: &str) -> Result<(), ClientErro
 /// has finished): over ssh the host's output and exit code, on an API
 /// backend its operation.
 async fn default_verb(api: &Api, verb: &str) -> Result<(), ClientError> {
-    let (status, body) = api.default_verb(verb).await?;
-    if !matches!(status.as_u16(), 200 | 502) {
+    let (status, body) = api.default_verb(verb, api::VERB_WAIT).await?;
+    // The server's 502 carries the host's answer or the operation with its
+    // `detail` (README "API"); a proxy's 502 carries neither.
+    let ran = status.as_u16() == 200
+        || (status.as_u16() == 502
+            && (body.get("exit_code").is_some() || body.get("stdout").is_some() || body["detail"].is_string()));
+    if !ran {
         return Err(ClientError::from_answer(status, &body));
     }
     if let Some(steps) = body["steps"].as_array() {
@@ -268,4 +281,20 @@ async fn default_verb(api: &Api, verb: &str) -> Result<(), ClientError> {
         (None, None) => "ssh did not finish (timed out or killed)".to_owned(),
     };
     Err(ClientError::Failed(format!("{verb}: {why}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_is_shown_inert_whatever_the_server_or_the_network_put_in_it() {
+        let unreachable = ClientError::Unreachable("https://h: invalid peer certificate: \x1b]2;pwned\x07".into());
+        assert_eq!(
+            unreachable.to_string(),
+            "cannot reach https://h: invalid peer certificate: ⟨U+001B⟩]2;pwned⟨U+0007⟩"
+        );
+        let protocol = ClientError::Protocol("POST /x: no operation_id \u{202e}".into());
+        assert_eq!(protocol.to_string(), "unexpected answer: POST /x: no operation_id ⟨U+202E⟩");
+    }
 }

@@ -34,6 +34,13 @@ pub struct Pending {
 
 /// Lines of tool output shown under its call.
 const OUTPUT_LINES: usize = 3;
+/// Lines of one value of an approval's input shown, so that a long one
+/// (a file's content) does not hide the keys after it; then how many more.
+const VALUE_LINES: usize = 12;
+/// Lines of an approval's input shown in all.
+const APPROVAL_LINES: usize = 60;
+/// Characters of one such line shown (it wraps, it is not cut to the width).
+const APPROVAL_LINE_CHARS: usize = 1000;
 
 /// A text block being written (README "API", live text).
 #[derive(Debug, Default)]
@@ -226,6 +233,7 @@ impl Transcript {
                 let tool_use_id = one_line(str_of(event, "tool_use_id"));
                 let tool = one_line(str_of(event, "tool"));
                 let summary = one_line(&summary(event.get("input")));
+                let command = approved_text(&tool, event.get("input"));
                 let effect = str_of(event, "effect");
                 let why = if effect.is_empty() { str_of(event, "reason") } else { effect };
                 let countdown = match event.get("deadline_ms").and_then(Value::as_i64) {
@@ -235,9 +243,9 @@ impl Transcript {
                     }
                     _ => String::new(),
                 };
+                let why = if why.is_empty() { String::new() } else { format!("\n  {}", one_line(why)) };
                 ops.push(Op::Print(format!(
-                    "? {tool} waits for you [{tool_use_id}]: {summary}\n  {}\n  answer: /allow or /deny [reason]{countdown}",
-                    one_line(why)
+                    "? {tool} waits for you [{tool_use_id}]:{command}{why}\n  answer: /allow or /deny [reason]{countdown}"
                 )));
                 self.pending.retain(|p| p.tool_use_id != tool_use_id);
                 self.pending.push(Pending { tool_use_id, summary });
@@ -333,8 +341,7 @@ impl Transcript {
             out.push_str(if error { "    ⎿ error (no output)" } else { "    ⎿ (no output)" });
         }
         if lines.len() > OUTPUT_LINES {
-            let more = lines.len() - OUTPUT_LINES;
-            out.push_str(&format!("\n      … {more} more line{}", if more == 1 { "" } else { "s" }));
+            out.push_str(&format!("\n      {}", more_lines(lines.len() - OUTPUT_LINES)));
         }
         out
     }
@@ -367,6 +374,66 @@ fn summary(input: Option<&Value>) -> String {
     }
 }
 
+/// What an approval asks to allow, as the web console's card shows it
+/// (`commandText` in web/approval.js): a Bash command as given, any other
+/// tool's input as one `key: value` a line, so that the content of a Write
+/// or the new text of an Edit is seen before it is allowed. Sanitized and
+/// bounded; a single Bash line stays on the card's first line, anything
+/// else goes under it, a value's further lines indented under its key.
+fn approved_text(tool: &str, input: Option<&Value>) -> String {
+    let command = input.and_then(|i| i.get("command")).and_then(Value::as_str);
+    // (indent, line) pairs.
+    let lines: Vec<(&str, String)> = match (input, command) {
+        (None | Some(Value::Null), _) => return String::new(),
+        (Some(_), Some(command)) if tool == "Bash" => {
+            let text = sanitize(command);
+            if !text.contains('\n') {
+                return format!(" {}", bounded(&text));
+            }
+            text.lines().map(|line| ("    ", line.to_owned())).collect()
+        }
+        (Some(Value::Object(object)), _) => object
+            .iter()
+            .flat_map(|(key, value)| {
+                let value = match value {
+                    Value::String(text) => sanitize(text),
+                    other => sanitize(&other.to_string()),
+                };
+                let lines: Vec<&str> = value.lines().collect();
+                let mut shown = vec![("    ", format!("{}: {}", one_line(key), lines.first().unwrap_or(&"")))];
+                shown.extend(lines.iter().skip(1).take(VALUE_LINES - 1).map(|line| ("      ", (*line).to_owned())));
+                if lines.len() > VALUE_LINES {
+                    shown.push(("      ", more_lines(lines.len() - VALUE_LINES)));
+                }
+                shown
+            })
+            .collect(),
+        (Some(other), _) => vec![("    ", sanitize(&other.to_string()))],
+    };
+    let mut out = String::new();
+    for (indent, line) in lines.iter().take(APPROVAL_LINES) {
+        out.push_str(&format!("\n{indent}{}", bounded(line)));
+    }
+    if lines.len() > APPROVAL_LINES {
+        out.push_str(&format!("\n    {}", more_lines(lines.len() - APPROVAL_LINES)));
+    }
+    out
+}
+
+fn more_lines(more: usize) -> String {
+    format!("… {more} more line{}", if more == 1 { "" } else { "s" })
+}
+
+/// A line of an approval's input, cut at [`APPROVAL_LINE_CHARS`].
+fn bounded(line: &str) -> String {
+    if line.chars().count() <= APPROVAL_LINE_CHARS {
+        return line.to_owned();
+    }
+    let mut cut: String = line.chars().take(APPROVAL_LINE_CHARS - 1).collect();
+    cut.push('…');
+    cut
+}
+
 /// Sanitized, on one line: a newline reads as `⏎`.
 fn one_line(text: &str) -> String {
     sanitize(text).replace('\n', "⏎")
@@ -379,19 +446,30 @@ fn indent(text: &str, lead: &str) -> String {
 
 /// Text that cannot drive the terminal: every control character but the
 /// newline (escape, carriage return, backspace, the C1 controls including
-/// CSI), and every format character that hides or reorders text, is shown
-/// as `⟨U+XXXX⟩` instead; a tab becomes spaces.
+/// CSI), and every character that hides or reorders text (the set the web
+/// console escapes, `HIDDEN` in web/approval.js), is shown as `⟨U+XXXX⟩`
+/// instead; a tab becomes spaces.
 pub fn sanitize(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
             '\n' => out.push('\n'),
             '\t' => out.push_str("    "),
-            c if c.is_control() || is_format(c) => out.push_str(&format!("⟨U+{:04X}⟩", c as u32)),
+            c if c.is_control() || is_format(c) || is_blank(c) => out.push_str(&format!("⟨U+{:04X}⟩", c as u32)),
             c => out.push(c),
         }
     }
     out
+}
+
+/// Characters that draw nothing and are not format characters: private
+/// use (category Co, which a font may draw as anything or nothing), the
+/// variation selectors, the Hangul fillers and the combining grapheme joiner.
+fn is_blank(c: char) -> bool {
+    matches!(c as u32,
+        0xE000..=0xF8FF | 0xF0000..=0xFFFFD | 0x100000..=0x10FFFD
+        | 0xFE00..=0xFE0F | 0xE0100..=0xE01EF
+        | 0x115F | 0x1160 | 0x3164 | 0xFFA0 | 0x034F)
 }
 
 /// Unicode's format characters (category Cf) and the line and paragraph
@@ -425,6 +503,29 @@ mod tests {
         assert_eq!(sanitize("x\ry\u{9b}31m"), "x⟨U+000D⟩y⟨U+009B⟩31m");
         assert_eq!(sanitize("rm \u{202e}fdp.exe\u{200b}"), "rm ⟨U+202E⟩fdp.exe⟨U+200B⟩");
         assert_eq!(sanitize("line\nnext\tcol"), "line\nnext    col");
+    }
+
+    #[test]
+    fn the_invisible_characters_the_web_console_escapes_are_escaped_here_too() {
+        // Private use, variation selectors, Hangul fillers, the grapheme joiner.
+        for c in [
+            '\u{E000}',
+            '\u{F8FF}',
+            '\u{F0000}',
+            '\u{10FFFD}',
+            '\u{FE00}',
+            '\u{FE0F}',
+            '\u{E0100}',
+            '\u{E01EF}',
+            '\u{115F}',
+            '\u{1160}',
+            '\u{3164}',
+            '\u{FFA0}',
+            '\u{034F}',
+        ] {
+            assert_eq!(sanitize(&format!("a{c}b")), format!("a⟨U+{:04X}⟩b", c as u32));
+        }
+        assert_eq!(sanitize("café ☃ 日本"), "café ☃ 日本", "visible text stays as it is");
     }
 
     #[test]
@@ -522,6 +623,31 @@ mod tests {
             json!({"kind": "approval_decision", "tool_use_id": "toolu_1", "decision": "deny", "by": "timeout"});
         assert_eq!(printed(&t.event(&decision, Some(2), 0)), ["  ✗ denied by timeout [toolu_1]"]);
         assert!(t.pending().is_empty());
+    }
+
+    #[test]
+    fn an_approval_for_another_tool_shows_every_key_of_its_input_on_a_line_of_its_own() {
+        let mut t = Transcript::new(80);
+        let approval = json!({"kind": "approval", "tool_use_id": "toolu_2", "tool": "Write",
+            "input": {"file_path": "/etc/sudoers.d/x", "content": "ALL ALL=(ALL) NOPASSWD: ALL\n# \u{202e}ok"},
+            "reason": "writes a file"});
+        assert_eq!(
+            printed(&t.event(&approval, Some(1), 0)),
+            [concat!(
+                "? Write waits for you [toolu_2]:\n",
+                "    content: ALL ALL=(ALL) NOPASSWD: ALL\n",
+                "      # ⟨U+202E⟩ok\n",
+                "    file_path: /etc/sudoers.d/x\n",
+                "  writes a file\n",
+                "  answer: /allow or /deny [reason]"
+            )]
+        );
+        let edit = json!({"kind": "approval", "tool_use_id": "toolu_3", "tool": "Edit",
+            "input": {"file_path": "/a", "old_string": "x", "new_string": "y\n".repeat(100), "replace_all": true}});
+        let shown = printed(&t.event(&edit, Some(2), 0)).concat();
+        assert!(shown.contains("    new_string: y\n      y\n"), "{shown}");
+        assert!(shown.contains("    replace_all: true"), "{shown}");
+        assert!(shown.contains("      … 88 more lines\n    old_string: x"), "bounded: {shown}");
     }
 
     #[test]

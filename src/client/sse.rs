@@ -24,6 +24,16 @@ pub const MAX_FRAME: usize = 4 * 1024 * 1024;
 /// default keepalive periods (README "Configuration") and some slack.
 pub const IDLE_DEFAULT: Duration = Duration::from_secs(35);
 
+/// The silence after which a stream of this server counts as dead: two of
+/// its keepalive periods (`keepalive_seconds` in its `/api/whoami` answer)
+/// and some slack, or [`IDLE_DEFAULT`] when it does not say.
+pub fn idle_for(whoami: &Value) -> Duration {
+    whoami["keepalive_seconds"]
+        .as_u64()
+        .filter(|s| (1..=3600).contains(s))
+        .map_or(IDLE_DEFAULT, |s| Duration::from_secs(2 * s + 5))
+}
+
 /// One dispatched frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
@@ -224,6 +234,14 @@ mod tests {
 
     fn frame(name: &str, data: &str, id: Option<&str>) -> Parsed {
         Parsed::Frame(Frame { name: name.into(), data: data.into(), id: id.map(Into::into) })
+    }
+
+    #[test]
+    fn a_stream_is_given_up_after_two_of_the_servers_keepalive_periods() {
+        assert_eq!(idle_for(&serde_json::json!({"keepalive_seconds": 40})), Duration::from_secs(85));
+        assert_eq!(idle_for(&serde_json::json!({"keepalive_seconds": 1})), Duration::from_secs(7));
+        assert_eq!(idle_for(&serde_json::json!({"keepalive_seconds": 0})), IDLE_DEFAULT);
+        assert_eq!(idle_for(&Value::Null), IDLE_DEFAULT);
     }
 
     #[test]

@@ -283,6 +283,15 @@ async fn an_approval_allowed_in_the_terminal_runs_the_tool_and_one_denied_blocks
 struct Relay {
     base: String,
     refusing: Arc<AtomicBool>,
+    /// New connections are accepted and then held: never answered, never closed.
+    holding: Arc<AtomicBool>,
+    /// Connections held so far.
+    held: Arc<AtomicU64>,
+    /// Every request is answered 502 with an HTML page, as a reverse proxy
+    /// (ingress-nginx) answers while the server behind it is down.
+    bad_gateway: Arc<AtomicBool>,
+    /// Where connections are relayed to (`host:port`).
+    to: Arc<std::sync::Mutex<String>>,
     cut: tokio::sync::watch::Sender<u64>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -290,15 +299,19 @@ struct Relay {
 
 impl Relay {
     fn start(to: &str) -> Relay {
-        let to = to.trim_start_matches("http://").to_owned();
+        let to = Arc::new(std::sync::Mutex::new(to.trim_start_matches("http://").to_owned()));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let refusing = Arc::new(AtomicBool::new(false));
+        let holding = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(AtomicU64::new(0));
+        let bad_gateway = Arc::new(AtomicBool::new(false));
         let (cut, cuts) = tokio::sync::watch::channel(0u64);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = {
-            let refusing = refusing.clone();
+            let (refusing, holding, held, to) = (refusing.clone(), holding.clone(), held.clone(), to.clone());
+            let bad_gateway = bad_gateway.clone();
             std::thread::spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
                 runtime.block_on(async move {
@@ -310,7 +323,30 @@ impl Relay {
                             if refusing.load(Ordering::SeqCst) {
                                 continue; // dropped: closed at once
                             }
-                            let to = to.clone();
+                            if holding.load(Ordering::SeqCst) {
+                                held.fetch_add(1, Ordering::SeqCst);
+                                connections.spawn(async move {
+                                    let _client = client;
+                                    std::future::pending::<()>().await;
+                                });
+                                continue;
+                            }
+                            if bad_gateway.load(Ordering::SeqCst) {
+                                connections.spawn(async move {
+                                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                                    let mut request = [0u8; 4096];
+                                    let _ = client.read(&mut request).await;
+                                    let page = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+                                    let answer = format!(
+                                        "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                                        page.len()
+                                    );
+                                    let _ = client.write_all(answer.as_bytes()).await;
+                                    let _ = client.shutdown().await;
+                                });
+                                continue;
+                            }
+                            let to = to.lock().unwrap().clone();
                             let mut cuts = cuts.clone();
                             cuts.mark_unchanged();
                             connections.spawn(async move {
@@ -329,7 +365,19 @@ impl Relay {
                 });
             })
         };
-        Relay { base, refusing, cut, stop: Some(stop), thread: Some(thread) }
+        Relay { base, refusing, holding, held, bad_gateway, to, cut, stop: Some(stop), thread: Some(thread) }
+    }
+
+    /// From now on, relays to `to` (an `http://` base).
+    fn redirect(&self, to: &str) {
+        *self.to.lock().unwrap() = to.trim_start_matches("http://").to_owned();
+    }
+
+    /// Cuts every open connection and answers none of the new ones: they
+    /// are accepted and held, as a server that hangs would.
+    fn hang(&self) {
+        self.holding.store(true, Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
     }
 
     fn cut(&self) {
@@ -337,8 +385,16 @@ impl Relay {
         self.cut.send_modify(|n| *n += 1);
     }
 
+    /// Cuts every open connection and answers every new request 502.
+    fn bad_gateway(&self) {
+        self.bad_gateway.store(true, Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
     fn restore(&self) {
         self.refusing.store(false, Ordering::SeqCst);
+        self.holding.store(false, Ordering::SeqCst);
+        self.bad_gateway.store(false, Ordering::SeqCst);
     }
 }
 
@@ -514,4 +570,207 @@ async fn verb_follows_the_operation_to_its_end_and_its_exit_status_says_how_it_e
     let default = client(&server.base, &["verb", "status"]);
     assert_eq!(default.status.code(), Some(0), "{}", text(&default.stderr));
     assert!(!default.stdout.is_empty(), "the host's output");
+}
+
+/// A terminal attached through a relay to a server whose token then
+/// changes: the stream is refused (401) and the client cannot attach again.
+/// The servers and relay are returned so they outlive the terminal.
+async fn attach_then_refused() -> (Server, Server, Relay, Terminal) {
+    let mut first = Server::start();
+    first.open_session().await;
+    let relay = Relay::start(&first.base);
+    let terminal = Terminal::attach(&relay.base, &[]);
+    terminal.until_shows("breakglass> ");
+    relay.cut();
+    terminal.until_shows("link down (");
+    first.kill9();
+    let rotated = Server::options().no_token().env("API_BEARER_TOKEN", "a-rotated-token-0123456789").start();
+    relay.redirect(&rotated.base);
+    relay.restore();
+    terminal.until_shows("! cannot attach again: the server refused our credentials (401)");
+    (first, rotated, relay, terminal)
+}
+
+impl Terminal {
+    /// The client's pid (tmux runs it directly, without a shell).
+    fn pid(&self) -> u32 {
+        self.tmux_str(&["display-message", "-p", "#{pane_pid}"]).trim().parse().expect("pane_pid")
+    }
+
+    /// Waits for the client to exit: its status.
+    fn exited(&self) -> i32 {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.exit_status() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "the client did not exit (tmux: dead, status, signal: {}); the screen:\n{}",
+                self.tmux_str(&["display-message", "-p", "#{pane_dead} #{pane_dead_status} #{pane_dead_signal}"])
+                    .trim(),
+                self.screen()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// CPU time (user + system) a process has used, from /proc.
+fn cpu_time(pid: u32) -> std::time::Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat.rsplit_once(") ").expect("stat format").1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    std::time::Duration::from_millis(ticks * 10)
+}
+
+#[tokio::test]
+async fn attach_idles_after_the_server_refuses_it_for_good() {
+    let (_first, _rotated, _relay, terminal) = attach_then_refused().await;
+    let pid = terminal.pid();
+    assert!(std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap().starts_with("breakglass"));
+    // A window of a second, polled: a client spinning on a closed channel
+    // burns all of it; one waiting for the operator next to nothing.
+    let before = cpu_time(pid);
+    let start = Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(1) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let used = cpu_time(pid) - before;
+    assert!(used < std::time::Duration::from_millis(200), "{used:?} of CPU in a second of waiting");
+}
+
+#[tokio::test]
+async fn attach_gives_up_on_a_server_that_accepts_but_never_answers_and_reattaches() {
+    let server = Server::options().env("BREAKGLASS_SSE_KEEPALIVE_SECONDS", "1").start();
+    let session = server.open_session().await;
+    let relay = Relay::start(&server.base);
+    let terminal = Terminal::attach(&relay.base, &[]);
+    terminal.until_shows("breakglass> ");
+    relay.hang();
+    terminal.until_shows("link down (");
+    crate::harness::wait_until("a reconnect to be held unanswered", || relay.held.load(Ordering::SeqCst) > 0);
+    server.run_turn(&session, "say while it hung\nresult").await;
+    relay.restore();
+    // The held request is dropped after the idle limit (2 × 1 s + 5 s) and
+    // the next one goes through.
+    let screen = terminal.until("the reattach", |s| s.contains("reattached") && s.contains("while it hung"));
+    assert_eq!(count(&screen, "link down ("), 1, "{screen}");
+}
+
+#[tokio::test]
+async fn a_proxys_502_is_a_server_down_and_attach_reconnects_through_it() {
+    let server = Server::start();
+    let session = server.open_session().await;
+    let relay = Relay::start(&server.base);
+    let terminal = Terminal::attach(&relay.base, &[]);
+    terminal.until_shows("breakglass> ");
+    relay.bad_gateway();
+    terminal.until_shows("link down (");
+
+    for args in [&["sessions"][..], &["verb", "status"][..], &["verb", "--target", "vm", "status"][..]] {
+        let out = client(&relay.base, args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: the server is down, no verb ran: {stderr}");
+        assert!(stderr.contains("the server failed (502): Bad Gateway"), "{args:?}: {stderr}");
+    }
+
+    server.run_turn(&session, "say behind the proxy\nresult").await;
+    relay.restore();
+    let screen = terminal.until("the reattach", |s| s.contains("reattached") && s.contains("behind the proxy"));
+    assert!(!screen.contains("cannot attach again"), "{screen}");
+}
+
+/// Runs `breakglass attach <args>` with `input` on its stdin (no terminal).
+fn attach_piped(base: &str, args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(server_binary())
+        .arg("attach")
+        .args(args)
+        .env_clear()
+        .env("BREAKGLASS_URL", base)
+        .env("API_BEARER_TOKEN", TOKEN)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run breakglass attach");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().expect("wait for attach")
+}
+
+#[tokio::test]
+async fn a_prompt_piped_into_attach_reaches_the_server_before_it_leaves() {
+    let server = Server::start();
+    let session = server.open_session().await;
+    let out = attach_piped(&server.base, &[], "say piped in\n");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let events = server.attach(&session, None).await.until_caught_up().await;
+    let users: Vec<&str> = events.iter().filter(|e| e["kind"] == "user").filter_map(|e| e["text"].as_str()).collect();
+    assert_eq!(users, ["say piped in"], "the prompt was sent, not cancelled by the end of input");
+}
+
+#[tokio::test]
+async fn attach_leaves_with_status_three_after_the_server_refused_its_token_mid_session() {
+    let (_first, _rotated, _relay, terminal) = attach_then_refused().await;
+    terminal.keys("C-d");
+    assert_eq!(terminal.exited(), 3, "the token was refused: {}", terminal.screen());
+}
+
+#[tokio::test]
+async fn attach_into_a_pipe_keeps_text_that_streamed_while_a_line_was_typed() {
+    use std::io::{BufRead, Write};
+    let server = Server::start();
+    let session = server.open_session().await;
+    let mut child = Command::new(server_binary())
+        .arg("attach")
+        .env_clear()
+        .env("BREAKGLASS_URL", &server.base)
+        .env("API_BEARER_TOKEN", TOKEN)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run breakglass attach");
+    let printed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let (stdout, printed) = (child.stdout.take().unwrap(), printed.clone());
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                printed.lock().unwrap().push(line);
+            }
+        })
+    };
+    let shows = |text: &str| printed.lock().unwrap().iter().any(|l| l.contains(text));
+    crate::harness::eventually("the banner", || shows("attached to session")).await;
+
+    let mut watch = server.attach(&session, None).await;
+    watch.until_caught_up().await;
+    server.start_turn(&session, "stream 0.3 alpha beta gamma delta epsilon").await;
+    while !matches!(watch.next().await, Some(crate::harness::Frame::Delta(_))) {}
+    // A line typed while the text grows (no live line is shown in a pipe).
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"/frob\n").unwrap();
+    watch.until_turn_end().await;
+    crate::harness::eventually("the turn's end", || shows("! agent ended without a result")).await;
+    drop(stdin);
+    assert_eq!(crate::harness::wait_child(&mut child, DEADLINE).and_then(|s| s.code()), Some(0));
+    reader.join().unwrap();
+    let printed = printed.lock().unwrap();
+    assert!(printed.iter().any(|l| l.contains("unknown command /frob")), "{printed:#?}");
+    assert!(printed.iter().any(|l| l == "alpha beta gamma delta epsilon"), "the text, whole: {printed:#?}");
+}
+
+#[tokio::test]
+async fn verb_with_a_target_asks_the_servers_keepalive_before_following_the_operation() {
+    let host = Sshd::start(Pve::new());
+    let dir = tempfile::tempdir().unwrap();
+    let file = targets_file(dir.path(), &ssh_target("vm", &host, ""));
+    let server = serve(&host, &file);
+    let status = client(&server.base, &["verb", "--target", "vm", "status"]);
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status.stderr));
+    let log = server.log();
+    let asked = log.find("path=/api/whoami").expect("GET /api/whoami: its stream's silence limit comes from there");
+    let started = log.find("path=/api/targets/vm/verbs/status").expect("the verb");
+    assert!(asked < started, "{log}");
 }
