@@ -166,9 +166,17 @@ impl Screen {
         self.apply(vec![Op::Print(text.into())]);
     }
 
-    fn print(&mut self, text: String) {
+    fn print(&mut self, mut text: String) {
         match &mut self.printer {
             Some(printer) => {
+                // Between two reads (just after Enter or Ctrl-C) the editor
+                // writes a message as it is, without the newline it adds
+                // while reading, and its next prompt then starts by clearing
+                // that line: the message would be lost. Ending it here is
+                // the same while reading.
+                if !text.ends_with('\n') {
+                    text.push('\n');
+                }
                 if printer.print(text).is_err() {
                     self.printer = None;
                 }

@@ -41,6 +41,15 @@ impl Terminal {
             format!("API_BEARER_TOKEN={TOKEN}"),
             "-e".to_owned(),
             format!("BREAKGLASS_URL={base}"),
+            // The client's exit status is printed by the shell that ran it:
+            // tmux's own `pane_dead_status` is sometimes never filled in
+            // (the pane is dead when the terminal closes, the status comes
+            // when the child is reaped). `trap : INT` keeps the shell past a
+            // Ctrl-C, and a trapped signal is the default again in the client.
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            r#"trap : INT; "$@"; echo "[exit status $?]""#.to_owned(),
+            "sh".to_owned(),
             server_binary().display().to_string(),
             "attach".to_owned(),
         ];
@@ -98,14 +107,12 @@ impl Terminal {
         self.until(&format!("{text:?} on the screen"), |screen| screen.contains(text))
     }
 
-    /// The client's exit status once it has exited.
+    /// The client's exit status once it has exited, as the shell that ran
+    /// it printed it.
     fn exit_status(&self) -> Option<i32> {
-        let dead = self.tmux_str(&["display-message", "-p", "#{pane_dead} #{pane_dead_status}"]);
-        let (dead, status) = dead.trim().split_once(' ')?;
-        if dead != "1" {
-            return None;
-        }
-        status.parse().ok()
+        let screen = self.screen();
+        let line = screen.lines().rev().find_map(|line| line.trim().strip_prefix("[exit status "))?;
+        line.strip_suffix(']')?.parse().ok()
     }
 }
 
@@ -592,9 +599,11 @@ async fn attach_then_refused() -> (Server, Server, Relay, Terminal) {
 }
 
 impl Terminal {
-    /// The client's pid (tmux runs it directly, without a shell).
+    /// The client's pid: the child of the shell tmux runs.
     fn pid(&self) -> u32 {
-        self.tmux_str(&["display-message", "-p", "#{pane_pid}"]).trim().parse().expect("pane_pid")
+        let shell: u32 = self.tmux_str(&["display-message", "-p", "#{pane_pid}"]).trim().parse().expect("pane_pid");
+        let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children")).expect("children");
+        children.split_whitespace().next().expect("the client runs").parse().unwrap()
     }
 
     /// Waits for the client to exit: its status.
