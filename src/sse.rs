@@ -496,6 +496,12 @@ mod tests {
     use crate::event::Event;
     use futures_util::StreamExt;
 
+    /// An attach stream as the tests mostly want it: a minute's keepalive,
+    /// no shutdown, counters of its own.
+    fn open(log: Arc<Log>, last_event_id: Option<EventId>) -> impl Stream<Item = Result<Bytes, Infallible>> {
+        attach(log, last_event_id, Duration::from_secs(60), CancellationToken::new(), &StreamCounters::default())
+    }
+
     /// The frames of a stream one at a time, whatever chunks carry them.
     struct Frames<S> {
         stream: std::pin::Pin<Box<S>>,
@@ -573,13 +579,7 @@ mod tests {
     async fn a_lagging_subscriber_reads_the_log_to_its_end() {
         let (_dir, log) = crate::log::tests::temp_log().await;
         let log = Arc::new(log);
-        let mut frames = Frames::new(attach(
-            log.clone(),
-            None,
-            Duration::from_secs(60),
-            CancellationToken::new(),
-            &StreamCounters::default(),
-        ));
+        let mut frames = Frames::new(open(log.clone(), None));
         assert_eq!(frames.next().await.unwrap(), CAUGHT_UP);
         append_many(&log, 70_000).await; // far beyond the hub's ring, nobody reading
         let (ids, caught_up) = ids_of(&mut frames).await;
@@ -610,13 +610,7 @@ mod tests {
             for _ in 0..round * 10 {
                 tokio::task::yield_now().await;
             }
-            let stream = attach(
-                log.clone(),
-                None,
-                Duration::from_secs(60),
-                CancellationToken::new(),
-                &StreamCounters::default(),
-            );
+            let stream = open(log.clone(), None);
             let (ids, caught_up) = ids_until_turn_end(stream).await;
             writer.await.unwrap();
             assert_eq!(caught_up, 1, "round {round}");
@@ -635,13 +629,7 @@ mod tests {
         let delta = |text: &str| crate::event::Delta { message_id: "msg_1".into(), index: 0, text: text.into() };
         // Subscribed (the stream exists) but not yet polled: the delta waits
         // in its subscription while the text is appended.
-        let mut stream = Frames::new(attach(
-            log.clone(),
-            None,
-            Duration::from_secs(60),
-            CancellationToken::new(),
-            &StreamCounters::default(),
-        ));
+        let mut stream = Frames::new(open(log.clone(), None));
         log.delta(&delta("stale "));
         log.append(Event::Text { text: "stale text".into(), message_id: Some("msg_1".into()), index: Some(0) })
             .await
@@ -672,13 +660,7 @@ mod tests {
     async fn a_subscriber_lagging_behind_deltas_misses_no_event() {
         let (_dir, log) = crate::log::tests::temp_log().await;
         let log = Arc::new(log);
-        let mut frames = Frames::new(attach(
-            log.clone(),
-            None,
-            Duration::from_secs(60),
-            CancellationToken::new(),
-            &StreamCounters::default(),
-        ));
+        let mut frames = Frames::new(open(log.clone(), None));
         assert_eq!(frames.next().await.unwrap(), CAUGHT_UP);
         let delta = crate::event::Delta { message_id: "msg_1".into(), index: 0, text: "x".into() };
         for i in 0..50 {
@@ -708,13 +690,7 @@ mod tests {
         let (_dir, log) = crate::log::tests::temp_log().await;
         let log = Arc::new(log);
         append_many(&log, 4_999).await;
-        let mut frames = Frames::new(attach(
-            log.clone(),
-            None,
-            Duration::from_secs(60),
-            CancellationToken::new(),
-            &StreamCounters::default(),
-        ));
+        let mut frames = Frames::new(open(log.clone(), None));
         let (mut ids, mut chunks) = (Vec::new(), 0);
         loop {
             let chunk = frames.chunk().await;
@@ -735,13 +711,7 @@ mod tests {
         let (_dir, log) = crate::log::tests::temp_log().await;
         let log = Arc::new(log);
         append_many(&log, 99).await;
-        let mut frames = Frames::new(attach(
-            log.clone(),
-            Some(89),
-            Duration::from_secs(60),
-            CancellationToken::new(),
-            &StreamCounters::default(),
-        ));
+        let mut frames = Frames::new(open(log.clone(), Some(89)));
         let chunk = frames.chunk().await;
         assert_eq!(ids_in(&chunk), (90..100).collect::<Vec<_>>());
         assert!(chunk.ends_with(CAUGHT_UP.as_bytes()), "{chunk:?}");
@@ -755,13 +725,7 @@ mod tests {
         let log = Arc::new(log);
         append_many(&log, 9).await;
         for beyond in [10, 5_000] {
-            let mut frames = Frames::new(attach(
-                log.clone(),
-                Some(beyond),
-                Duration::from_secs(60),
-                CancellationToken::new(),
-                &StreamCounters::default(),
-            ));
+            let mut frames = Frames::new(open(log.clone(), Some(beyond)));
             let mut ids = Vec::new();
             while let Some(frame) = frames.next().await.filter(|frame| frame != CAUGHT_UP) {
                 ids.extend(ids_in(frame.as_bytes()));
@@ -776,13 +740,7 @@ mod tests {
     async fn live_events_waiting_for_a_client_go_out_in_one_chunk() {
         let (_dir, log) = crate::log::tests::temp_log().await;
         let log = Arc::new(log);
-        let mut frames = Frames::new(attach(
-            log.clone(),
-            None,
-            Duration::from_secs(60),
-            CancellationToken::new(),
-            &StreamCounters::default(),
-        ));
+        let mut frames = Frames::new(open(log.clone(), None));
         assert_eq!(&frames.chunk().await[..], CAUGHT_UP.as_bytes());
         append_many(&log, 49).await;
         let chunk = frames.chunk().await;
@@ -795,17 +753,7 @@ mod tests {
     async fn an_event_is_encoded_once_for_every_client() {
         let (_dir, log) = crate::log::tests::temp_log().await;
         let log = Arc::new(log);
-        let mut clients: Vec<_> = (0..3)
-            .map(|_| {
-                Frames::new(attach(
-                    log.clone(),
-                    None,
-                    Duration::from_secs(60),
-                    CancellationToken::new(),
-                    &StreamCounters::default(),
-                ))
-            })
-            .collect();
+        let mut clients: Vec<_> = (0..3).map(|_| Frames::new(open(log.clone(), None))).collect();
         for client in &mut clients {
             assert_eq!(&client.chunk().await[..], CAUGHT_UP.as_bytes());
         }
