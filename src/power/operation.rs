@@ -310,12 +310,19 @@ async fn procedure(
         }
         Verb::Reset | Verb::Cycle | Verb::Nmi => {}
     }
-    let sent = Instant::now();
-    match backend {
-        Backend::Ssh(ssh) => ssh_verb(ssh, verb, run, sent).await?,
+    // The recovery clock starts at the action (README "Operations"): the
+    // API backends' forensics come before it, and may take long on a BMC
+    // with big logs; the host script takes its own forensics inside the
+    // one run that also acts, so there it starts with that run.
+    let acted = match backend {
+        Backend::Ssh(ssh) => {
+            let sent = Instant::now();
+            ssh_verb(ssh, verb, run, sent).await?;
+            sent
+        }
         Backend::PveApi(_) | Backend::Redfish(_) => composed(target, verb, run).await?,
-    }
-    if verb.recovers() { recover(target, run, sent, checks).await.map(Some) } else { Ok(None) }
+    };
+    if verb.recovers() { recover(target, run, acted, checks).await.map(Some) } else { Ok(None) }
 }
 
 /// Forensics, saved where the backend keeps them: on the host for `ssh`,
@@ -370,21 +377,28 @@ async fn ssh_verb(ssh: &SshTarget, verb: Verb, run: &mut Run, sent: Instant) -> 
     Ok(())
 }
 
-/// A mutating verb of an API backend, from its actions.
-async fn composed(target: &Target, verb: Verb, run: &mut Run) -> Result<(), String> {
+/// A mutating verb of an API backend, from its actions; forensics first.
+/// Returns when the action a recovery is timed from was sent: the reset,
+/// the power-on (the last action of a composed cycle) or the power cycle;
+/// for the verbs that recover nothing, when the first action was.
+async fn composed(target: &Target, verb: Verb, run: &mut Run) -> Result<Instant, String> {
     let backend = &target.backend;
     forensics(backend, run).await?;
     let act = |action| backend.act(action);
+    let mut acted = Instant::now();
     match verb {
         Verb::Reset => {
+            acted = Instant::now();
             run.put("reset", act(Action::Reset).await.map_err(failed)?);
             run.step("reset sent").await;
         }
         Verb::Start => {
+            acted = Instant::now();
             run.put("start", act(Action::On).await.map_err(failed)?);
             run.step("start sent").await;
         }
         Verb::Nmi => {
+            acted = Instant::now();
             run.put("nmi", act(Action::Nmi).await.map_err(failed)?);
             run.step("NMI sent").await;
         }
@@ -443,6 +457,7 @@ async fn composed(target: &Target, verb: Verb, run: &mut Run) -> Result<(), Stri
             run.step(format!("stopped after {} ({how})", secs(sent.elapsed()))).await;
         }
         Verb::Cycle if backend.has_native_cycle().await.map_err(failed)? => {
+            acted = Instant::now();
             run.put("cycle", act(Action::PowerCycle).await.map_err(failed)?);
             run.step("power cycle sent").await;
         }
@@ -462,12 +477,13 @@ async fn composed(target: &Target, verb: Verb, run: &mut Run) -> Result<(), Stri
                 }
             }
             run.step(format!("stopped after {}", secs(sent.elapsed()))).await;
+            acted = Instant::now();
             run.put("start", act(Action::On).await.map_err(failed)?);
             run.step("start sent").await;
         }
         Verb::Status | Verb::Forensics => {}
     }
-    Ok(())
+    Ok(acted)
 }
 
 /// What is left of `limit` since `since`.

@@ -493,3 +493,36 @@ async fn a_bmc_that_refuses_the_login_while_it_reboots_fails_the_wait_at_once() 
     assert_eq!(bmc.glitched(), 1, "not asked again");
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
 }
+
+#[tokio::test]
+async fn recovered_after_counts_from_the_reset_not_from_before_slow_forensics() {
+    let slow = Duration::from_millis(1500);
+    let bmc = Bmc::serve(Behaviour { log_delay: slow, ..Behaviour::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &[small_bmc_target(dir.path(), &bmc, "recover_timeout_seconds = 30")]);
+    let started = Instant::now();
+    let op = run(&server, "bmc", "reset").await;
+    let took = started.elapsed();
+    assert_eq!(op["state"], "succeeded", "{op}");
+    assert!(took >= slow, "the forensics were slow: {took:?}");
+    let after = op["recovered_after_s"].as_f64().unwrap();
+    assert!(after < slow.as_secs_f64(), "recovered_after_s {after} includes the forensics ({took:?} in all)");
+    eprintln!("an operation of {} ms with 1500 ms of forensics recovered after {after} s", took.as_millis());
+}
+
+#[tokio::test]
+async fn recover_timeout_counts_from_the_reset_not_from_before_slow_forensics() {
+    // 1.5 s of forensics against a 1 s limit; one 503 after the reset, then
+    // "On" at the next poll, half a second later: within the limit.
+    let bmc = Bmc::serve(Behaviour {
+        after_reset: vec![Glitch::Unavailable],
+        log_delay: Duration::from_millis(1500),
+        ..Behaviour::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &[small_bmc_target(dir.path(), &bmc, "recover_timeout_seconds = 1")]);
+    let op = run(&server, "bmc", "reset").await;
+    assert_eq!(op["state"], "succeeded", "{op}");
+    assert_eq!(bmc.glitched(), 1);
+    assert_eq!(texts(&op)[2], "running", "{op}");
+}
