@@ -32,6 +32,21 @@ pub enum BackendError {
     CannotStart(String),
 }
 
+impl BackendError {
+    /// Whether a wait that polls the backend (for a power state, for a
+    /// task's end) ends at once on this error (README "Operations"). A
+    /// refused login or certificate, or a program that would not start,
+    /// answers the same when asked again; anything else may be a BMC or
+    /// node that is itself restarting (a 503, a half-started service's
+    /// page, no answer), so it is asked again until the wait's limit.
+    pub fn ends_a_wait(&self) -> bool {
+        match self {
+            BackendError::Auth(_) | BackendError::Tls(_) | BackendError::CannotStart(_) => true,
+            BackendError::Unreachable(_) | BackendError::Refused(_) | BackendError::Protocol(_) => false,
+        }
+    }
+}
+
 /// A machine's power as every backend reports it, in the same words
 /// (README "Power backends").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -310,12 +310,19 @@ async fn procedure(
         }
         Verb::Reset | Verb::Cycle | Verb::Nmi => {}
     }
-    let sent = Instant::now();
-    match backend {
-        Backend::Ssh(ssh) => ssh_verb(ssh, verb, run, sent).await?,
+    // The recovery clock starts at the action (README "Operations"): the
+    // API backends' forensics come before it, and may take long on a BMC
+    // with big logs; the host script takes its own forensics inside the
+    // one run that also acts, so there it starts with that run.
+    let acted = match backend {
+        Backend::Ssh(ssh) => {
+            let sent = Instant::now();
+            ssh_verb(ssh, verb, run, sent).await?;
+            sent
+        }
         Backend::PveApi(_) | Backend::Redfish(_) => composed(target, verb, run).await?,
-    }
-    if verb.recovers() { recover(target, run, sent, checks).await.map(Some) } else { Ok(None) }
+    };
+    if verb.recovers() { recover(target, run, acted, checks).await.map(Some) } else { Ok(None) }
 }
 
 /// Forensics, saved where the backend keeps them: on the host for `ssh`,
@@ -370,21 +377,28 @@ async fn ssh_verb(ssh: &SshTarget, verb: Verb, run: &mut Run, sent: Instant) -> 
     Ok(())
 }
 
-/// A mutating verb of an API backend, from its actions.
-async fn composed(target: &Target, verb: Verb, run: &mut Run) -> Result<(), String> {
+/// A mutating verb of an API backend, from its actions; forensics first.
+/// Returns when the action a recovery is timed from was sent: the reset,
+/// the power-on (the last action of a composed cycle) or the power cycle;
+/// for the verbs that recover nothing, when the first action was.
+async fn composed(target: &Target, verb: Verb, run: &mut Run) -> Result<Instant, String> {
     let backend = &target.backend;
     forensics(backend, run).await?;
     let act = |action| backend.act(action);
+    let mut acted = Instant::now();
     match verb {
         Verb::Reset => {
+            acted = Instant::now();
             run.put("reset", act(Action::Reset).await.map_err(failed)?);
             run.step("reset sent").await;
         }
         Verb::Start => {
+            acted = Instant::now();
             run.put("start", act(Action::On).await.map_err(failed)?);
             run.step("start sent").await;
         }
         Verb::Nmi => {
+            acted = Instant::now();
             run.put("nmi", act(Action::Nmi).await.map_err(failed)?);
             run.step("NMI sent").await;
         }
@@ -395,12 +409,15 @@ async fn composed(target: &Target, verb: Verb, run: &mut Run) -> Result<(), Stri
             // The stop timeout counts from the request: PVE spends it
             // inside its own shutdown task, a BMC after answering.
             match wait_for(backend, PowerState::Stopped, left(sent, target.stop_timeout)).await? {
-                true => run.step(format!("stopped after {}", secs(sent.elapsed()))).await,
-                false => {
+                Waited::There => run.step(format!("stopped after {}", secs(sent.elapsed()))).await,
+                Waited::Late(None) => {
                     return Err(format!(
                         "still running after {}: the guest did not shut down",
                         secs(target.stop_timeout)
                     ));
+                }
+                Waited::Late(Some(err)) => {
+                    return Err(format!("not seen stopped after {}{}", secs(target.stop_timeout), last_read(&err)));
                 }
             }
         }
@@ -410,24 +427,37 @@ async fn composed(target: &Target, verb: Verb, run: &mut Run) -> Result<(), Stri
             if backend.has_graceful_stop().await.map_err(failed)? {
                 run.step("graceful shutdown sent").await;
                 run.put("shutdown", act(Action::GracefulShutdown).await.map_err(failed)?);
-                if wait_for(backend, PowerState::Stopped, left(sent, target.stop_timeout)).await? {
-                    how = "graceful";
-                } else {
-                    run.step(format!("still running after {}: forced stop sent", secs(target.stop_timeout))).await;
+                match wait_for(backend, PowerState::Stopped, left(sent, target.stop_timeout)).await? {
+                    Waited::There => how = "graceful",
+                    Waited::Late(None) => {
+                        run.step(format!("still running after {}: forced stop sent", secs(target.stop_timeout))).await;
+                    }
+                    Waited::Late(Some(err)) => {
+                        let limit = secs(target.stop_timeout);
+                        run.step(format!("not seen stopped after {limit}{}: forced stop sent", last_read(&err))).await;
+                    }
                 }
             } else {
                 run.step("forced stop sent").await;
             }
             if how == "forced" {
                 run.put("force_off", act(Action::ForceOff).await.map_err(failed)?);
-                if !wait_for(backend, PowerState::Stopped, target.stop_timeout).await? {
-                    return Err(format!("still running {} after a forced stop", secs(target.stop_timeout)));
+                match wait_for(backend, PowerState::Stopped, target.stop_timeout).await? {
+                    Waited::There => {}
+                    Waited::Late(None) => {
+                        return Err(format!("still running {} after a forced stop", secs(target.stop_timeout)));
+                    }
+                    Waited::Late(Some(err)) => {
+                        let limit = secs(target.stop_timeout);
+                        return Err(format!("not seen stopped {limit} after a forced stop{}", last_read(&err)));
+                    }
                 }
             }
             run.put("stop", how);
             run.step(format!("stopped after {} ({how})", secs(sent.elapsed()))).await;
         }
         Verb::Cycle if backend.has_native_cycle().await.map_err(failed)? => {
+            acted = Instant::now();
             run.put("cycle", act(Action::PowerCycle).await.map_err(failed)?);
             run.step("power cycle sent").await;
         }
@@ -435,16 +465,25 @@ async fn composed(target: &Target, verb: Verb, run: &mut Run) -> Result<(), Stri
             let sent = Instant::now();
             run.put("force_off", act(Action::ForceOff).await.map_err(failed)?);
             run.step("stop sent").await;
-            if !wait_for(backend, PowerState::Stopped, target.stop_timeout).await? {
-                return Err(format!("still running {} after the stop: not starting it", secs(target.stop_timeout)));
+            match wait_for(backend, PowerState::Stopped, target.stop_timeout).await? {
+                Waited::There => {}
+                Waited::Late(None) => {
+                    let limit = secs(target.stop_timeout);
+                    return Err(format!("still running {limit} after the stop: not starting it"));
+                }
+                Waited::Late(Some(err)) => {
+                    let limit = secs(target.stop_timeout);
+                    return Err(format!("not seen stopped {limit} after the stop{}: not starting it", last_read(&err)));
+                }
             }
             run.step(format!("stopped after {}", secs(sent.elapsed()))).await;
+            acted = Instant::now();
             run.put("start", act(Action::On).await.map_err(failed)?);
             run.step("start sent").await;
         }
         Verb::Status | Verb::Forensics => {}
     }
-    Ok(())
+    Ok(acted)
 }
 
 /// What is left of `limit` since `since`.
@@ -452,19 +491,38 @@ fn left(since: Instant, limit: Duration) -> Duration {
     (since + limit).saturating_duration_since(Instant::now())
 }
 
-/// Polls the power state until it is `want` (true) or `within` has passed
-/// (false). An endpoint that does not answer is polled again; a refused
-/// login or certificate ends the wait at once: retrying would not help.
-async fn wait_for(backend: &Backend, want: PowerState, within: Duration) -> Result<bool, String> {
+/// How a wait for a power state ended, short of an error that ends it.
+enum Waited {
+    /// The target is in the state waited for.
+    There,
+    /// The limit passed first; with the last read's error if it failed.
+    Late(Option<BackendError>),
+}
+
+/// What a late wait's message adds when its last read failed.
+fn last_read(err: &BackendError) -> String {
+    format!("; the last power read failed: {err}")
+}
+
+/// Polls the power state until it is `want` or `within` has passed. A
+/// rebooting BMC or node answers 503s, a half-started service's page or
+/// nothing for a while, so any error is polled again; only a refused login
+/// or certificate ends the wait at once ([`BackendError::ends_a_wait`]):
+/// retrying would not help.
+async fn wait_for(backend: &Backend, want: PowerState, within: Duration) -> Result<Waited, String> {
     let deadline = Instant::now() + within;
     loop {
-        match backend.power().await {
-            Ok((state, _)) if state == want => return Ok(true),
-            Ok(_) | Err(BackendError::Unreachable(_)) => {}
-            Err(err) => return Err(err.to_string()),
-        }
+        let last = match backend.power().await {
+            Ok((state, _)) if state == want => return Ok(Waited::There),
+            Ok(_) => None,
+            Err(err) if err.ends_a_wait() => return Err(err.to_string()),
+            Err(err) => {
+                tracing::debug!(%err, "a power read failed while waiting; asking again");
+                Some(err)
+            }
+        };
         if Instant::now() >= deadline {
-            return Ok(false);
+            return Ok(Waited::Late(last));
         }
         tokio::time::sleep(POLL).await;
     }
@@ -481,9 +539,13 @@ async fn recover(
 ) -> Result<Duration, String> {
     let deadline = sent + target.recover_timeout;
     let limit = secs(target.recover_timeout);
-    if !wait_for(&target.backend, PowerState::Running, deadline.saturating_duration_since(Instant::now())).await? {
-        run.step(format!("not running within the limit ({limit})")).await;
-        return Err(format!("not running within the limit ({limit})"));
+    if let Waited::Late(last) =
+        wait_for(&target.backend, PowerState::Running, deadline.saturating_duration_since(Instant::now())).await?
+    {
+        let said =
+            format!("not running within the limit ({limit}){}", last.as_ref().map(last_read).unwrap_or_default());
+        run.step(said.clone()).await;
+        return Err(said);
     }
     let running = sent.elapsed();
     run.step("running").await;

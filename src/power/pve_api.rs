@@ -216,29 +216,40 @@ impl PveApi {
     }
 
     /// Polls `/nodes/{node}/tasks/{upid}/status` until the task has
-    /// stopped; its `exitstatus` is `OK` or the task's error.
+    /// stopped; its `exitstatus` is `OK` or the task's error. A read of the
+    /// status that fails (a node's proxy restarting, a 595 while it cannot
+    /// reach the node) is asked again until `within`, as the operations'
+    /// power waits are, unless asking again cannot help
+    /// ([`BackendError::ends_a_wait`]); a task that ended in an error is
+    /// that error at once.
     async fn follow(&self, upid: String, within: Duration) -> Result<Task, TaskFailed> {
         let started = Instant::now();
         let path = format!("/api2/json/nodes/{}/tasks/{}/status", segment(&self.node), segment(&upid));
         loop {
-            let task = self.get(&path).await?;
-            match task.get("status").and_then(Value::as_str) {
-                Some("stopped") => {
-                    let exitstatus = task.get("exitstatus").and_then(Value::as_str).unwrap_or("").to_owned();
-                    if exitstatus == "OK" {
-                        let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                        return Ok(Task { upid, took_ms });
+            let last = match self.get(&path).await {
+                Ok(task) => match task.get("status").and_then(Value::as_str) {
+                    Some("stopped") => {
+                        let exitstatus = task.get("exitstatus").and_then(Value::as_str).unwrap_or("").to_owned();
+                        if exitstatus == "OK" {
+                            let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                            return Ok(Task { upid, took_ms });
+                        }
+                        return Err(TaskFailed::Task { upid, exitstatus });
                     }
-                    return Err(TaskFailed::Task { upid, exitstatus });
-                }
-                Some("running") => {}
-                _ => return Err(BackendError::Protocol(format!("task {upid}: unexpected status {task}")).into()),
-            }
+                    Some("running") => None,
+                    _ => Some(BackendError::Protocol(format!("task {upid}: unexpected status {task}"))),
+                },
+                Err(err) if err.ends_a_wait() => return Err(err.into()),
+                Err(err) => Some(err),
+            };
             if started.elapsed() >= within {
-                return Err(BackendError::Refused(format!(
-                    "task {upid} was still running after {}s",
-                    started.elapsed().as_secs()
-                ))
+                let waited = started.elapsed().as_secs();
+                return Err(match last {
+                    None => BackendError::Refused(format!("task {upid} was still running after {waited}s")),
+                    Some(err) => BackendError::Refused(format!(
+                        "task {upid} was not seen to end within {waited}s; the last status read failed: {err}"
+                    )),
+                }
                 .into());
             }
             tokio::time::sleep(self.poll_interval).await;

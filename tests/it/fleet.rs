@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::backend_fakes::{Cert, Fake, TOKEN_ID, TOKEN_SECRET, closed_port, fakepve, one_system, one_vm, sushy};
+use crate::bmc::{Behaviour, Bmc, Glitch};
 use crate::harness::{Server, refused_at_start};
 use crate::pve::free_port;
 use crate::targets::{attach, finished, operation, post_verb, start, texts, until_step};
@@ -432,4 +433,96 @@ async fn redfish_an_unreachable_bmc_lets_the_server_start_and_fails_its_verbs_un
     assert!(nmi["error"].as_str().unwrap().starts_with("unreachable: "), "{nmi}");
     let op = run(&server, "bmc", "status").await;
     assert!(op["error"].as_str().unwrap().starts_with("unreachable: "), "{op}");
+}
+
+/// A `redfish` target on the test's own plain-HTTP BMC.
+fn small_bmc_target(dir: &Path, bmc: &Bmc, extra: &str) -> String {
+    let file = dir.join("bmc.password");
+    std::fs::write(&file, format!("{BMC_PASSWORD}\n")).unwrap();
+    format!(
+        "[[target]]\nname = \"bmc\"\nbackend = \"redfish\"\nurl = \"{}\"\nuser = \"{BMC_USER}\"\n\
+         password_file = \"{}\"\n{extra}\n",
+        bmc.url,
+        file.display()
+    )
+}
+
+#[tokio::test]
+async fn a_bmc_that_answers_503_or_garbage_while_it_reboots_is_polled_until_it_says_on() {
+    let glitches = vec![Glitch::Unavailable, Glitch::Unavailable, Glitch::Garbage, Glitch::Unavailable];
+    let bmc = Bmc::serve(Behaviour { after_reset: glitches, ..Behaviour::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &[small_bmc_target(dir.path(), &bmc, "recover_timeout_seconds = 30")]);
+    let op = run(&server, "bmc", "reset").await;
+    assert_eq!(op["state"], "succeeded", "{op}");
+    assert_eq!(texts(&op), ["forensics saved (in this operation's result)", "reset sent", "running"]);
+    assert_eq!((bmc.resets(), bmc.glitched()), (vec!["ForceRestart".to_owned()], 4), "every glitch was read");
+    assert!(op["recovered_after_s"].as_f64().is_some(), "{op}");
+}
+
+#[tokio::test]
+async fn a_bmc_that_never_recovers_fails_at_the_limit_naming_its_last_error() {
+    let bmc = Bmc::serve(Behaviour {
+        after_reset: vec![Glitch::Garbage, Glitch::Unavailable],
+        glitch_for_ever: true,
+        ..Behaviour::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &[small_bmc_target(dir.path(), &bmc, "recover_timeout_seconds = 2")]);
+    let started = Instant::now();
+    let op = run(&server, "bmc", "reset").await;
+    assert_eq!(op["state"], "failed", "{op}");
+    assert_eq!(
+        op["error"],
+        "not running within the limit (2 s); the last power read failed: the backend refused: The service is \
+         temporarily unavailable"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(2), "waited until the limit: {:?}", started.elapsed());
+    assert!(bmc.glitched() >= 3, "polled again after each error: {}", bmc.glitched());
+}
+
+#[tokio::test]
+async fn a_bmc_that_refuses_the_login_while_it_reboots_fails_the_wait_at_once() {
+    let bmc = Bmc::serve(Behaviour { after_reset: vec![Glitch::Unauthorized], ..Behaviour::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &[small_bmc_target(dir.path(), &bmc, "recover_timeout_seconds = 30")]);
+    let started = Instant::now();
+    let op = run(&server, "bmc", "reset").await;
+    assert_eq!(op["state"], "failed", "{op}");
+    assert_eq!(op["error"], "the backend refused our credentials: Invalid credentials");
+    assert_eq!(bmc.glitched(), 1, "not asked again");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn recovered_after_counts_from_the_reset_not_from_before_slow_forensics() {
+    let slow = Duration::from_millis(1500);
+    let bmc = Bmc::serve(Behaviour { log_delay: slow, ..Behaviour::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &[small_bmc_target(dir.path(), &bmc, "recover_timeout_seconds = 30")]);
+    let started = Instant::now();
+    let op = run(&server, "bmc", "reset").await;
+    let took = started.elapsed();
+    assert_eq!(op["state"], "succeeded", "{op}");
+    assert!(took >= slow, "the forensics were slow: {took:?}");
+    let after = op["recovered_after_s"].as_f64().unwrap();
+    assert!(after < slow.as_secs_f64(), "recovered_after_s {after} includes the forensics ({took:?} in all)");
+    eprintln!("an operation of {} ms with 1500 ms of forensics recovered after {after} s", took.as_millis());
+}
+
+#[tokio::test]
+async fn recover_timeout_counts_from_the_reset_not_from_before_slow_forensics() {
+    // 1.5 s of forensics against a 1 s limit; one 503 after the reset, then
+    // "On" at the next poll, half a second later: within the limit.
+    let bmc = Bmc::serve(Behaviour {
+        after_reset: vec![Glitch::Unavailable],
+        log_delay: Duration::from_millis(1500),
+        ..Behaviour::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &[small_bmc_target(dir.path(), &bmc, "recover_timeout_seconds = 1")]);
+    let op = run(&server, "bmc", "reset").await;
+    assert_eq!(op["state"], "succeeded", "{op}");
+    assert_eq!(bmc.glitched(), 1);
+    assert_eq!(texts(&op)[2], "running", "{op}");
 }

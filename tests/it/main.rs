@@ -7,6 +7,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod backend_fakes;
+mod bmc;
 mod harness;
 
 mod approvals;

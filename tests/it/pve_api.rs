@@ -211,3 +211,56 @@ async fn a_port_nobody_listens_on_is_unreachable() {
     let err = pve.status().await.unwrap_err();
     assert!(matches!(&err, BackendError::Unreachable(m) if m.contains("onnection refused")), "{err:?}");
 }
+
+/// The task-status reads fakepve received.
+fn task_reads(fake: &Fake) -> usize {
+    let output = fake.output.lock().unwrap();
+    output
+        .iter()
+        .filter(|l| l.starts_with("fakepve saw GET ") && l.contains("/tasks/") && l.ends_with("/status"))
+        .count()
+}
+
+/// A scenario whose task-status reads fail `times` times (for ever with
+/// `None`) with `status` and `message`.
+fn failing_task_reads(status: u16, message: &str, times: Option<u32>) -> serde_json::Value {
+    let mut scenario = one_vm(guest("running"), 0.0);
+    scenario["failures"] = json!([{"method": "GET", "suffix": "/status", "status": status, "message": message,
+        "times": times}]);
+    scenario
+}
+
+#[tokio::test]
+async fn a_task_status_read_that_fails_is_asked_again_until_the_task_is_seen_to_end() {
+    let (fake, cert) = fakepve(failing_task_reads(503, "proxy restarting", Some(3)));
+    let task = client(&fake, &cert.fingerprint, 101, TOKEN_SECRET).reset().await.unwrap();
+    assert!(task.upid.contains(":qmreset:101:"), "{}", task.upid);
+    assert_eq!(task_reads(&fake), 4, "three failed reads, then the one that saw the task's end");
+}
+
+#[tokio::test]
+async fn a_task_status_that_cannot_be_read_within_the_limit_fails_naming_the_last_error() {
+    let (fake, cert) = fakepve(failing_task_reads(503, "proxy restarting", None));
+    let trust = Trust::Fingerprint(cert.fingerprint.parse::<Fingerprint>().unwrap());
+    let mut config = PveApiConfig::new(&fake.url, "pve1", 101, TOKEN_ID, TOKEN_SECRET, Some(trust));
+    config.poll_interval = Duration::from_millis(50);
+    config.task_timeout = Duration::from_secs(1);
+    let err = PveApi::new(config).unwrap().reset().await.unwrap_err();
+    let BackendError::Refused(message) = &err else { panic!("{err:?}") };
+    assert!(message.starts_with("task UPID:pve1:") && message.contains(":qmreset:101:"), "{message}");
+    assert!(
+        message.ends_with(
+            " was not seen to end within 1s; the last status read failed: the backend refused: proxy restarting"
+        ),
+        "{message}"
+    );
+    assert!(task_reads(&fake) >= 3, "asked again: {}", task_reads(&fake));
+}
+
+#[tokio::test]
+async fn a_refused_login_while_a_task_is_followed_ends_the_follow_at_once() {
+    let (fake, cert) = fakepve(failing_task_reads(401, "authentication failure", None));
+    let err = client(&fake, &cert.fingerprint, 101, TOKEN_SECRET).reset().await.unwrap_err();
+    assert_eq!(err, BackendError::Auth("authentication failure".into()));
+    assert_eq!(task_reads(&fake), 1, "not asked again");
+}
