@@ -434,9 +434,8 @@ async fn a_cut_link_is_resumed_from_the_last_event_and_every_line_shows_once() {
     relay.restore();
     // Its end, not its prompt: the prompt's line holds the words too, and
     // the replay may be caught half printed.
-    let screen = terminal.until("the missed turn", |s| {
-        s.contains("reattached") && count(s, "✓ done · 1.2 s · 1 turn · $0.0012") == 2
-    });
+    let screen = terminal
+        .until("the missed turn", |s| s.contains("reattached") && count(s, "✓ done · 1.2 s · 1 turn · $0.0012") == 2);
     for line in ["before the cut one", "before the cut two", "after the cut one", "after the cut two"] {
         assert_eq!(lines(&screen).iter().filter(|l| **l == line).count(), 1, "{line:?} once: {screen}");
     }
