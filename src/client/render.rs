@@ -447,8 +447,8 @@ fn indent(text: &str, lead: &str) -> String {
 /// Text that cannot drive the terminal: every control character but the
 /// newline (escape, carriage return, backspace, the C1 controls including
 /// CSI), and every character that hides or reorders text (the set the web
-/// console escapes, `HIDDEN` in web/approval.js), is shown as `⟨U+XXXX⟩`
-/// instead; a tab becomes spaces.
+/// console escapes, `HIDDEN` in web/approval.js), is shown as its code point
+/// in brackets (an escape as `⟨U+001B⟩`) instead; a tab becomes spaces.
 pub fn sanitize(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
